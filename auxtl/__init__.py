@@ -1,0 +1,28 @@
+"""auxtl: pretrain a shared trunk on free-label auxiliary tasks, then transfer it.
+
+The public API: everything a task file or a user script needs is importable
+from `auxtl` directly.
+"""
+
+from auxtl import losses
+from auxtl.checkpoints import load_trunk, load_trunk_state, read_metadata, save_trunk
+from auxtl.data import Dataset, Normalization, load_dataset, normalize, train_test_split
+from auxtl.models import Trunk, build_trunk, global_avg_pool, list_models, make_config
+from auxtl.optim import OptimizerConfig, make_optimizer
+from auxtl.pretrain import PretrainConfig, PretrainResult, TaskConfig, run_pretraining
+from auxtl.pretrain_model import PretrainModel, WeightedTask, build_pretrain_model
+from auxtl.registry import (Task, TaskBase, get_task, list_tasks, load_task_module,
+                            register_task, task_class)
+from auxtl.train import TrainState, make_eval_step, make_train_step
+from auxtl.version import __version__
+
+__all__ = [
+    "losses", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",
+    "Dataset", "Normalization", "load_dataset", "normalize", "train_test_split",
+    "Trunk", "build_trunk", "global_avg_pool", "list_models", "make_config",
+    "OptimizerConfig", "make_optimizer",
+    "PretrainConfig", "PretrainResult", "TaskConfig", "run_pretraining",
+    "PretrainModel", "WeightedTask", "build_pretrain_model",
+    "Task", "TaskBase", "get_task", "list_tasks", "load_task_module", "register_task",
+    "task_class", "TrainState", "make_eval_step", "make_train_step", "__version__",
+]

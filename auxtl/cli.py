@@ -1,0 +1,183 @@
+"""The `auxtl` command line: maps flags onto typed configs and runs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from auxtl.optim import OptimizerConfig
+from auxtl.pretrain import PretrainConfig, TaskConfig
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_task_flags(specs: list[str], args: list[str]) -> tuple[TaskConfig, ...]:
+    """--task NAME[:WEIGHT] and --task-arg NAME.KEY=VALUE into TaskConfigs."""
+    weights: dict[str, float] = {}
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise SystemExit(f"auxtl: --task {spec!r}: weight {weight!r} is not a number")
+    params: dict[str, dict[str, Any]] = {name: {} for name in weights}
+    for arg in args:
+        target, sep, value = arg.partition("=")
+        name, dot, key = target.partition(".")
+        if not (sep and dot and key):
+            raise SystemExit(f"auxtl: --task-arg {arg!r} must look like NAME.KEY=VALUE")
+        if name not in params:
+            raise SystemExit(f"auxtl: --task-arg {arg!r} names task {name!r}, which no --task gives")
+        params[name][key] = _parse_value(value)
+    return tuple(TaskConfig(name, weights[name], params[name]) for name in weights)
+
+
+def parse_key_values(args: list[str], flag: str) -> dict[str, Any]:
+    out = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"auxtl: {flag} {arg!r} must look like KEY=VALUE")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _load_task_modules(paths: list[str]) -> None:
+    from auxtl.registry import load_task_module
+    for path in paths:
+        load_task_module(path)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from auxtl.registry import list_tasks, task_class
+    _load_task_modules(args.task_module)
+    names = list_tasks()
+    width = max(map(len, names), default=0)
+    for name in names:
+        cls = task_class(name)
+        print(f"{name:<{width}}  {cls.summary}")
+        if args.verbose:
+            print(f"{'':<{width}}    needs: {cls.needs}")
+            print(f"{'':<{width}}    predicts: {cls.predicts}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from auxtl.models import list_models
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from auxtl.checkpoints import read_metadata
+    print(json.dumps(read_metadata(args.path), indent=2))
+    return 0
+
+
+def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    defaults = PretrainConfig()
+    optimizer = OptimizerConfig(
+        name=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule)
+    return PretrainConfig(
+        tasks=parse_task_flags(args.task or ["rotation"], args.task_arg),
+        data=args.data, model=args.model,
+        model_overrides=parse_key_values(args.model_arg, "--model-arg"),
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, optimizer=optimizer,
+        test_fraction=args.test_fraction, log_every=args.log_every,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        eval_batch_size=defaults.eval_batch_size, out=args.out, resume=args.resume,
+        progress=not args.no_progress)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from auxtl.pretrain import run_pretraining
+    _load_task_modules(args.task_module)
+    config = pretrain_config_from_args(args)
+    result = run_pretraining(config)
+    held_out = result.eval_metrics
+    for task in config.tasks:
+        for metric in ("accuracy", "loss"):
+            key = f"{task.name}/{metric}"
+            if key in held_out:
+                print(f"held-out {task.name} {metric}: {held_out[key]:.4f}")
+    if result.trunk_path:
+        print(f"trunk checkpoint: {result.trunk_path}")
+        print(f"metrics: {result.out / 'metrics.jsonl'}  plot: {result.out / 'metrics.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PretrainConfig()
+    opt = OptimizerConfig()
+    parser = argparse.ArgumentParser(prog="auxtl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tasks = sub.add_parser("tasks", help="list registered auxiliary tasks")
+    tasks.add_argument("--task-module", action="append", default=[], metavar="PATH",
+                       help="a Python file defining extra tasks (repeatable)")
+    tasks.add_argument("-v", "--verbose", action="store_true",
+                       help="also say what each task needs and predicts")
+    tasks.set_defaults(func=cmd_tasks)
+
+    models = sub.add_parser("models", help="list trunk architectures")
+    models.set_defaults(func=cmd_models)
+
+    inspect = sub.add_parser("inspect", help="print a trunk checkpoint's metadata")
+    inspect.add_argument("path")
+    inspect.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pretrain", help="pretrain a trunk on auxiliary tasks")
+    p.add_argument("--task", action="append", metavar="NAME[:WEIGHT]",
+                   help="task and loss weight (repeatable; default rotation)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a task parameter, value parsed as JSON when it can be")
+    p.add_argument("--task-module", action="append", default=[], metavar="PATH",
+                   help="a Python file defining extra tasks (repeatable)")
+    p.add_argument("--data", default=defaults.data,
+                   help="mnist5k | digits | npz:PATH | folder:PATH")
+    p.add_argument("--model", default=defaults.model)
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--optimizer", default=opt.name, choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, default=opt.learning_rate)
+    p.add_argument("--momentum", type=float, default=opt.momentum)
+    p.add_argument("--weight-decay", type=float, default=opt.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=opt.warmup_steps)
+    p.add_argument("--schedule", default=opt.schedule, choices=["cosine", "constant"])
+    p.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    p.add_argument("--log-every", type=int, default=defaults.log_every)
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--out", default="runs/pretrain", help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+        if os.environ.get("AUXTL_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"auxtl: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

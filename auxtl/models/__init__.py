@@ -1,0 +1,70 @@
+"""Trunk registry: a model name maps to a config dataclass and a builder.
+
+Checkpoints store (name, config dict); `build_trunk` rebuilds the module from
+exactly that, so loading a checkpoint never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import nnx
+
+from auxtl.models.resnet import ResNetConfig, build_resnet
+from auxtl.models.small_cnn import SmallCNNConfig, build_small_cnn
+from auxtl.models.trunk import Trunk, global_avg_pool
+
+__all__ = ["Trunk", "global_avg_pool", "SmallCNNConfig", "ResNetConfig", "MODELS",
+           "make_config", "build_trunk", "list_models"]
+
+MODELS: dict[str, tuple[type, Callable[..., Trunk]]] = {
+    "small_cnn": (SmallCNNConfig, build_small_cnn),
+    "resnet18": (ResNetConfig, build_resnet),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def make_config(name: str, input_shape: tuple[int, int, int] | None = None,
+                **overrides: Any):
+    """The model's config dataclass: defaults, fitted to `input_shape` (H, W, C), then overrides.
+
+    Unknown names or fields raise ValueError naming them and the valid choices.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    config_cls, _ = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown} for model {name!r}; "
+                         f"valid fields: {sorted(fields)}")
+    fitted: dict[str, Any] = {}
+    if input_shape is not None:
+        height, width, channels = input_shape
+        fitted["in_channels"] = channels
+        if config_cls is ResNetConfig:
+            fitted["large_stem"] = min(height, width) > 64
+    values = {**fitted, **overrides}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return config_cls(**values)
+
+
+def config_to_json(config) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(config).items()}
+
+
+def build_trunk(name: str, config=None, *, rngs: nnx.Rngs,
+                input_shape: tuple[int, int, int] | None = None, **overrides: Any) -> Trunk:
+    """Builds the trunk `name` from a config dataclass or mapping (defaults if None)."""
+    if config is None:
+        config = make_config(name, input_shape, **overrides)
+    elif isinstance(config, Mapping):
+        config = make_config(name, None, **dict(config))
+    _, builder = MODELS[name]
+    return builder(config, rngs=rngs)

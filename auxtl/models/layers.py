@@ -1,0 +1,85 @@
+"""Layer blocks shared by the trunks; each takes (x, *, train)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
+class ConvBlock(nnx.Module):
+    """conv (no bias) -> BatchNorm -> ReLU [-> 2x2 max-pool]."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
+                 stride: int = 1, pool: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
+                             strides=(stride, stride), padding="SAME", use_bias=False,
+                             dtype=dtype, rngs=rngs)
+        self.bn = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs)
+        self.pool = pool
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+        return max_pool_2x2(x) if self.pool else x
+
+
+class DenseBlock(nnx.Module):
+    """global-average-pool (if spatial) -> dense -> ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dense = nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        del train
+        if x.ndim == 4:
+            x = jnp.mean(x, axis=(1, 2))
+        return nnx.relu(self.dense(x))
+
+
+class StemBlock(nnx.Module):
+    """ResNet stem: 3x3/1 conv for small images, 7x7/2 conv + 3x3/2 max-pool for large."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, large: bool,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        k, s = (7, 2) if large else (3, 1)
+        self.conv = nnx.Conv(in_channels, out_channels, (k, k), strides=(s, s),
+                             padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
+        self.bn = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs)
+        self.large = large
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+        if self.large:
+            x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+        return x
+
+
+class BasicBlock(nnx.Module):
+    """ResNet basic block: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=(s, s), padding="SAME",
+                                           use_bias=False, dtype=dtype, rngs=rngs)
+        bn = lambda c, **kw: nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs, **kw)
+        self.conv1 = conv(in_channels, out_channels, 3, stride)
+        self.bn1 = bn(out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, 1)
+        self.bn2 = bn(out_channels, scale_init=nnx.initializers.zeros)
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.proj_conv = conv(in_channels, out_channels, 1, stride) if needs_projection else None
+        self.proj_bn = bn(out_channels) if needs_projection else None
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        ura = not train
+        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = self.bn2(self.conv2(y), use_running_average=ura)
+        shortcut = x
+        if self.proj_conv is not None:
+            shortcut = self.proj_bn(self.proj_conv(x), use_running_average=ura)
+        return nnx.relu(y + shortcut)

@@ -1,0 +1,46 @@
+"""Optimizer construction from a small typed config; any optax transformation also works."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"             # "sgd" (momentum, nesterov) or "adamw"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4    # applied to conv/dense kernels only
+    warmup_steps: int = 50
+    schedule: str = "cosine"      # "cosine" or "constant"
+
+
+def kernel_mask(params):
+    """True for conv/dense kernels (decayed), False for biases and BatchNorm scale/offset."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    if config.schedule == "constant":
+        return optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)) if warmup \
+            else optax.constant_schedule(config.learning_rate)
+    if config.schedule != "cosine":
+        raise ValueError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                              max(total_steps, warmup + 1))
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(config, total_steps)
+    if config.name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+    if config.name == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernel_mask)
+    raise ValueError(f"unknown optimizer {config.name!r}; use 'sgd' or 'adamw'")

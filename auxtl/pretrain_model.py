@@ -1,0 +1,51 @@
+"""The pretraining model: one shared trunk and one head per task."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flax import nnx
+
+from auxtl.models import Trunk, build_trunk
+from auxtl.registry import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedTask:
+    """A task in a pretraining mix: its registry name, instance and loss weight."""
+
+    name: str
+    task: Task
+    weight: float = 1.0
+
+
+class PretrainModel(nnx.Module):
+    def __init__(self, trunk: Trunk, heads: Mapping[str, nnx.Module]):
+        self.trunk = trunk
+        self.heads = nnx.Dict(dict(heads))
+
+
+def build_pretrain_model(model_name: str, model_config, tasks: Sequence[WeightedTask],
+                         input_shape: tuple[int, int, int], *, seed: int) -> PretrainModel:
+    """Trunk from (name, config) plus each task's head; validates each task's input needs."""
+    names = [t.name for t in tasks]
+    if not tasks:
+        raise ValueError("at least one task is needed")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each task may appear once in a mix, got {names}")
+    for weighted in tasks:
+        weighted.task.validate(tuple(input_shape))
+    rngs = nnx.Rngs(seed)
+    trunk = build_trunk(model_name, model_config, rngs=rngs, input_shape=tuple(input_shape))
+    heads = {t.name: t.task.make_head(trunk.feature_dim, rngs=rngs) for t in tasks}
+    return PretrainModel(trunk, heads)
+
+
+def task_json(tasks: Sequence[WeightedTask]) -> list[dict[str, Any]]:
+    out = []
+    for t in tasks:
+        params = t.task.params() if hasattr(t.task, "params") else {}
+        out.append({"name": t.name, "weight": t.weight, "params": params})
+    return out

@@ -1,0 +1,151 @@
+"""The auxiliary-task registry.
+
+A task is a class registered under a name with `@auxtl.register_task("name")`.
+`get_task(name, **params)` instantiates it. Tasks come from three places: the
+built-in package `auxtl.tasks` (one module per task), installed packages that
+declare the entry-point group `auxtl.tasks`, and user files loaded with
+`load_task_module(path)` (the CLI's `--task-module`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import pathlib
+import pkgutil
+import sys
+from collections.abc import Collection
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import jax
+from flax import nnx
+
+ENTRY_POINT_GROUP = "auxtl.tasks"
+
+_REGISTRY: dict[str, type] = {}
+_PLUGINS_LOADED = False
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a task provides. Subclass `TaskBase` to get the defaults."""
+
+    name: str
+
+    def validate(self, image_shape: tuple[int, int, int]) -> None: ...
+
+    def make_examples(self, key: jax.Array, images: jax.Array) -> tuple[Any, Any]: ...
+
+    def make_head(self, feature_dim: int, *, rngs: nnx.Rngs) -> nnx.Module: ...
+
+    def forward(self, trunk: nnx.Module, head: nnx.Module, inputs: Any, *, train: bool,
+                frozen: Collection[str] = ()) -> Any: ...
+
+    def loss_and_metrics(self, outputs: Any, targets: Any) -> tuple[jax.Array, dict]: ...
+
+
+class TaskBase:
+    """Defaults for a task: forward = head(trunk(inputs)); no input requirement.
+
+    `make_examples` runs inside the jitted step on normalised float32 NHWC images
+    and must be pure jax.numpy. Class attributes `summary`, `needs` and
+    `predicts` describe the task in `auxtl tasks`.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs: ClassVar[str] = "any NHWC images"
+    predicts: ClassVar[str] = ""
+
+    def validate(self, image_shape: tuple[int, int, int]) -> None:
+        del image_shape
+
+    def forward(self, trunk, head, inputs, *, train: bool, frozen: Collection[str] = ()):
+        return head(trunk(inputs, train=train, frozen=frozen))
+
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments that recreate this task (saved in checkpoints)."""
+        if dataclasses.is_dataclass(self):
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {}
+
+
+def register_task(name: str):
+    """Class decorator registering a task under `name`; a second, different class raises."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"task name must be a non-empty identifier, got {name!r}")
+
+    def decorator(cls: type) -> type:
+        existing = _REGISTRY.get(name)
+        if existing is not None and _origin(existing) != _origin(cls):
+            raise ValueError(f"task {name!r} is already registered by {_origin(existing)}; "
+                             f"cannot register {_origin(cls)} under the same name")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _origin(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _load_plugins() -> None:
+    """Imports built-in task modules and entry points once."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    import auxtl.tasks as builtin
+    for module in pkgutil.iter_modules(builtin.__path__):
+        importlib.import_module(f"{builtin.__name__}.{module.name}")
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception as error:  # a broken plugin must not hide the others
+            raise ImportError(f"loading auxtl task plugin {entry_point.name!r} "
+                              f"({entry_point.value}) failed: {error}") from error
+
+
+def load_task_module(path: str | pathlib.Path) -> None:
+    """Imports a user's task file so its `@register_task` classes register."""
+    path = pathlib.Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"task module {str(path)!r} does not exist")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    module_name = f"auxtl_user_tasks.{path.stem}_{digest}"
+    if module_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+
+
+def list_tasks() -> list[str]:
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def task_class(name: str) -> type:
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get_task(name: str, **params: Any) -> Task:
+    """Instantiates the task `name` with `params`; unknown names list the known ones."""
+    cls = task_class(name)
+    try:
+        return cls(**params)
+    except TypeError as error:
+        raise TypeError(f"bad parameters {params} for task {name!r}: {error}") from error

@@ -1,0 +1,119 @@
+"""Jitted training and evaluation steps over plain pytrees.
+
+The step takes (state, raw images) and returns (new state, metrics). The state
+holds params, batch statistics, optimizer state, the step count and the base
+PRNG key; the step's key is fold_in(base key, step), so a run is fixed by its
+seed and a resumed run continues exactly. Auxiliary labels are made inside the
+step from that key; the host only feeds raw images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from auxtl.data import Normalization, normalize
+from auxtl.pretrain_model import WeightedTask
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpoint friendly)
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, params, batch_stats) with params and stats as plain nested dicts."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
+def init_state(params, batch_stats, optimizer: optax.GradientTransformation,
+               seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def task_losses(model, tasks: Sequence[WeightedTask], images: jax.Array, key: jax.Array,
+                *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted sum of task losses and per-task metrics named 'task/metric'."""
+    total = jnp.zeros((), jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+    for index, weighted in enumerate(tasks):
+        task_key = jax.random.fold_in(key, index)
+        inputs, targets = weighted.task.make_examples(task_key, images)
+        outputs = weighted.task.forward(model.trunk, model.heads[weighted.name], inputs,
+                                        train=train)
+        loss, task_metrics = weighted.task.loss_and_metrics(outputs, targets)
+        total = total + weighted.weight * loss
+        metrics.update({f"{weighted.name}/{k}": v for k, v in task_metrics.items()})
+    metrics["loss"] = total
+    return total, metrics
+
+
+def make_train_step(graphdef, tasks: Sequence[WeightedTask],
+                    optimizer: optax.GradientTransformation,
+                    normalization: Normalization) -> Callable:
+    """The jitted step (state, images) -> (state, metrics); the state's buffers are donated."""
+    tasks = tuple(tasks)
+
+    def step(state: TrainState, images: jax.Array):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        x = normalize(images, normalization)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.batch_stats)
+            loss, metrics = task_losses(model, tasks, x, key, train=True)
+            new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+            return loss, (metrics, new_stats)
+
+        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, tasks: Sequence[WeightedTask],
+                   normalization: Normalization) -> Callable:
+    """Jitted (params, batch_stats, images, key) -> metrics, BatchNorm in inference mode."""
+    tasks = tuple(tasks)
+
+    def eval_step(params, batch_stats, images, key):
+        model = nnx.merge(graphdef, params, batch_stats)
+        _, metrics = task_losses(model, tasks, normalize(images, normalization), key,
+                                 train=False)
+        return metrics
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, params, batch_stats, images, *, batch_size: int,
+             seed: int = 0) -> dict[str, float]:
+    """Example-weighted mean of each metric over `images` in batches (host numpy in)."""
+    totals: dict[str, float] = {}
+    count = 0
+    key = jax.random.key(seed)
+    for index, start in enumerate(range(0, len(images), batch_size)):
+        chunk = images[start:start + batch_size]
+        metrics = jax.device_get(eval_step(params, batch_stats, chunk,
+                                           jax.random.fold_in(key, index)))
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * len(chunk)
+        count += len(chunk)
+    if count == 0:
+        raise ValueError("cannot evaluate on an empty set of images")
+    return {name: total / count for name, total in totals.items()}

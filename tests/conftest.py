@@ -1,0 +1,38 @@
+"""Shared fixtures: small real data and a narrow trunk so tests stay fast on 2 cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import auxtl
+
+TINY_TRUNK = {"widths": [8, 8, 16, 16, 16], "fc_dim": 16}
+
+
+@pytest.fixture(scope="session")
+def mnist() -> auxtl.Dataset:
+    return auxtl.load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist) -> auxtl.Dataset:
+    """600 real MNIST images (deterministic choice)."""
+    indices = np.random.default_rng(0).permutation(len(mnist))[:600]
+    return mnist.subset(np.sort(indices))
+
+
+def tiny_config(**overrides) -> auxtl.PretrainConfig:
+    values = dict(model_overrides=dict(TINY_TRUNK), steps=6, batch_size=16, log_every=3,
+                  eval_batch_size=100, progress=False,
+                  optimizer=auxtl.OptimizerConfig(learning_rate=0.05, warmup_steps=2))
+    values.update(overrides)
+    return auxtl.PretrainConfig(**values)
+
+
+def leaves_equal(a, b) -> bool:
+    import jax
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    return tree_a == tree_b and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(flat_a, flat_b))

@@ -1,0 +1,112 @@
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import auxtl
+from auxtl import registry
+
+FLIP_TASK = textwrap.dedent('''
+    """Horizontal-flip prediction, written against auxtl's public API only."""
+    import dataclasses
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    import auxtl
+
+    @auxtl.register_task("{name}")
+    @dataclasses.dataclass(frozen=True)
+    class HorizontalFlip(auxtl.TaskBase):
+        summary = "predict whether the image was mirrored left-right"
+        predicts = "2-way class"
+
+        def make_examples(self, key, images):
+            flipped = images[:, :, ::-1, :]
+            inputs = jnp.concatenate([images, flipped])
+            labels = jnp.repeat(jnp.arange(2, dtype=jnp.int32), images.shape[0])
+            return inputs, labels
+
+        def make_head(self, feature_dim, *, rngs):
+            return nnx.Linear(feature_dim, 2, rngs=rngs)
+
+        def loss_and_metrics(self, logits, labels):
+            return auxtl.losses.classification(logits, labels)
+''')
+
+
+def write_flip_task(tmp_path, name="hflip"):
+    path = tmp_path / f"{name}_task.py"
+    path.write_text(FLIP_TASK.format(name=name))
+    return path
+
+
+def test_rotation_is_built_in():
+    assert "rotation" in auxtl.list_tasks()
+    assert auxtl.task_class("rotation").summary
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(KeyError, match=r"unknown task 'nope'.*rotation"):
+        auxtl.get_task("nope")
+
+
+def test_bad_parameters_name_the_task():
+    with pytest.raises(TypeError, match="rotation"):
+        auxtl.get_task("rotation", spin=3)
+
+
+def test_duplicate_names_raise():
+    with pytest.raises(ValueError, match="already registered"):
+        @auxtl.register_task("rotation")
+        class Impostor(auxtl.TaskBase):
+            pass
+
+
+def test_task_module_file_registers_a_task(tmp_path):
+    auxtl.load_task_module(write_flip_task(tmp_path, "hflip_file"))
+    task = auxtl.get_task("hflip_file")
+    assert isinstance(task, auxtl.Task)
+    assert "hflip_file" in auxtl.list_tasks()
+
+
+def test_missing_task_module_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.py"):
+        auxtl.load_task_module(tmp_path / "nothere.py")
+
+
+@pytest.mark.slow
+def test_entry_point_plugin_from_an_installed_package(tmp_path):
+    """A tiny package declaring the `auxtl.tasks` entry point is installed and its task trains."""
+    pkg = tmp_path / "pkg"
+    (pkg / "auxtl_hflip").mkdir(parents=True)
+    (pkg / "auxtl_hflip" / "__init__.py").write_text(FLIP_TASK.format(name="hflip_ep"))
+    (pkg / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools>=69"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "auxtl-hflip"
+        version = "0.0.1"
+        [project.entry-points."auxtl.tasks"]
+        hflip_ep = "auxtl_hflip"
+        [tool.setuptools]
+        packages = ["auxtl_hflip"]
+    '''))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(pkg)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    cli = [sys.executable, "-m", "auxtl.cli"]
+    listed = subprocess.run(cli + ["tasks"], env=env, capture_output=True, text=True, check=True)
+    assert "hflip_ep" in listed.stdout and "rotation" in listed.stdout
+    out = tmp_path / "run"
+    trained = subprocess.run(
+        cli + ["pretrain", "--task", "hflip_ep", "--data", "digits", "--steps", "4",
+               "--batch-size", "16", "--log-every", "2", "--model-arg", "widths=[8,8,8,8,8]",
+               "--model-arg", "fc_dim=8", "--out", str(out), "--no-progress"],
+        env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    assert "held-out hflip_ep accuracy" in trained.stdout
+    assert (out / "trunk" / "metadata").exists()
