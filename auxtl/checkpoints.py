@@ -112,10 +112,20 @@ def read_metadata(path) -> dict[str, Any]:
     return metadata
 
 
+def build_checkpoint_trunk(metadata: dict[str, Any], *, rngs: nnx.Rngs | None = None):
+    """A fresh module of the checkpoint's architecture (a cut/extended target trunk if
+    the metadata carries a `target` spec), built from the registry by name and config."""
+    from auxtl.models.target import TargetSpec, build_target_trunk
+    rngs = rngs or nnx.Rngs(0)
+    if "target" in metadata:
+        return build_target_trunk(metadata["model"], metadata["config"],
+                                  TargetSpec.from_json(metadata["target"]), rngs=rngs)
+    return build_trunk(metadata["model"], metadata["config"], rngs=rngs)
+
+
 def abstract_trunk(metadata: dict[str, Any]):
     """The trunk module with abstract (shape-only) variables, from metadata alone."""
-    return nnx.eval_shape(lambda: build_trunk(metadata["model"], metadata["config"],
-                                              rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: build_checkpoint_trunk(metadata))
 
 
 def load_trunk_state(path) -> tuple[dict, dict, dict]:
@@ -137,6 +147,6 @@ def _abstract_structs(tree):
 def load_trunk(path):
     """Rebuilds the trunk module saved at `path` with its parameters and statistics."""
     params, batch_stats, metadata = load_trunk_state(path)
-    module = build_trunk(metadata["model"], metadata["config"], rngs=nnx.Rngs(0))
+    module = build_checkpoint_trunk(metadata)
     nnx.update(module, params, batch_stats)
     return module

@@ -115,6 +115,55 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def transfer_config_from_args(args: argparse.Namespace):
+    from auxtl.finetune import FinetuneConfig
+    from auxtl.freezing import parse_phases
+    from auxtl.models.target import TargetSpec
+    from auxtl.transfer import TransferConfig
+    reuse = None if args.reuse == "all" else int(args.reuse)
+    target = TargetSpec(reuse=reuse, top=args.top,
+                        add=tuple(int(w) for w in args.add.split(",") if w) if args.add else ())
+    finetune = FinetuneConfig(phases=parse_phases(args.phases), learning_rate=args.lr,
+                              weight_decay=args.weight_decay, optimizer=args.optimizer,
+                              batch_size=args.batch_size,
+                              cache_features=not args.no_feature_cache)
+    seeds = tuple(range(args.seed, args.seed + args.seeds))
+    return TransferConfig(trunk=args.trunk, data=args.data,
+                          labels_per_class=args.labels_per_class,
+                          val_per_class=args.val_per_class, target=target, finetune=finetune,
+                          seeds=seeds, baseline=not args.no_baseline, out=args.out,
+                          progress=not args.no_progress)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from auxtl.data import load_dataset
+    from auxtl.transfer import plan_transfer, run_transfer
+    config = transfer_config_from_args(args)
+    dataset = load_dataset(config.data)
+    if dataset.labels is None:
+        raise ValueError(f"transfer needs labeled data; {config.data!r} has no labels")
+    report = plan_transfer(config.trunk, config.target, num_classes=dataset.num_classes,
+                           in_channels=dataset.image_shape[-1])
+    print(report.table())
+    if args.dry_run:
+        return 0
+    summary = run_transfer(config, dataset)
+    t = summary["transfer"]
+    print(f"transfer test accuracy: {_interval(t)} over {len(config.seeds)} seed(s)")
+    if "scratch" in summary:
+        print(f"scratch  test accuracy: {_interval(summary['scratch'])}")
+        print(f"difference (transfer - scratch, paired by seed): {_interval(summary['difference'])}")
+    if config.out:
+        print(f"results: {config.out}/transfer.json  model: {config.out}/model")
+    return 0
+
+
+def _interval(stats: dict) -> str:
+    if stats["low"] != stats["low"]:  # NaN: a single seed
+        return f"{stats['mean']:.4f}"
+    return f"{stats['mean']:.4f} (95% CI {stats['low']:.4f} .. {stats['high']:.4f})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig()
     opt = OptimizerConfig()
@@ -164,6 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain)
+
+    t = sub.add_parser("transfer", help="transplant a trunk's lower layers and fine-tune")
+    t.add_argument("--trunk", required=True, help="trunk checkpoint folder")
+    t.add_argument("--reuse", default="all", help="how many of the lowest layers to reuse, or 'all'")
+    t.add_argument("--top", default="drop", choices=["drop", "replace"],
+                   help="drop the layers above --reuse, or keep them freshly initialised")
+    t.add_argument("--add", default="", metavar="W1,W2", help="dense layers to add on top")
+    t.add_argument("--data", default="mnist5k")
+    t.add_argument("--labels-per-class", type=int, default=10)
+    t.add_argument("--val-per-class", type=int, default=None)
+    t.add_argument("--phases", default="head:40,head+top2:40@0.1",
+                   help="TRAIN:EPOCHS[@LR_SCALE],...; TRAIN is head, head+topN, all, head+re:REGEX")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seed", type=int, default=0, help="first seed")
+    t.add_argument("--seeds", type=int, default=5, help="number of seeds")
+    t.add_argument("--no-baseline", action="store_true", help="skip the scratch baseline")
+    t.add_argument("--no-feature-cache", action="store_true")
+    t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")
+    t.add_argument("--out", default="runs/transfer")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_transfer)
     return parser
 
 

@@ -28,6 +28,7 @@ class ConvBlock(nnx.Module):
                              dtype=dtype, rngs=rngs)
         self.bn = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs)
         self.pool = pool
+        self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
@@ -40,6 +41,7 @@ class DenseBlock(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.dense = nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
+        self.out_dim = out_features
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         del train
@@ -58,6 +60,7 @@ class StemBlock(nnx.Module):
                              padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
         self.bn = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs)
         self.large = large
+        self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
@@ -81,6 +84,7 @@ class BasicBlock(nnx.Module):
         needs_projection = stride != 1 or in_channels != out_channels
         self.proj_conv = conv(in_channels, out_channels, 1, stride) if needs_projection else None
         self.proj_bn = bn(out_channels) if needs_projection else None
+        self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         ura = not train

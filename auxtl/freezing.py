@@ -1,0 +1,234 @@
+"""Frozen-parameter masks, fine-tuning phases and the optimizer built from them.
+
+Frozen means: no update (optax.set_to_zero inside optax.partition, never
+optax.masked's pass-through), no optimizer state, no weight decay, and no
+gradient computed (the step differentiates only the trainable leaves, see
+`split_trainable`). BatchNorm of frozen layers runs in inference mode; that is
+the model's business, driven by `frozen_layer_names`.
+
+Parameter trees are plain nested dicts; paths are '/'-joined ("trunk/layers/2/conv/kernel").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+FROZEN = "frozen"
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def label_by_rules(params, rules: Sequence[tuple[str, str]]):
+    """A tree of group labels: the first rule (regex, label) whose regex searches the path wins.
+
+    Every leaf must be covered; an uncovered path raises ValueError naming it.
+    """
+    compiled = [(re.compile(pattern), label) for pattern, label in rules]
+
+    def label(path, _):
+        text = path_str(path)
+        for regex, group in compiled:
+            if regex.search(text):
+                return group
+        raise ValueError(f"no freezing rule covers parameter {text!r}; rules: "
+                         f"{[p for p, _ in rules]}")
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def trainable_mask(labels):
+    return jax.tree.map(lambda group: group != FROZEN, labels)
+
+
+# ---- phases -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One fine-tuning phase.
+
+    `train` says what learns: "head" (new layers only), "head+topN" (plus the top N
+    reused layers), "all", or "head+re:REGEX" (plus reused layers whose name matches).
+    `lr_scale` multiplies the learning rate of the unfrozen reused layers only.
+    `patience`: stop the phase after that many epochs without validation gain.
+    """
+
+    epochs: int
+    train: str = "head"
+    lr_scale: float = 1.0
+    patience: int | None = None
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise ValueError(f"a phase needs a positive number of epochs, got {self.epochs}")
+        if self.lr_scale <= 0:
+            raise ValueError(f"lr_scale must be positive, got {self.lr_scale}")
+        trainable_reused_layers(self.train, ("probe",))  # validates the spec
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_phases(text: str) -> tuple[Phase, ...]:
+    """'head:5,head+top2:10@0.1' -> phases (TRAIN:EPOCHS[@LR_SCALE], comma separated)."""
+    phases = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        spec, sep, rest = part.rpartition(":")
+        if not sep:
+            raise ValueError(f"phase {part!r} must look like TRAIN:EPOCHS[@LR_SCALE], "
+                             f"e.g. head:5 or head+top2:10@0.1")
+        epochs, _, scale = rest.partition("@")
+        try:
+            phases.append(Phase(epochs=int(epochs), train=spec,
+                                lr_scale=float(scale) if scale else 1.0))
+        except ValueError as error:
+            raise ValueError(f"phase {part!r}: {error}") from error
+    if not phases:
+        raise ValueError(f"no phases in {text!r}")
+    return tuple(phases)
+
+
+def trainable_reused_layers(train: str, reused: Sequence[str]) -> tuple[str, ...]:
+    """Names of the reused layers that `train` unfreezes (the rest of the reused stay frozen)."""
+    if train == "all":
+        return tuple(reused)
+    if train == "head":
+        return ()
+    head, plus, extra = train.partition("+")
+    if head != "head" or not plus:
+        raise ValueError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
+                         f"'head+re:REGEX'")
+    if extra.startswith("top") and extra[3:].isdigit():
+        count = int(extra[3:])
+        return tuple(reused[len(reused) - count:]) if count else ()
+    if extra.startswith("re:"):
+        regex = re.compile(extra[3:])
+        return tuple(name for name in reused if regex.search(name))
+    raise ValueError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
+                     f"'head+re:REGEX'")
+
+
+def phase_layer_groups(layer_names: Sequence[str], num_reused: int,
+                       phase: Phase) -> dict[str, str]:
+    """Layer name -> 'frozen', 'reused' (unfrozen reused layer) or 'new' for one phase."""
+    reused = tuple(layer_names[:num_reused])
+    unfrozen = set(trainable_reused_layers(phase.train, reused))
+    groups = {}
+    for index, name in enumerate(layer_names):
+        if index >= num_reused:
+            groups[name] = "new"
+        else:
+            groups[name] = "reused" if name in unfrozen else FROZEN
+    return groups
+
+
+def phase_labels(params, layer_names: Sequence[str], num_reused: int, phase: Phase,
+                 *, trunk_prefix: str = "trunk/layers/"):
+    """Label tree for a transfer model's params: 'head', 'reused' or 'frozen' per leaf.
+
+    New trunk layers (above the reused ones) and the head learn at the base rate
+    ('head'); unfrozen reused layers at base * lr_scale ('reused').
+    """
+    groups = phase_layer_groups(layer_names, num_reused, phase)
+    rules = [(f"^{re.escape(trunk_prefix)}{i}/", "head" if groups[n] == "new" else groups[n])
+             for i, n in enumerate(layer_names)]
+    rules.append(("^head/", "head"))
+    return label_by_rules(params, rules)
+
+
+def frozen_layer_names(layer_names: Sequence[str], num_reused: int,
+                       phase: Phase) -> tuple[str, ...]:
+    groups = phase_layer_groups(layer_names, num_reused, phase)
+    return tuple(name for name in layer_names if groups[name] == FROZEN)
+
+
+def frozen_prefix_length(layer_names: Sequence[str], frozen: Sequence[str]) -> int:
+    """How many of the lowest layers are frozen in a row (their output can be cached)."""
+    count = 0
+    for name in layer_names:
+        if name not in frozen:
+            break
+        count += 1
+    return count
+
+
+def layerwise_lr_scales(layer_names: Sequence[str], decay: float) -> dict[str, float]:
+    """Discriminative fine-tuning: the top layer gets 1, each layer below `decay` times less."""
+    top = len(layer_names) - 1
+    return {name: decay ** (top - index) for index, name in enumerate(layer_names)}
+
+
+# ---- optimizer assembly ----------------------------------------------------------------
+
+def make_group_optimizer(learning_rate: float, weight_decay: float, *,
+                         name: str = "adamw") -> optax.GradientTransformation:
+    """The per-group optimizer: AdamW or SGD-momentum, decay on kernels only."""
+    from auxtl.optim import kernel_mask
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay, mask=kernel_mask)
+    if name == "sgd":
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernel_mask),
+                           optax.sgd(learning_rate, momentum=0.9, nesterov=True))
+    raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
+
+
+def partitioned_optimizer(labels, group_learning_rates: Mapping[str, float], *,
+                          weight_decay: float = 1e-4,
+                          name: str = "adamw") -> optax.GradientTransformation:
+    """optax.partition: each label its own optimizer and rate; 'frozen' gets set_to_zero."""
+    used = set(jax.tree.leaves(labels))
+    missing = used - set(group_learning_rates) - {FROZEN}
+    if missing:
+        raise ValueError(f"no learning rate for parameter group(s) {sorted(missing)}")
+    transforms = {group: make_group_optimizer(rate, weight_decay, name=name)
+                  for group, rate in group_learning_rates.items() if group in used}
+    transforms[FROZEN] = optax.set_to_zero()
+    return optax.partition(transforms, labels)
+
+
+def carry_over_state(old_state, old_labels, new_state, new_labels):
+    """Keeps each group's optimizer state whose leaves are unchanged between phases."""
+    if old_state is None:
+        return new_state
+    inner = dict(new_state.inner_states)
+    for group, state in old_state.inner_states.items():
+        if group == FROZEN or group not in inner:
+            continue
+        same_leaves = (jax.tree.map(lambda g: g == group, old_labels)
+                       == jax.tree.map(lambda g: g == group, new_labels))
+        if same_leaves and (jax.tree.structure(state) == jax.tree.structure(inner[group])):
+            inner[group] = state
+    return new_state._replace(inner_states=inner)
+
+
+# ---- gradients for the trainable partition only ------------------------------------------
+
+def split_trainable(params, mask) -> tuple[list, list]:
+    """Leaves of `params` split by a same-shaped bool mask: (trainable, frozen) lists."""
+    leaves = jax.tree.leaves(params)
+    flags = jax.tree.leaves(mask)
+    return ([x for x, m in zip(leaves, flags) if m], [x for x, m in zip(leaves, flags) if not m])
+
+
+def merge_trainable(treedef, mask, trainable: Sequence, frozen: Sequence):
+    """Inverse of split_trainable."""
+    trainable, frozen = iter(trainable), iter(frozen)
+    leaves = [next(trainable) if m else next(frozen) for m in jax.tree.leaves(mask)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def keep_frozen(old_params, new_params, mask):
+    """New values for trainable leaves, the exact old arrays for frozen ones."""
+    return jax.tree.map(lambda m, old, new: new if m else old, mask, old_params, new_params)
+
+
+def zeros_for(frozen: Sequence) -> list:
+    return [jnp.zeros_like(x) for x in frozen]

@@ -1,0 +1,88 @@
+"""Target-model architecture: a source trunk's lowest k layers, the top dropped,
+replaced or extended, and a new classification head.
+
+Only architecture lives here; weights come from `auxtl.surgery`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+from typing import Any
+
+from flax import nnx
+
+from auxtl.models import build_trunk
+from auxtl.models.layers import DenseBlock
+from auxtl.models.trunk import Trunk, global_avg_pool
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """What to build on a source trunk.
+
+    reuse: how many of the lowest layers come from the source (None: all).
+    top: "drop" keeps only the reused layers (little data); "replace" keeps the
+        source architecture's layers above `reuse`, freshly initialised (more data).
+    add: widths of dense layers added on top (much data).
+    """
+
+    reuse: int | None = None
+    top: str = "drop"
+    add: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reuse": self.reuse, "top": self.top, "add": list(self.add)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TargetSpec":
+        return cls(reuse=raw.get("reuse"), top=raw.get("top", "drop"),
+                   add=tuple(raw.get("add", ())))
+
+
+def num_reused(spec: TargetSpec, source_layers: int) -> int:
+    if spec.reuse is None:
+        return source_layers
+    if not 0 <= spec.reuse <= source_layers:
+        raise ValueError(f"reuse={spec.reuse} is outside 0..{source_layers}, the source "
+                         f"trunk's number of layers")
+    return spec.reuse
+
+
+def build_target_trunk(model: str, config, spec: TargetSpec, *, rngs: nnx.Rngs) -> Trunk:
+    """The source architecture cut and extended as `spec` says (fresh weights)."""
+    if spec.top not in ("drop", "replace"):
+        raise ValueError(f"top must be 'drop' or 'replace', got {spec.top!r}")
+    base = build_trunk(model, config, rngs=rngs)
+    k = num_reused(spec, len(base.layers))
+    count = k if spec.top == "drop" else len(base.layers)
+    layers = list(base.layers)[:count]
+    names = list(base.layer_names)[:count]
+    if not layers and not spec.add:
+        raise ValueError("the target trunk would have no layers: reuse at least one or add some")
+    dim = layers[-1].out_dim if layers else None
+    for index, width in enumerate(spec.add, start=1):
+        if dim is None:
+            raise ValueError("added dense layers need at least one layer below them")
+        layers.append(DenseBlock(dim, width, rngs=rngs))
+        names.append(f"added{index}")
+        dim = width
+    return Trunk(layers, names, feature_dim=dim, model_name=base.model_name,
+                 in_channels=base.in_channels)
+
+
+class TransferModel(nnx.Module):
+    """Target trunk + linear classification head."""
+
+    def __init__(self, trunk: Trunk, num_classes: int, *, rngs: nnx.Rngs):
+        self.trunk = trunk
+        self.head = nnx.Linear(trunk.feature_dim, num_classes, rngs=rngs)
+
+    def logits(self, x, *, start: int = 0, train: bool = False,
+               frozen: Collection[str] = ()):
+        """Runs trunk layers from `start` (0: normalised images; k: cached layer-k inputs)."""
+        return self.head(global_avg_pool(
+            self.trunk.apply_layers(x, start=start, train=train, frozen=frozen)))
+
+    def __call__(self, x, *, train: bool = False, frozen: Collection[str] = ()):
+        return self.logits(x, train=train, frozen=frozen)

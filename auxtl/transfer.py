@@ -1,0 +1,257 @@
+"""Transfer from a trunk checkpoint to a labeled target task, with a scratch baseline.
+
+checkpoint -> target architecture (models.target) -> surgery.transplant of the
+lowest k layers (batch statistics with them; first conv adapted if the channel
+count differs) -> phases of freezing/unfreezing (finetune) -> test accuracy,
+beside the same architecture trained from scratch for the same steps, per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from auxtl import checkpoints, surgery
+from auxtl.data import (Dataset, Normalization, compute_normalization, load_dataset,
+                        train_test_split)
+from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
+from auxtl.freezing import Phase
+from auxtl.models import config_to_json, make_config
+from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
+from auxtl.pretrain import SPLIT_SEED
+from auxtl.stats import mean_interval, paired_difference
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    trunk: str
+    data: str = "mnist5k"
+    labels_per_class: int = 10
+    val_per_class: int | None = None      # None: same as labels_per_class (at least 5)
+    target: TargetSpec = TargetSpec()
+    finetune: FinetuneConfig = FinetuneConfig()
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    baseline: bool = True
+    out: str | None = None
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trunk": self.trunk, "data": self.data, "labels_per_class": self.labels_per_class,
+                "val_per_class": self.val_per_class, "target": self.target.to_json(),
+                "finetune": self.finetune.to_json(), "seeds": list(self.seeds),
+                "baseline": self.baseline, "out": self.out}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+def per_class_indices(labels: np.ndarray, counts: tuple[int, ...], *,
+                      seed: int) -> list[np.ndarray]:
+    """Disjoint index sets; set j takes counts[j] examples of every class (seeded order)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    picked: list[list[int]] = [[] for _ in counts]
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        if len(members) < sum(counts):
+            raise ValueError(f"class {int(label)} has {len(members)} examples, fewer than the "
+                             f"{sum(counts)} needed ({' + '.join(map(str, counts))} per class)")
+        offset = 0
+        for j, count in enumerate(counts):
+            picked[j].extend(members[offset:offset + count].tolist())
+            offset += count
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in picked]
+
+
+def labeled_splits(dataset: Dataset, *, labels_per_class: int, val_per_class: int,
+                   seed: int) -> LabeledSplits:
+    """N labels per class to train, V per class to validate (disjoint), the fixed test split.
+
+    The test split is the pretraining held-out split, so no test image was ever
+    seen, labeled or not, and it never takes part in model selection.
+    """
+    if dataset.labels is None:
+        raise ValueError(f"transfer needs labeled data; {dataset.name!r} has no labels")
+    pool, test = train_test_split(dataset, test_fraction=0.1, seed=SPLIT_SEED)
+    train_index, val_index = per_class_indices(pool.labels, (labels_per_class, val_per_class),
+                                               seed=seed)
+    return LabeledSplits(pool.subset(train_index), pool.subset(val_index), test)
+
+
+def transfer_rules(k: int, adapt_channels: bool) -> list[surgery.Rule]:
+    rules = surgery.lower_layers_rules(k)
+    if adapt_channels and k > 0:
+        rules = [surgery.Rule(r"(^|/)layers/0/[^/]*conv[^/]*/kernel$", "copy",
+                              on_mismatch="adapt_channels")] + rules
+    return rules
+
+
+def build_transfer_model(metadata: dict[str, Any], source_params, source_stats,
+                         spec: TargetSpec, *, num_classes: int, in_channels: int, seed: int,
+                         transplant: bool = True):
+    """The target model, with the source's lowest k layers transplanted (or all fresh).
+
+    Returns (model, report); report is None when `transplant` is False (scratch).
+    """
+    config = make_config(metadata["model"], None,
+                         **{**metadata["config"], "in_channels": in_channels})
+    rngs = nnx.Rngs(seed)
+    model = TransferModel(build_target_trunk(metadata["model"], config, spec, rngs=rngs),
+                          num_classes, rngs=rngs)
+    if not transplant:
+        return model, None
+    k = num_reused(spec, len(metadata["layer_names"]))
+    target = {"params": nnx.to_pure_dict(nnx.state(model.trunk, nnx.Param)),
+              "batch_stats": nnx.to_pure_dict(nnx.state(model.trunk, nnx.BatchStat))}
+    source = {"params": source_params, "batch_stats": source_stats}
+    adapt = in_channels != metadata["input_shape"][-1]
+    tree, report = surgery.transplant(source, target, transfer_rules(k, adapt))
+    nnx.update(model.trunk, tree["params"], tree["batch_stats"])
+    return model, report
+
+
+def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int):
+    """The dry run: the surgery report, nothing trained and no weights loaded."""
+    metadata = checkpoints.read_metadata(trunk_path)
+    source = nnx.eval_shape(lambda: checkpoints.build_checkpoint_trunk(metadata))
+    target_model = nnx.eval_shape(lambda: TransferModel(build_target_trunk(
+        metadata["model"], make_config(metadata["model"], None,
+                                       **{**metadata["config"], "in_channels": in_channels}),
+        spec, rngs=nnx.Rngs(0)), num_classes, rngs=nnx.Rngs(0)))
+    src = {"params": nnx.to_pure_dict(nnx.state(source, nnx.Param)),
+           "batch_stats": nnx.to_pure_dict(nnx.state(source, nnx.BatchStat))}
+    tgt = {"params": nnx.to_pure_dict(nnx.state(target_model.trunk, nnx.Param)),
+           "batch_stats": nnx.to_pure_dict(nnx.state(target_model.trunk, nnx.BatchStat))}
+    k = num_reused(spec, len(metadata["layer_names"]))
+    adapt = in_channels != metadata["input_shape"][-1]
+    return surgery.plan(src, tgt, transfer_rules(k, adapt))
+
+
+@dataclasses.dataclass
+class SeedResult:
+    seed: int
+    transfer: FinetuneResult
+    scratch: FinetuneResult | None
+
+
+def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
+    """Same budget, everything trainable from step 0 (early stopping on the same validation)."""
+    epochs = sum(p.epochs for p in config.phases)
+    return dataclasses.replace(config, phases=(Phase(epochs=epochs, train="all"),),
+                               cache_features=False)
+
+
+def target_normalization(metadata: dict[str, Any], train: Dataset) -> Normalization:
+    """The trunk's own normalisation when channels match (what its layers expect)."""
+    if list(metadata["input_shape"][-1:]) == [train.image_shape[-1]]:
+        return Normalization.from_json(metadata["normalization"])
+    return compute_normalization(train.images)
+
+
+def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
+                 log=print) -> dict[str, Any]:
+    """Transfer (and baseline) for each seed; returns and writes the summary."""
+    metadata = checkpoints.read_metadata(config.trunk)
+    source_params, source_stats, _ = checkpoints.load_trunk_state(config.trunk)
+    dataset = load_dataset(config.data) if dataset is None else dataset
+    if dataset.labels is None:
+        raise ValueError(f"transfer needs labeled data; {config.data!r} has no labels")
+    num_classes = dataset.num_classes
+    val_per_class = config.val_per_class or max(config.labels_per_class, 5)
+    cache = StepCache()
+    results: list[SeedResult] = []
+    report = None
+    for seed in config.seeds:
+        splits = labeled_splits(dataset, labels_per_class=config.labels_per_class,
+                                val_per_class=val_per_class, seed=seed)
+        normalization = target_normalization(metadata, splits.train)
+        in_channels = splits.train.image_shape[-1]
+        data = dict(train=(splits.train.images, splits.train.labels),
+                    val=(splits.val.images, splits.val.labels),
+                    test=(splits.test.images, splits.test.labels))
+        model, seed_report = build_transfer_model(
+            metadata, source_params, source_stats, config.target, num_classes=num_classes,
+            in_channels=in_channels, seed=seed)
+        report = report or seed_report
+        k = num_reused(config.target, len(metadata["layer_names"]))
+        fine = dataclasses.replace(config.finetune, seed=seed)
+        transferred = finetune(model, k, fine, normalization=normalization, cache=cache,
+                               progress=config.progress, desc=f"transfer seed {seed}", **data)
+        scratch = None
+        if config.baseline:
+            fresh, _ = build_transfer_model(metadata, None, None, config.target,
+                                            num_classes=num_classes, in_channels=in_channels,
+                                            seed=seed, transplant=False)
+            scratch = finetune(fresh, k, scratch_config(fine), normalization=normalization,
+                               cache=cache, progress=config.progress,
+                               desc=f"scratch seed {seed}", **data)
+        results.append(SeedResult(seed, transferred, scratch))
+        line = f"seed {seed}: transfer test accuracy {transferred.test_accuracy:.4f}"
+        if scratch:
+            line += f"  scratch {scratch.test_accuracy:.4f}"
+        log(line)
+        if seed == config.seeds[0] and config.out:
+            save_transfer_model(pathlib.Path(config.out) / "model", model, transferred,
+                                metadata, config, report, normalization,
+                                splits.train.image_shape)
+    summary = summarize(results, config, report)
+    if config.out:
+        out = pathlib.Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "transfer.json").write_text(json.dumps(summary, indent=2))
+        (out / "surgery_report.txt").write_text(report.table() + "\n")
+    return summary
+
+
+def summarize(results: list[SeedResult], config: TransferConfig, report) -> dict[str, Any]:
+    transfer = [r.transfer.test_accuracy for r in results]
+    summary: dict[str, Any] = {
+        "config": config.to_json(),
+        "seeds": [{"seed": r.seed, "transfer_test_accuracy": r.transfer.test_accuracy,
+                   "transfer_val_accuracy": r.transfer.best_val_accuracy,
+                   "transfer_steps": r.transfer.steps,
+                   "scratch_test_accuracy": r.scratch.test_accuracy if r.scratch else None,
+                   "scratch_val_accuracy": r.scratch.best_val_accuracy if r.scratch else None,
+                   "scratch_steps": r.scratch.steps if r.scratch else None}
+                  for r in results],
+        "transfer": dict(zip(("mean", "low", "high"), mean_interval(transfer))),
+        "surgery": report.counts() if report else None,
+    }
+    if all(r.scratch for r in results):
+        scratch = [r.scratch.test_accuracy for r in results]
+        summary["scratch"] = dict(zip(("mean", "low", "high"), mean_interval(scratch)))
+        summary["difference"] = dict(zip(("mean", "low", "high"),
+                                         paired_difference(transfer, scratch)))
+    return summary
+
+
+def save_transfer_model(path, model, result: FinetuneResult, source_metadata, config,
+                        report, normalization, input_shape) -> pathlib.Path:
+    """The fine-tuned target model as a self-describing checkpoint (report included)."""
+    trunk = model.trunk
+    params, stats = result.params, result.batch_stats
+    metadata = checkpoints.trunk_metadata(
+        trunk, config_json=config_to_json(make_config(
+            source_metadata["model"], None,
+            **{**source_metadata["config"], "in_channels": input_shape[-1]})),
+        input_shape=input_shape, normalization=normalization,
+        tasks=[{"name": "classification", "weight": 1.0,
+                "params": {"num_classes": int(model.head.out_features)}}],
+        extra={"target": config.target.to_json(), "surgery_report": report.to_json(),
+               "source": {"path": str(config.trunk), "model": source_metadata["model"],
+                          "tasks": source_metadata["tasks"]},
+               "finetune": config.finetune.to_json(),
+               "test_accuracy": result.test_accuracy})
+    return checkpoints.save_trunk(path, trunk_params=params["trunk"],
+                                  trunk_batch_stats=stats["trunk"],
+                                  head_params={"classifier": params["head"]},
+                                  metadata=metadata)
