@@ -40,6 +40,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"
     batch_size: int = 32
     cache_features: bool = True
+    layer_decay: float | None = None   # discriminative fine-tuning of unfrozen reused layers
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -154,10 +155,13 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
     bar = tqdm(total=total_epochs, disable=not progress, desc=desc, unit="epoch",
                dynamic_ncols=True, leave=False)
     for phase_index, phase in enumerate(config.phases):
-        labels = freezing.phase_labels(params, layer_names, num_reused, phase)
+        labels = freezing.phase_labels(params, layer_names, num_reused, phase,
+                                       per_layer=config.layer_decay is not None)
         mask = freezing.trainable_mask(labels)
         frozen = freezing.frozen_layer_names(layer_names, num_reused, phase)
-        rates = {"head": config.learning_rate, "reused": config.learning_rate * phase.lr_scale}
+        rates = freezing.group_learning_rates(config.learning_rate, phase,
+                                              layer_names[:num_reused],
+                                              layer_decay=config.layer_decay)
         optimizer = freezing.partitioned_optimizer(labels, rates, name=config.optimizer,
                                                    weight_decay=config.weight_decay)
         opt_state = freezing.carry_over_state(opt_state, old_labels, optimizer.init(params),

@@ -131,15 +131,22 @@ def phase_layer_groups(layer_names: Sequence[str], num_reused: int,
 
 
 def phase_labels(params, layer_names: Sequence[str], num_reused: int, phase: Phase,
-                 *, trunk_prefix: str = "trunk/layers/"):
+                 *, per_layer: bool = False, trunk_prefix: str = "trunk/layers/"):
     """Label tree for a transfer model's params: 'head', 'reused' or 'frozen' per leaf.
 
     New trunk layers (above the reused ones) and the head learn at the base rate
-    ('head'); unfrozen reused layers at base * lr_scale ('reused').
+    ('head'); unfrozen reused layers at base * lr_scale ('reused', or
+    'reused/<layer>' with `per_layer`, for layer-wise rates).
     """
     groups = phase_layer_groups(layer_names, num_reused, phase)
-    rules = [(f"^{re.escape(trunk_prefix)}{i}/", "head" if groups[n] == "new" else groups[n])
-             for i, n in enumerate(layer_names)]
+
+    def label(name: str) -> str:
+        group = groups[name]
+        if group == "new":
+            return "head"
+        return f"reused/{name}" if (group == "reused" and per_layer) else group
+
+    rules = [(f"^{re.escape(trunk_prefix)}{i}/", label(n)) for i, n in enumerate(layer_names)]
     rules.append(("^head/", "head"))
     return label_by_rules(params, rules)
 
@@ -164,6 +171,17 @@ def layerwise_lr_scales(layer_names: Sequence[str], decay: float) -> dict[str, f
     """Discriminative fine-tuning: the top layer gets 1, each layer below `decay` times less."""
     top = len(layer_names) - 1
     return {name: decay ** (top - index) for index, name in enumerate(layer_names)}
+
+
+def group_learning_rates(base: float, phase: Phase, reused: Sequence[str], *,
+                         layer_decay: float | None = None) -> dict[str, float]:
+    """Rates per label: head at `base`; unfrozen reused layers at base * lr_scale, times
+    layer_decay ** (distance from the top reused layer) when `layer_decay` is set."""
+    rates = {"head": base, "reused": base * phase.lr_scale}
+    if layer_decay is not None:
+        for name, scale in layerwise_lr_scales(reused, layer_decay).items():
+            rates[f"reused/{name}"] = base * phase.lr_scale * scale
+    return rates
 
 
 # ---- optimizer assembly ----------------------------------------------------------------

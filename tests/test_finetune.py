@@ -1,0 +1,94 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import auxtl
+from auxtl import finetune as ft
+from auxtl import freezing
+from auxtl.data import compute_normalization
+from auxtl.freezing import Phase
+from auxtl.models import make_config
+from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
+from auxtl.train import TrainState
+from conftest import leaves_equal
+
+
+def small_model(seed=0, widths=(4, 4, 8, 8, 8)):
+    config = make_config("small_cnn", (28, 28, 1), widths=widths, fc_dim=8)
+    return TransferModel(build_target_trunk("small_cnn", config, TargetSpec(),
+                                            rngs=nnx.Rngs(seed)), 10, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def data(mnist_small):
+    images, labels = mnist_small.images, mnist_small.labels
+    return dict(train=(images[:100], labels[:100]), val=(images[100:200], labels[100:200]),
+                test=(images[200:300], labels[200:300]),
+                normalization=compute_normalization(images))
+
+
+def snapshot(model):
+    return (jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))))
+
+
+def test_frozen_parameters_and_statistics_stay_bit_identical(data):
+    model = small_model()
+    params0, stats0 = snapshot(model)
+    config = ft.FinetuneConfig(phases=(Phase(2, "head"), Phase(2, "head+top2", 0.1)),
+                               batch_size=20)
+    result = ft.finetune(model, 6, config, **data)
+    frozen_layers = range(4)  # conv1..conv4 frozen in both phases
+    for i in frozen_layers:
+        assert leaves_equal(result.params["trunk"]["layers"][i], params0["trunk"]["layers"][i])
+        assert leaves_equal(result.batch_stats["trunk"]["layers"][i],
+                            stats0["trunk"]["layers"][i])
+    # conv5 and fc were unfrozen in phase 2 and did move; the head moved
+    assert not leaves_equal(result.params["trunk"]["layers"][4], params0["trunk"]["layers"][4])
+    assert not leaves_equal(result.batch_stats["trunk"]["layers"][4],
+                            stats0["trunk"]["layers"][4])
+    assert not leaves_equal(result.params["head"], params0["head"])
+    assert [h["phase"] for h in result.history] == [0, 0, 1, 1]
+
+
+def test_feature_cache_matches_running_the_frozen_prefix(data):
+    config = ft.FinetuneConfig(phases=(Phase(3, "head+top2"),), batch_size=20)
+    cached = ft.finetune(small_model(), 6, config, **data)
+    direct = ft.finetune(small_model(), 6, dataclasses.replace(config, cache_features=False),
+                         **data)
+    for a, b in zip(jax.tree.leaves(cached.params), jax.tree.leaves(direct.params)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    assert cached.test_accuracy == pytest.approx(direct.test_accuracy, abs=0.02)
+
+
+def step_flops(model, phase, data):
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    names = model.trunk.layer_names
+    labels = freezing.phase_labels(params, names, len(names), phase)
+    optimizer = freezing.partitioned_optimizer(labels, {"head": 1e-3, "reused": 1e-3})
+    step = ft.make_finetune_step(graphdef, freezing.trainable_mask(labels),
+                                 freezing.frozen_layer_names(names, len(names), phase),
+                                 optimizer, 0, data["normalization"])
+    state = TrainState(step=np.int32(0), params=params, batch_stats=stats,
+                       opt_state=optimizer.init(params), rng=np.zeros(2, np.uint32))
+    images = np.zeros((64, 28, 28, 1), np.uint8)
+    labels_ = np.zeros((64,), np.int32)
+    return step.lower(state, images, labels_).compile().cost_analysis()["flops"]
+
+
+def test_frozen_prefix_step_does_less_work(data):
+    model = small_model(widths=(32, 32, 64, 64, 128))
+    full = step_flops(model, Phase(1, "all"), data)
+    frozen4 = step_flops(model, Phase(1, "head+re:conv5|fc"), data)
+    assert frozen4 < 0.6 * full, (frozen4, full)
+
+
+def test_scratch_baseline_has_the_same_budget():
+    config = ft.FinetuneConfig(phases=(Phase(3, "head"), Phase(4, "head+top2", 0.1)))
+    from auxtl.transfer import scratch_config
+    scratch = scratch_config(config)
+    assert scratch.phases == (Phase(7, "all"),)

@@ -1,0 +1,143 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from auxtl import freezing
+from auxtl.freezing import Phase
+from auxtl.models import make_config
+from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
+
+NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc")
+
+
+def model_params(seed=0):
+    config = make_config("small_cnn", (12, 12, 1), widths=(4, 4, 4, 4, 4), fc_dim=4)
+    model = TransferModel(build_target_trunk("small_cnn", config, TargetSpec(),
+                                             rngs=nnx.Rngs(seed)), 3, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_parse_phases():
+    assert freezing.parse_phases("head:5,head+top2:10@0.1") == (
+        Phase(5, "head"), Phase(10, "head+top2", lr_scale=0.1))
+    with pytest.raises(ValueError, match="TRAIN:EPOCHS"):
+        freezing.parse_phases("head")
+    with pytest.raises(ValueError, match="unknown phase spec 'tail'"):
+        freezing.parse_phases("tail:3")
+
+
+@pytest.mark.parametrize("train,unfrozen", [
+    ("head", ()), ("head+top2", ("conv5", "fc")), ("all", NAMES),
+    ("head+re:conv[34]", ("conv3", "conv4")), ("head+top0", ())])
+def test_which_reused_layers_train(train, unfrozen):
+    assert freezing.trainable_reused_layers(train, NAMES) == unfrozen
+
+
+def test_labels_cover_every_parameter_and_first_rule_wins():
+    params = model_params()
+    labels = freezing.phase_labels(params, NAMES, 6, Phase(1, "head+top2"))
+    flat = {freezing.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(labels)}
+    assert flat["trunk/layers/0/conv/kernel"] == "frozen"
+    assert flat["trunk/layers/4/bn/scale"] == "reused"
+    assert flat["trunk/layers/5/dense/kernel"] == "reused"
+    assert flat["head/kernel"] == "head"
+    with pytest.raises(ValueError, match="no freezing rule covers parameter 'head/bias'"):
+        freezing.label_by_rules(params, [("^trunk/", "frozen"), ("kernel$", "head")])
+
+
+def test_new_layers_above_the_reused_ones_train_with_the_head():
+    groups = freezing.phase_layer_groups(NAMES, 4, Phase(1, "head"))
+    assert groups == {"conv1": "frozen", "conv2": "frozen", "conv3": "frozen",
+                      "conv4": "frozen", "conv5": "new", "fc": "new"}
+
+
+def test_frozen_leaves_have_no_optimizer_state():
+    params = model_params()
+    labels = freezing.phase_labels(params, NAMES, 6, Phase(1, "head+top2"))
+    optimizer = freezing.partitioned_optimizer(labels, {"head": 1e-3, "reused": 1e-4})
+    state = optimizer.init(params)
+    trainable = sum(x.size for x, m in zip(jax.tree.leaves(params),
+                                           jax.tree.leaves(freezing.trainable_mask(labels))) if m)
+    state_numbers = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    assert state_numbers == 2 * trainable  # Adam's mu and nu, for trainable leaves only
+
+
+def test_unfreezing_changes_the_rate_of_exactly_the_named_layers():
+    params = model_params()
+    ones = jax.tree.map(jnp.ones_like, params)
+    rates = {"head": 1.0, "reused": 0.1}
+
+    def first_update(phase):
+        labels = freezing.phase_labels(params, NAMES, 6, phase)
+        optimizer = freezing.partitioned_optimizer(labels, rates, name="sgd", weight_decay=0.0)
+        updates, _ = optimizer.update(ones, optimizer.init(params), params)
+        return {freezing.path_str(p): float(jnp.abs(u).max())
+                for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+
+    before, after = first_update(Phase(1, "head")), first_update(Phase(1, "head+top2", 0.1))
+    changed = {p for p in before if before[p] != after[p]}
+    assert changed == {p for p in before if p.startswith(("trunk/layers/4/", "trunk/layers/5/"))}
+    for path in changed:
+        assert before[path] == 0.0
+        assert after[path] == pytest.approx(0.1 * after["head/kernel"])
+
+
+def test_weight_decay_never_touches_a_frozen_leaf():
+    params = model_params()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    labels = freezing.phase_labels(params, NAMES, 6, Phase(1, "head"))
+    optimizer = freezing.partitioned_optimizer(labels, {"head": 0.1}, weight_decay=10.0)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    new = freezing.keep_frozen(params, optax.apply_updates(params, updates),
+                               freezing.trainable_mask(labels))
+    assert np.array_equal(new["trunk"]["layers"][0]["conv"]["kernel"],
+                          params["trunk"]["layers"][0]["conv"]["kernel"])
+    # the same decay does move a trainable kernel with a zero gradient
+    assert not np.array_equal(new["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_head_state_carries_over_when_layers_unfreeze():
+    params = model_params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    first = freezing.phase_labels(params, NAMES, 6, Phase(1, "head"))
+    opt1 = freezing.partitioned_optimizer(first, {"head": 1e-3, "reused": 1e-4})
+    _, state1 = opt1.update(grads, opt1.init(params), params)
+    second = freezing.phase_labels(params, NAMES, 6, Phase(1, "head+top2", 0.1))
+    opt2 = freezing.partitioned_optimizer(second, {"head": 1e-3, "reused": 1e-4})
+    state2 = freezing.carry_over_state(state1, first, opt2.init(params), second)
+    assert state2.inner_states["head"] is state1.inner_states["head"]
+    assert int(state2.inner_states["head"].inner_state[0].count) == 1
+    assert int(state2.inner_states["reused"].inner_state[0].count) == 0
+
+
+def test_split_and_merge_trainable_round_trip():
+    params = model_params()
+    labels = freezing.phase_labels(params, NAMES, 6, Phase(1, "head+top2"))
+    mask = freezing.trainable_mask(labels)
+    trainable, frozen = freezing.split_trainable(params, mask)
+    merged = freezing.merge_trainable(jax.tree.structure(params), mask, trainable, frozen)
+    assert all(a is b for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)))
+
+
+def test_layerwise_decay():
+    scales = freezing.layerwise_lr_scales(NAMES, 0.5)
+    assert scales["fc"] == 1.0 and scales["conv5"] == 0.5 and scales["conv1"] == 0.5 ** 5
+
+
+def test_layer_decay_gives_each_unfrozen_layer_its_own_rate():
+    params = model_params()
+    phase = Phase(1, "head+top3", lr_scale=0.5)
+    labels = freezing.phase_labels(params, NAMES, 6, phase, per_layer=True)
+    rates = freezing.group_learning_rates(1.0, phase, NAMES, layer_decay=0.1)
+    optimizer = freezing.partitioned_optimizer(labels, rates, name="sgd", weight_decay=0.0)
+    ones = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(ones, optimizer.init(params), params)
+    top = float(jnp.abs(updates["head"]["kernel"]).max())
+    size = lambda i: float(jnp.abs(jax.tree.leaves(updates["trunk"]["layers"][i])[0]).max())
+    assert size(5) == pytest.approx(0.5 * top)
+    assert size(4) == pytest.approx(0.05 * top)
+    assert size(3) == pytest.approx(0.005 * top)
+    assert size(2) == 0.0

@@ -1,0 +1,105 @@
+import json
+
+import numpy as np
+import pytest
+
+import auxtl
+from auxtl import checkpoints, cli
+from auxtl.finetune import FinetuneConfig
+from auxtl.freezing import Phase
+from auxtl.models.target import TargetSpec
+from auxtl.transfer import TransferConfig, labeled_splits, run_transfer
+from conftest import leaves_equal, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trunk_path(tmp_path_factory, mnist_small):
+    out = tmp_path_factory.mktemp("pretrained")
+    return auxtl.run_pretraining(tiny_config(out=str(out)), mnist_small).trunk_path
+
+
+def quick(trunk_path, out, **overrides):
+    values = dict(trunk=str(trunk_path), labels_per_class=3, val_per_class=3, seeds=(0, 1),
+                  finetune=FinetuneConfig(phases=(Phase(2, "head"), Phase(2, "head+top1", 0.1)),
+                                          batch_size=10),
+                  out=str(out), progress=False)
+    values.update(overrides)
+    return TransferConfig(**values)
+
+
+def test_labeled_splits_are_disjoint_per_class_and_keep_the_test_split(mnist):
+    splits = labeled_splits(mnist, labels_per_class=4, val_per_class=2, seed=3)
+    assert np.bincount(splits.train.labels).tolist() == [4] * 10
+    assert np.bincount(splits.val.labels).tolist() == [2] * 10
+    assert len(splits.test) == 500
+    rows = lambda d: {r.tobytes() for r in d.images.reshape(len(d), -1)}
+    assert not rows(splits.train) & rows(splits.val)
+    assert not (rows(splits.train) | rows(splits.val)) & rows(splits.test)
+    again = labeled_splits(mnist, labels_per_class=4, val_per_class=2, seed=3)
+    assert np.array_equal(again.train.images, splits.train.images)
+
+
+def test_transfer_run_writes_summary_report_and_a_loadable_model(trunk_path, tmp_path, mnist):
+    config = quick(trunk_path, tmp_path / "t", target=TargetSpec(reuse=3, top="drop"))
+    summary = run_transfer(config, mnist, log=lambda _: None)
+    assert [s["seed"] for s in summary["seeds"]] == [0, 1]
+    assert set(summary["difference"]) == {"mean", "low", "high"}
+    assert 0 <= summary["transfer"]["mean"] <= 1
+    saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert saved["surgery"]["copied"] > 0
+    assert "params/layers/0/conv/kernel" in (tmp_path / "t" / "surgery_report.txt").read_text()
+    trunk = auxtl.load_trunk(tmp_path / "t" / "model")
+    assert trunk.layer_names == ("conv1", "conv2", "conv3")
+    metadata = auxtl.read_metadata(tmp_path / "t" / "model")
+    assert metadata["target"] == {"reuse": 3, "top": "drop", "add": []}
+    assert {e["action"] for e in metadata["surgery_report"]} == {"copied", "dropped"}
+
+
+def test_frozen_transplanted_layers_equal_the_source_after_fine_tuning(trunk_path, tmp_path,
+                                                                      mnist):
+    config = quick(trunk_path, tmp_path / "f", seeds=(0,), baseline=False,
+                   target=TargetSpec(reuse=4, top="replace"))
+    run_transfer(config, mnist, log=lambda _: None)
+    source_params, source_stats, _ = checkpoints.load_trunk_state(trunk_path)
+    params, stats, _ = checkpoints.load_trunk_state(tmp_path / "f" / "model")
+    # head+top1 unfroze conv4 (index 3); conv1..conv3 stayed frozen throughout
+    for i in range(3):
+        assert leaves_equal(params["layers"][i], source_params["layers"][i])
+        assert leaves_equal(stats["layers"][i], source_stats["layers"][i])
+    assert not leaves_equal(params["layers"][3], source_params["layers"][3])
+
+
+def test_rgb_target_adapts_the_first_convolution(trunk_path, tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 28, 28, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(3), 100).astype(np.int32)
+    np.savez(tmp_path / "rgb.npz", images=images, labels=labels)
+    config = quick(trunk_path, tmp_path / "rgb", data=f"npz:{tmp_path / 'rgb.npz'}",
+                   seeds=(0,), baseline=False, target=TargetSpec(reuse=2))
+    summary = run_transfer(config, log=lambda _: None)
+    assert summary["surgery"]["adapted"] == 1
+
+
+def test_cli_dry_run_prints_the_plan_and_builds_nothing(trunk_path, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert cli.main(["transfer", "--trunk", str(trunk_path), "--reuse", "2",
+                     "--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "params/layers/1/conv/kernel" in printed and "copied" in printed
+    assert "dropped" in printed and not out.exists()
+
+
+def test_cli_transfer_prints_the_paired_difference(trunk_path, tmp_path, capsys):
+    code = cli.main(["transfer", "--trunk", str(trunk_path), "--reuse", "3", "--top", "replace",
+                     "--labels-per-class", "3", "--val-per-class", "3",
+                     "--phases", "head:2,head+top2:2@0.1", "--batch-size", "10", "--seeds", "2",
+                     "--out", str(tmp_path / "c"), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "difference (transfer - scratch, paired by seed)" in printed
+    assert "95% CI" in printed
+
+
+def test_reuse_beyond_the_trunk_is_named(trunk_path, tmp_path):
+    with pytest.raises(ValueError, match="reuse=9 is outside 0..6"):
+        run_transfer(quick(trunk_path, tmp_path / "x", target=TargetSpec(reuse=9)))
