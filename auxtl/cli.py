@@ -64,9 +64,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for name in names:
         cls = task_class(name)
         print(f"{name:<{width}}  {cls.summary}")
-        if args.verbose:
-            print(f"{'':<{width}}    needs: {cls.needs}")
-            print(f"{'':<{width}}    predicts: {cls.predicts}")
+        print(f"{'':<{width}}    needs: {cls.needs}; predicts: {cls.predicts}")
     return 0
 
 
@@ -173,8 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list registered auxiliary tasks")
     tasks.add_argument("--task-module", action="append", default=[], metavar="PATH",
                        help="a Python file defining extra tasks (repeatable)")
-    tasks.add_argument("-v", "--verbose", action="store_true",
-                       help="also say what each task needs and predicts")
     tasks.set_defaults(func=cmd_tasks)
 
     models = sub.add_parser("models", help="list trunk architectures")

@@ -39,7 +39,8 @@ def build_pretrain_model(model_name: str, model_config, tasks: Sequence[Weighted
         weighted.task.validate(tuple(input_shape))
     rngs = nnx.Rngs(seed)
     trunk = build_trunk(model_name, model_config, rngs=rngs, input_shape=tuple(input_shape))
-    heads = {t.name: t.task.make_head(trunk.feature_dim, rngs=rngs) for t in tasks}
+    heads = {t.name: t.task.make_head(trunk.feature_dim, image_shape=tuple(input_shape),
+                                      rngs=rngs) for t in tasks}
     return PretrainModel(trunk, heads)
 
 

@@ -41,7 +41,7 @@ class Rotation(auxtl.TaskBase):
         k = jax.random.randint(key, (batch,), 0, 4, dtype=jnp.int32)
         return rotated[k * batch + jnp.arange(batch)], k
 
-    def make_head(self, feature_dim, *, rngs):
+    def make_head(self, feature_dim, *, image_shape, rngs):
         return nnx.Linear(feature_dim, 4, rngs=rngs)
 
     def loss_and_metrics(self, logits, labels):

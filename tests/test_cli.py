@@ -10,7 +10,7 @@ TINY = ["--model-arg", "widths=[8,8,8,8,8]", "--model-arg", "fc_dim=8", "--steps
 
 
 def test_tasks_lists_rotation_with_what_it_needs(capsys):
-    assert cli.main(["tasks", "-v"]) == 0
+    assert cli.main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "rotation" in out and "needs: square images" in out
 

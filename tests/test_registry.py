@@ -28,7 +28,7 @@ FLIP_TASK = textwrap.dedent('''
             labels = jnp.repeat(jnp.arange(2, dtype=jnp.int32), images.shape[0])
             return inputs, labels
 
-        def make_head(self, feature_dim, *, rngs):
+        def make_head(self, feature_dim, *, image_shape, rngs):
             return nnx.Linear(feature_dim, 2, rngs=rngs)
 
         def loss_and_metrics(self, logits, labels):
