@@ -89,6 +89,7 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         tasks=parse_task_flags(args.task or ["rotation"], args.task_arg),
         data=args.data, model=args.model,
         model_overrides=parse_key_values(args.model_arg, "--model-arg"),
+        loss_weighting=args.loss_weighting,
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, optimizer=optimizer,
         test_fraction=args.test_fraction, log_every=args.log_every,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task parameter, value parsed as JSON when it can be")
     p.add_argument("--task-module", action="append", default=[], metavar="PATH",
                    help="a Python file defining extra tasks (repeatable)")
+    p.add_argument("--loss-weighting", default=defaults.loss_weighting,
+                   choices=["fixed", "uncertainty"],
+                   help="fixed task weights, or learned uncertainty weights (Kendall et al.)")
     p.add_argument("--data", default=defaults.data,
                    help="mnist5k | digits | npz:PATH | folder:PATH")
     p.add_argument("--model", default=defaults.model)

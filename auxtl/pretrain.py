@@ -45,6 +45,7 @@ class PretrainConfig:
     data: str = "mnist5k"
     model: str = "small_cnn"
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loss_weighting: str = "fixed"   # or "uncertainty": learned per-task weights
     steps: int = 300
     batch_size: int = 64
     seed: int = 0
@@ -79,8 +80,8 @@ class PretrainResult:
 
 
 # Fields that must match for --resume to continue the same run exactly.
-_RESUME_FIELDS = ("tasks", "data", "model", "model_overrides", "steps", "batch_size", "seed",
-                  "optimizer", "test_fraction")
+_RESUME_FIELDS = ("tasks", "data", "model", "model_overrides", "loss_weighting", "steps",
+                  "batch_size", "seed", "optimizer", "test_fraction")
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -105,9 +106,14 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """Total loss, then each task's loss and accuracy (when it has one)."""
     shown = {"loss": metrics["loss"]}
-    shown.update({k.replace("/accuracy", "_acc"): v for k, v in metrics.items()
-                  if k.endswith("accuracy")})
+    for key, value in metrics.items():
+        task, _, metric = key.partition("/")
+        if metric in ("loss", "accuracy") and task:
+            shown[f"{task}_{'acc' if metric == 'accuracy' else 'loss'}"] = value
+    if sum(k.endswith("_loss") for k in shown) == 1:  # one task: its loss is the total
+        shown = {k: v for k, v in shown.items() if not k.endswith("_loss")}
     return {k: f"{v:.3f}" for k, v in shown.items()}
 
 
@@ -124,7 +130,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     input_shape = train_set.image_shape
     model_config = make_config(config.model, input_shape, **config.model_overrides)
     model = build_pretrain_model(config.model, model_config, tasks, input_shape,
-                                 seed=config.seed)
+                                 seed=config.seed, loss_weighting=config.loss_weighting)
     graphdef, params, batch_stats = split_model(model)
     optimizer = make_optimizer(config.optimizer, config.steps)
     mesh = parallel.data_mesh()
@@ -214,7 +220,7 @@ def save_pretrained_trunk(path, state: TrainState, trunk, config: PretrainConfig
         trunk, config_json=config_to_json(model_config), input_shape=input_shape,
         normalization=normalization, tasks=task_json(tasks),
         extra={"data": config.data, "steps": config.steps, "seed": config.seed,
-               "eval": eval_metrics})
+               "loss_weighting": config.loss_weighting, "eval": eval_metrics})
     params = jax.device_get(state.params)
     return checkpoints.save_trunk(
         path, trunk_params=params["trunk"],

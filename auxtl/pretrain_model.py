@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from auxtl.models import Trunk, build_trunk
@@ -21,14 +22,27 @@ class WeightedTask:
     weight: float = 1.0
 
 
+LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+
+
 class PretrainModel(nnx.Module):
-    def __init__(self, trunk: Trunk, heads: Mapping[str, nnx.Module]):
+    """Shared trunk, one head per task, and (for uncertainty weighting) one learned
+    log-variance s per task: the task's loss enters as exp(-s) * loss + s
+    (Kendall, Gal & Cipolla 2018), times its fixed weight."""
+
+    def __init__(self, trunk: Trunk, heads: Mapping[str, nnx.Module], *,
+                 loss_weighting: str = "fixed"):
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss weighting {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
         self.trunk = trunk
         self.heads = nnx.Dict(dict(heads))
+        self.log_vars = (nnx.Dict({name: nnx.Param(jnp.zeros((), jnp.float32)) for name in heads})
+                         if loss_weighting == "uncertainty" else None)
 
 
 def build_pretrain_model(model_name: str, model_config, tasks: Sequence[WeightedTask],
-                         input_shape: tuple[int, int, int], *, seed: int) -> PretrainModel:
+                         input_shape: tuple[int, int, int], *, seed: int,
+                         loss_weighting: str = "fixed") -> PretrainModel:
     """Trunk from (name, config) plus each task's head; validates each task's input needs."""
     names = [t.name for t in tasks]
     if not tasks:
@@ -41,7 +55,7 @@ def build_pretrain_model(model_name: str, model_config, tasks: Sequence[Weighted
     trunk = build_trunk(model_name, model_config, rngs=rngs, input_shape=tuple(input_shape))
     heads = {t.name: t.task.make_head(trunk.feature_dim, image_shape=tuple(input_shape),
                                       rngs=rngs) for t in tasks}
-    return PretrainModel(trunk, heads)
+    return PretrainModel(trunk, heads, loss_weighting=loss_weighting)
 
 
 def task_json(tasks: Sequence[WeightedTask]) -> list[dict[str, Any]]:

@@ -55,8 +55,12 @@ def task_losses(model, tasks: Sequence[WeightedTask], images: jax.Array, key: ja
         outputs = weighted.task.forward(model.trunk, model.heads[weighted.name], inputs,
                                         train=train)
         loss, task_metrics = weighted.task.loss_and_metrics(outputs, targets)
-        total = total + weighted.weight * loss
         metrics.update({f"{weighted.name}/{k}": v for k, v in task_metrics.items()})
+        if getattr(model, "log_vars", None) is not None:
+            log_var = model.log_vars[weighted.name][...]
+            loss = jnp.exp(-log_var) * loss + log_var
+            metrics[f"{weighted.name}/learned_weight"] = jnp.exp(-log_var)
+        total = total + weighted.weight * loss
     metrics["loss"] = total
     return total, metrics
 

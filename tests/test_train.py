@@ -96,3 +96,22 @@ def test_nan_input_is_named(tmp_path):
 def test_batch_larger_than_data_is_named(mnist_small):
     with pytest.raises(ValueError, match="batch size 4096"):
         auxtl.run_pretraining(tiny_config(batch_size=4096), mnist_small)
+
+
+def test_uncertainty_weighting_learns_a_weight_per_task(mnist_small):
+    config = tiny_config(tasks=(auxtl.TaskConfig("rotation", 1.0),
+                                auxtl.TaskConfig("rotation_traced", 0.5,
+                                                 {"all_rotations": False})),
+                         loss_weighting="uncertainty", steps=8, log_every=4)
+    result = auxtl.run_pretraining(config, mnist_small)
+    log_vars = result.state.params["log_vars"]
+    assert set(log_vars) == {"rotation", "rotation_traced"}
+    assert all(float(v) != 0.0 for v in log_vars.values())
+    assert {"rotation/learned_weight", "rotation_traced/learned_weight",
+            "rotation/accuracy", "rotation_traced/accuracy"} <= set(result.eval_metrics)
+
+
+def test_progress_shows_each_task_separately():
+    from auxtl.pretrain import _postfix
+    shown = _postfix({"loss": 1.0, "a/loss": 0.4, "a/accuracy": 0.5, "b/loss": 0.6})
+    assert shown == {"loss": "1.000", "a_loss": "0.400", "a_acc": "0.500", "b_loss": "0.600"}
