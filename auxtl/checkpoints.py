@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from auxtl.models import build_trunk, list_models
@@ -35,22 +36,39 @@ def _composite_checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def atomic_save(path: str | os.PathLike, write) -> pathlib.Path:
-    """Runs write(tmp_path), then swaps tmp_path in for `path`; on error `path` is untouched."""
+    """Runs write(tmp_path), then swaps tmp_path in for `path`; on error `path` is untouched.
+
+    With several processes every process writes (orbax coordinates who writes
+    what) and process 0 alone swaps the folders in.
+    """
     path = pathlib.Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
+    primary = jax.process_index() == 0
+    token = "shared" if jax.process_count() > 1 else uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.saving-{token}"
     old = path.parent / f".{path.name}.old-{token}"
+    if primary:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _sync(f"auxtl-save-start-{path}")
     try:
         write(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _sync(f"auxtl-save-written-{path}")
+    if primary:
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync(f"auxtl-save-done-{path}")
     return path
 
 

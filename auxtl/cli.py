@@ -98,6 +98,9 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.coordinator:
+        from auxtl.parallel import initialize_distributed
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from auxtl.pretrain import run_pretraining
     _load_task_modules(args.task_module)
     config = pretrain_config_from_args(args)
@@ -212,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process run: the coordinator's address (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
     p.set_defaults(func=cmd_pretrain)
 
     t = sub.add_parser("transfer", help="transplant a trunk's lower layers and fine-tune")

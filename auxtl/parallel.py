@@ -46,3 +46,14 @@ def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
 
 def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Joins a multi-process run (one process per host, or several on loopback).
+
+    CPU devices' cross-process collectives go through gloo (GPU/TPU ignore it).
+    Call before anything touches a JAX backend.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
