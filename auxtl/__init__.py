@@ -4,7 +4,7 @@ The public API: everything a task file or a user script needs is importable
 from `auxtl` directly.
 """
 
-from auxtl import freezing, losses, surgery
+from auxtl import freezing, heads, losses, surgery
 from auxtl.checkpoints import load_trunk, load_trunk_state, read_metadata, save_trunk
 from auxtl.data import Dataset, Normalization, load_dataset, normalize, train_test_split
 from auxtl.models import Trunk, build_trunk, global_avg_pool, list_models, make_config
@@ -14,14 +14,15 @@ from auxtl.pretrain_model import PretrainModel, WeightedTask, build_pretrain_mod
 from auxtl.registry import (Task, TaskBase, get_task, list_tasks, load_task_module,
                             register_task, task_class)
 from auxtl.train import TrainState, make_eval_step, make_train_step
-from auxtl.finetune import FinetuneConfig, FinetuneResult, finetune
+from auxtl import finetune  # the module; finetune.finetune runs the phases
+from auxtl.finetune import FinetuneConfig, FinetuneResult
 from auxtl.freezing import Phase, parse_phases
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
 from auxtl.transfer import TransferConfig, build_transfer_model, plan_transfer, run_transfer
 from auxtl.version import __version__
 
 __all__ = [
-    "freezing", "losses", "surgery", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",
+    "freezing", "heads", "losses", "surgery", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",
     "Dataset", "Normalization", "load_dataset", "normalize", "train_test_split",
     "Trunk", "build_trunk", "global_avg_pool", "list_models", "make_config",
     "OptimizerConfig", "make_optimizer",

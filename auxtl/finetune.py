@@ -14,7 +14,6 @@ validation improves").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax

@@ -163,6 +163,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     run_eval = lambda: evaluate(eval_step, state.params, state.batch_stats, test_set.images,
                                 batch_size=config.eval_batch_size, seed=SPLIT_SEED)
 
+    if config.eval_every and start_step == 0 and log:
+        log.write({"step": 0, "split": "eval", **run_eval()})  # the untrained baseline
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and is_main),
                desc="pretrain", unit="step", dynamic_ncols=True)
     pending: list[dict[str, jax.Array]] = []

@@ -13,7 +13,6 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import auxtl
 from auxtl import finetune as ft
 from auxtl import freezing
 from auxtl.data import compute_normalization

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 TINY = ["--model-arg", "widths=[8,8,16,16,16]", "--model-arg", "fc_dim=16", "--steps", "6",

@@ -1,4 +1,3 @@
-import dataclasses
 import os
 import subprocess
 import sys
@@ -7,7 +6,6 @@ import textwrap
 import pytest
 
 import auxtl
-from auxtl import registry
 
 FLIP_TASK = textwrap.dedent('''
     """Horizontal-flip prediction, written against auxtl's public API only."""

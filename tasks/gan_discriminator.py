@@ -1,0 +1,131 @@
+"""GAN discriminator (Radford et al. 2016, DCGAN): the trunk learns to tell real images from fakes.
+
+DCGAN's "discriminator features" route: train a GAN whose discriminator body is
+the trunk, then reuse that body. The generator and the discriminator's output
+layer (Linear feature_dim -> 1) live in this task's head; the trunk is D's body.
+
+auxtl trains everything with ONE optimizer on the summed loss, so the two
+players' objectives are separated by stop-gradients inside `forward`:
+
+  d_loss = BCE(D(real), 1) + BCE(D(stop_gradient(G(z))), 0)   -> trains only D
+  g_loss = BCE(D_sg(G(z)), 1)   (non-saturating)              -> trains only G
+
+D_sg is a copy of the trunk and output layer whose parameters went through
+jax.lax.stop_gradient (nnx.split -> stop_gradient -> nnx.merge), so g_loss
+reaches the generator through D's function without pulling D toward "fake is
+real", and d_loss sees the fakes as constants. One gradient of d_loss + g_loss
+is therefore exactly (grad_D d_loss, grad_G g_loss): simultaneous GAN updates.
+
+BatchNorm: D runs on one batch holding the reals and the fakes, as in the D
+term; in training D_sg runs on that same mixed batch in batch-statistics mode,
+so it scores the fakes exactly as D does (same values, same normalisation), and
+only the D pass updates the trunk's running statistics (the copy's updates are
+discarded). In evaluation both use the running statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import auxtl
+
+
+def _stop_gradient_copy(module: nnx.Module) -> nnx.Module:
+    """The same module, its parameters and statistics wrapped in stop_gradient."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
+
+
+def bce_with_logits(logits: jax.Array, label: float) -> jax.Array:
+    """Mean binary cross-entropy of sigmoid(logits) against a constant 0/1 label."""
+    logits = logits.astype(jnp.float32)
+    return jnp.mean(jax.nn.softplus(-logits) if label else jax.nn.softplus(logits))
+
+
+class Generator(nnx.Module):
+    """DCGAN-style: dense -> (H/4, W/4) map -> 2x upsample + conv, twice -> (H, W, C).
+
+    BatchNorm and ReLU inside; the output is linear (no tanh) because real
+    inputs are per-channel standardised, not squashed into [-1, 1].
+    """
+
+    def __init__(self, latent_dim: int, width: int, image_shape, *, rngs: nnx.Rngs):
+        height, image_width, channels = image_shape
+        self.image_shape = tuple(image_shape)
+        self.start = (math.ceil(height / 4), math.ceil(image_width / 4), 2 * width)
+        self.middle = (math.ceil(height / 2), math.ceil(image_width / 2))
+        self.dense = nnx.Linear(latent_dim, math.prod(self.start), rngs=rngs)
+        self.bn0 = nnx.BatchNorm(2 * width, momentum=0.9, rngs=rngs)
+        self.conv1 = nnx.Conv(2 * width, width, (3, 3), padding="SAME", rngs=rngs)
+        self.bn1 = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(width, channels, (3, 3), padding="SAME", rngs=rngs)
+
+    def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
+        batch = z.shape[0]
+        x = self.dense(z).reshape(batch, *self.start)
+        x = nnx.relu(self.bn0(x, use_running_average=not train))
+        x = jax.image.resize(x, (batch, *self.middle, x.shape[-1]), "nearest")
+        x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        x = jax.image.resize(x, (batch, *self.image_shape[:2], x.shape[-1]), "nearest")
+        return self.conv2(x)
+
+
+class GANHead(nnx.Module):
+    """The generator and the discriminator's output layer (the trunk is D's body)."""
+
+    def __init__(self, feature_dim: int, latent_dim: int, width: int, image_shape, *,
+                 rngs: nnx.Rngs):
+        self.generator = Generator(latent_dim, width, image_shape, rngs=rngs)
+        self.critic = nnx.Linear(feature_dim, 1, rngs=rngs)
+
+
+@auxtl.register_task("gan_discriminator")
+@dataclasses.dataclass(frozen=True)
+class GANDiscriminator(auxtl.TaskBase):
+    """A GAN trained in one loss; metrics d_loss, g_loss and D's real/fake accuracy."""
+
+    summary = "tell real images from a jointly trained generator's fakes (DCGAN discriminator)"
+    needs = "images of at least 4x4 pixels"
+    predicts = "1 logit: real (vs generated)"
+
+    latent_dim: int = 64       # size of the generator's Gaussian input z
+    generator_width: int = 32  # channels of the generator's last hidden map (2x before)
+
+    def validate(self, image_shape):
+        height, width, _ = image_shape
+        if min(height, width) < 4:
+            raise ValueError(f"gan_discriminator needs images of at least 4x4 pixels, "
+                             f"got {height}x{width}")
+
+    def make_examples(self, key, images):
+        z = jax.random.normal(key, (images.shape[0], self.latent_dim), images.dtype)
+        return (images, z), None   # no targets: real vs fake is known by construction
+
+    def make_head(self, feature_dim, *, image_shape, rngs):
+        return GANHead(feature_dim, self.latent_dim, self.generator_width, image_shape,
+                       rngs=rngs)
+
+    def forward(self, trunk, head, inputs, *, train, frozen=()):
+        real, z = inputs
+        batch = real.shape[0]
+        trunk_sg, critic_sg = _stop_gradient_copy(trunk), _stop_gradient_copy(head.critic)
+        fake = head.generator(z, train=train)
+        d_logits = head.critic(trunk(jnp.concatenate([real, jax.lax.stop_gradient(fake)]),
+                                     train=train, frozen=frozen))
+        g_logits = critic_sg(trunk_sg(jnp.concatenate([real, fake]), train=train,
+                                      frozen=frozen))
+        return {"d_real": d_logits[:batch, 0], "d_fake": d_logits[batch:, 0],
+                "g_fake": g_logits[batch:, 0]}
+
+    def loss_and_metrics(self, logits, targets):
+        del targets
+        d_loss = bce_with_logits(logits["d_real"], 1) + bce_with_logits(logits["d_fake"], 0)
+        g_loss = bce_with_logits(logits["g_fake"], 1)
+        accuracy = 0.5 * (jnp.mean(logits["d_real"] > 0) + jnp.mean(logits["d_fake"] < 0))
+        loss = d_loss + g_loss
+        return loss, {"loss": loss, "d_loss": d_loss, "g_loss": g_loss, "accuracy": accuracy}
