@@ -160,6 +160,14 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.benchmark == "throughput":
+        from auxtl.bench.throughput import main as throughput_main
+        throughput_main(args.rest)
+        return 0
+    raise ValueError(f"unknown benchmark {args.benchmark!r}; available: throughput")
+
+
 def _interval(stats: dict) -> str:
     if stats["low"] != stats["low"]:  # NaN: a single seed
         return f"{stats['mean']:.4f}"
@@ -244,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/transfer")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_transfer)
+
+    b = sub.add_parser("bench", help="benchmarks (throughput; see --help of each)")
+    b.add_argument("benchmark", choices=["throughput"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -217,3 +217,13 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
         test_accuracy = accuracy(logits_fn, best["params"], best["batch_stats"], *test)
     return FinetuneResult(best["params"], best["batch_stats"], best["accuracy"], test_accuracy,
                           history, global_step)
+
+
+def score(model, result: FinetuneResult, images, labels, *,
+                  normalization: Normalization, cache: StepCache | None = None) -> float:
+    """Accuracy of a fine-tuned result's parameters on any labeled images."""
+    graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    cache = cache or StepCache()
+    logits_fn = cache.get(("logits", graphdef, 0),
+                          lambda: make_logits_fn(graphdef, 0, normalization))
+    return accuracy(logits_fn, result.params, result.batch_stats, images, labels)

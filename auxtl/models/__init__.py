@@ -12,16 +12,18 @@ from typing import Any
 
 from flax import nnx
 
-from auxtl.models.resnet import ResNetConfig, build_resnet
+from auxtl.models.resnet import ResNet50Config, ResNetConfig, build_resnet, build_resnet50
 from auxtl.models.small_cnn import SmallCNNConfig, build_small_cnn
 from auxtl.models.trunk import Trunk, global_avg_pool
 
-__all__ = ["Trunk", "global_avg_pool", "SmallCNNConfig", "ResNetConfig", "MODELS",
+__all__ = ["Trunk", "global_avg_pool", "SmallCNNConfig", "ResNetConfig",
+           "ResNet50Config", "MODELS",
            "make_config", "build_trunk", "list_models"]
 
 MODELS: dict[str, tuple[type, Callable[..., Trunk]]] = {
     "small_cnn": (SmallCNNConfig, build_small_cnn),
     "resnet18": (ResNetConfig, build_resnet),
+    "resnet50": (ResNet50Config, build_resnet50),
 }
 
 
@@ -47,7 +49,7 @@ def make_config(name: str, input_shape: tuple[int, int, int] | None = None,
     if input_shape is not None:
         height, width, channels = input_shape
         fitted["in_channels"] = channels
-        if config_cls is ResNetConfig:
+        if issubclass(config_cls, ResNetConfig):
             fitted["large_stem"] = min(height, width) > 64
     values = {**fitted, **overrides}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

@@ -94,3 +94,39 @@ class BasicBlock(nnx.Module):
         if self.proj_conv is not None:
             shortcut = self.proj_bn(self.proj_conv(x), use_running_average=ura)
         return nnx.relu(y + shortcut)
+
+
+class BottleneckBlock(nnx.Module):
+    """ResNet bottleneck block (v1.5): 1x1 reduce, 3x3 (carries the stride), 1x1 expand,
+    each with BN; identity or 1x1 projection shortcut; output `expansion * width` channels.
+
+    The last BN's scale starts at zero so each residual branch starts as the identity
+    (Goyal et al. 2017), as in BasicBlock.
+    """
+
+    def __init__(self, in_channels: int, width: int, *, stride: int, expansion: int = 4,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=(s, s), padding="SAME",
+                                           use_bias=False, dtype=dtype, rngs=rngs)
+        bn = lambda c, **kw: nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs, **kw)
+        out_channels = width * expansion
+        self.conv1 = conv(in_channels, width, 1, 1)
+        self.bn1 = bn(width)
+        self.conv2 = conv(width, width, 3, stride)
+        self.bn2 = bn(width)
+        self.conv3 = conv(width, out_channels, 1, 1)
+        self.bn3 = bn(out_channels, scale_init=nnx.initializers.zeros)
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.proj_conv = conv(in_channels, out_channels, 1, stride) if needs_projection else None
+        self.proj_bn = bn(out_channels) if needs_projection else None
+        self.out_dim = out_channels
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        ura = not train
+        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
+        y = self.bn3(self.conv3(y), use_running_average=ura)
+        shortcut = x
+        if self.proj_conv is not None:
+            shortcut = self.proj_bn(self.proj_conv(x), use_running_average=ura)
+        return nnx.relu(y + shortcut)

@@ -1,7 +1,8 @@
-"""ResNet-18-style trunk for 28 px to 224 px inputs.
+"""ResNet-18-style and ResNet-50 trunks for 28 px to 224 px inputs.
 
-Layers: stem, then stage{s}_block{b} for 4 stages of 2 basic blocks. The stem is a
-3x3/1 conv for images up to 64 px and a 7x7/2 conv + max-pool above that.
+Layers: stem, then stage{s}_block{b} for 4 stages of 2 basic blocks (resnet18) or
+3, 4, 6, 3 bottleneck blocks (resnet50). The stem is a 3x3/1 conv for images up to
+64 px and a 7x7/2 conv + max-pool above that.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from auxtl.models.layers import BasicBlock, StemBlock
+from auxtl.models.layers import BasicBlock, BottleneckBlock, StemBlock
 from auxtl.models.trunk import Trunk
 
 
@@ -39,4 +40,30 @@ def build_resnet(config: ResNetConfig, *, rngs: nnx.Rngs) -> Trunk:
             names.append(f"stage{stage}_block{block}")
             channels = out_channels
     return Trunk(layers, names, feature_dim=channels, model_name="resnet18",
+                 in_channels=config.in_channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNet50Config(ResNetConfig):
+    """ResNet-50: bottleneck blocks; stage s has width * 2**(s-1) inner and 4x that out."""
+
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+
+
+def build_resnet50(config: ResNet50Config, *, rngs: nnx.Rngs) -> Trunk:
+    """Standard ResNet-50 (v1.5, stride in the 3x3 conv): ~23.5M parameters without a head."""
+    dtype = jnp.dtype(config.dtype)
+    layers = [StemBlock(config.in_channels, config.width, large=config.large_stem,
+                        dtype=dtype, rngs=rngs)]
+    names = ["stem"]
+    channels = config.width
+    for stage, num_blocks in enumerate(config.stage_sizes, start=1):
+        width = config.width * 2 ** (stage - 1)
+        for block in range(1, num_blocks + 1):
+            stride = 2 if (stage > 1 and block == 1) else 1
+            layers.append(BottleneckBlock(channels, width, stride=stride, dtype=dtype,
+                                          rngs=rngs))
+            names.append(f"stage{stage}_block{block}")
+            channels = layers[-1].out_dim
+    return Trunk(layers, names, feature_dim=channels, model_name="resnet50",
                  in_channels=config.in_channels)
