@@ -25,22 +25,29 @@ class ResNetConfig:
     dtype: str = "float32"
 
 
-def build_resnet(config: ResNetConfig, *, rngs: nnx.Rngs) -> Trunk:
+def _build_stages(config: ResNetConfig, block_cls, model_name: str, *,
+                  rngs: nnx.Rngs) -> Trunk:
+    """Stem, then len(stage_sizes) stages; stage s has inner width width * 2**(s-1)
+    and strides 2 in its first block (s > 1)."""
     dtype = jnp.dtype(config.dtype)
     layers = [StemBlock(config.in_channels, config.width, large=config.large_stem,
                         dtype=dtype, rngs=rngs)]
     names = ["stem"]
     channels = config.width
     for stage, num_blocks in enumerate(config.stage_sizes, start=1):
-        out_channels = config.width * 2 ** (stage - 1)
+        width = config.width * 2 ** (stage - 1)
         for block in range(1, num_blocks + 1):
             stride = 2 if (stage > 1 and block == 1) else 1
-            layers.append(BasicBlock(channels, out_channels, stride=stride, dtype=dtype,
-                                     rngs=rngs))
+            layers.append(block_cls(channels, width, stride=stride, dtype=dtype, rngs=rngs))
             names.append(f"stage{stage}_block{block}")
-            channels = out_channels
-    return Trunk(layers, names, feature_dim=channels, model_name="resnet18",
+            channels = layers[-1].out_dim
+    return Trunk(layers, names, feature_dim=channels, model_name=model_name,
                  in_channels=config.in_channels)
+
+
+def build_resnet(config: ResNetConfig, *, rngs: nnx.Rngs) -> Trunk:
+    """ResNet-18-style (basic blocks)."""
+    return _build_stages(config, BasicBlock, "resnet18", rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +59,4 @@ class ResNet50Config(ResNetConfig):
 
 def build_resnet50(config: ResNet50Config, *, rngs: nnx.Rngs) -> Trunk:
     """Standard ResNet-50 (v1.5, stride in the 3x3 conv): ~23.5M parameters without a head."""
-    dtype = jnp.dtype(config.dtype)
-    layers = [StemBlock(config.in_channels, config.width, large=config.large_stem,
-                        dtype=dtype, rngs=rngs)]
-    names = ["stem"]
-    channels = config.width
-    for stage, num_blocks in enumerate(config.stage_sizes, start=1):
-        width = config.width * 2 ** (stage - 1)
-        for block in range(1, num_blocks + 1):
-            stride = 2 if (stage > 1 and block == 1) else 1
-            layers.append(BottleneckBlock(channels, width, stride=stride, dtype=dtype,
-                                          rngs=rngs))
-            names.append(f"stage{stage}_block{block}")
-            channels = layers[-1].out_dim
-    return Trunk(layers, names, feature_dim=channels, model_name="resnet50",
-                 in_channels=config.in_channels)
+    return _build_stages(config, BottleneckBlock, "resnet50", rngs=rngs)
