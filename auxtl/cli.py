@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
         if os.environ.get("AUXTL_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -22,7 +22,8 @@ import numpy as np
 EMBEDDED_DATASETS = ("mnist5k", "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SPEC_FORMS = (f"an embedded name ({', '.join(EMBEDDED_DATASETS)}), 'npz:PATH', "
-               "'folder:PATH', or a bare PATH to a .npz file or a directory of images")
+               "'folder:PATH', 'cifar10:PATH' / 'cifar10-test:PATH' (the python-pickle "
+               "batches), or a bare PATH to a .npz file or a directory of images")
 
 
 # --------------------------------------------------------------------------- validation
@@ -175,12 +176,14 @@ def load_dataset(spec: str) -> Dataset:
     if spec in EMBEDDED_DATASETS:
         return _load_embedded(spec)
     kind, sep, rest = spec.partition(":")
-    if sep and kind in ("npz", "folder"):
+    if sep and kind in ("npz", "folder", "cifar10", "cifar10-test"):
         if not rest:
             raise ValueError(f"data spec {spec!r} has no path; expected {kind}:PATH")
         path = pathlib.Path(rest).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data spec {spec!r}: no such path {str(path)!r}")
+        if kind.startswith("cifar10"):
+            return _load_cifar10(path, spec, test=kind == "cifar10-test")
         return _load_npz(path, spec) if kind == "npz" else _load_folder(path, spec)
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
@@ -198,6 +201,14 @@ def load_dataset(spec: str) -> Dataset:
 def _looks_like_path(spec: str) -> bool:
     return (os.sep in spec or "/" in spec or spec.startswith(("~", "."))
             or spec.lower().endswith(".npz"))
+
+
+def _load_cifar10(path: pathlib.Path, spec: str, *, test: bool) -> Dataset:
+    from auxtl import cifar
+    if not path.is_dir():
+        raise ValueError(f"data spec {spec!r}: {str(path)!r} is not a folder of CIFAR-10 batches")
+    images, labels = cifar.read_split(path, test=test)
+    return Dataset(name=spec, images=images, labels=labels, class_names=cifar.class_names(path))
 
 
 def _load_embedded(name: str) -> Dataset:
