@@ -18,15 +18,41 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, dtype,
+          rngs: nnx.Rngs) -> nnx.Conv:
+    """kxk conv, SAME padding, no bias (a BatchNorm follows)."""
+    return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
+                    padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
+
+
+def _bn(channels: int, dtype, rngs: nnx.Rngs, **kwargs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(channels, momentum=0.9, dtype=dtype, rngs=rngs, **kwargs)
+
+
+class _Residual(nnx.Module):
+    """Identity shortcut, or a 1x1 projection + BN when stride or channels change."""
+
+    def _init_shortcut(self, in_channels: int, out_channels: int, stride: int, dtype,
+                       rngs: nnx.Rngs) -> None:
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.proj_conv = (_conv(in_channels, out_channels, 1, stride, dtype, rngs)
+                          if needs_projection else None)
+        self.proj_bn = _bn(out_channels, dtype, rngs) if needs_projection else None
+        self.out_dim = out_channels
+
+    def shortcut(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        if self.proj_conv is None:
+            return x
+        return self.proj_bn(self.proj_conv(x), use_running_average=use_running_average)
+
+
 class ConvBlock(nnx.Module):
     """conv (no bias) -> BatchNorm -> ReLU [-> 2x2 max-pool]."""
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
                  stride: int = 1, pool: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
-                             strides=(stride, stride), padding="SAME", use_bias=False,
-                             dtype=dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs)
+        self.conv = _conv(in_channels, out_channels, kernel_size, stride, dtype, rngs)
+        self.bn = _bn(out_channels, dtype, rngs)
         self.pool = pool
         self.out_dim = out_channels
 
@@ -55,10 +81,9 @@ class StemBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, large: bool,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        k, s = (7, 2) if large else (3, 1)
-        self.conv = nnx.Conv(in_channels, out_channels, (k, k), strides=(s, s),
-                             padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(out_channels, momentum=0.9, dtype=dtype, rngs=rngs)
+        kernel, stride = (7, 2) if large else (3, 1)
+        self.conv = _conv(in_channels, out_channels, kernel, stride, dtype, rngs)
+        self.bn = _bn(out_channels, dtype, rngs)
         self.large = large
         self.out_dim = out_channels
 
@@ -69,34 +94,25 @@ class StemBlock(nnx.Module):
         return x
 
 
-class BasicBlock(nnx.Module):
+class BasicBlock(_Residual):
     """ResNet basic block: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int, *, stride: int,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=(s, s), padding="SAME",
-                                           use_bias=False, dtype=dtype, rngs=rngs)
-        bn = lambda c, **kw: nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs, **kw)
-        self.conv1 = conv(in_channels, out_channels, 3, stride)
-        self.bn1 = bn(out_channels)
-        self.conv2 = conv(out_channels, out_channels, 3, 1)
-        self.bn2 = bn(out_channels, scale_init=nnx.initializers.zeros)
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.proj_conv = conv(in_channels, out_channels, 1, stride) if needs_projection else None
-        self.proj_bn = bn(out_channels) if needs_projection else None
-        self.out_dim = out_channels
+        self.conv1 = _conv(in_channels, out_channels, 3, stride, dtype, rngs)
+        self.bn1 = _bn(out_channels, dtype, rngs)
+        self.conv2 = _conv(out_channels, out_channels, 3, 1, dtype, rngs)
+        self.bn2 = _bn(out_channels, dtype, rngs, scale_init=nnx.initializers.zeros)
+        self._init_shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         ura = not train
         y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = self.bn2(self.conv2(y), use_running_average=ura)
-        shortcut = x
-        if self.proj_conv is not None:
-            shortcut = self.proj_bn(self.proj_conv(x), use_running_average=ura)
-        return nnx.relu(y + shortcut)
+        return nnx.relu(y + self.shortcut(x, ura))
 
 
-class BottleneckBlock(nnx.Module):
+class BottleneckBlock(_Residual):
     """ResNet bottleneck block (v1.5): 1x1 reduce, 3x3 (carries the stride), 1x1 expand,
     each with BN; identity or 1x1 projection shortcut; output `expansion * width` channels.
 
@@ -106,27 +122,18 @@ class BottleneckBlock(nnx.Module):
 
     def __init__(self, in_channels: int, width: int, *, stride: int, expansion: int = 4,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=(s, s), padding="SAME",
-                                           use_bias=False, dtype=dtype, rngs=rngs)
-        bn = lambda c, **kw: nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs, **kw)
         out_channels = width * expansion
-        self.conv1 = conv(in_channels, width, 1, 1)
-        self.bn1 = bn(width)
-        self.conv2 = conv(width, width, 3, stride)
-        self.bn2 = bn(width)
-        self.conv3 = conv(width, out_channels, 1, 1)
-        self.bn3 = bn(out_channels, scale_init=nnx.initializers.zeros)
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.proj_conv = conv(in_channels, out_channels, 1, stride) if needs_projection else None
-        self.proj_bn = bn(out_channels) if needs_projection else None
-        self.out_dim = out_channels
+        self.conv1 = _conv(in_channels, width, 1, 1, dtype, rngs)
+        self.bn1 = _bn(width, dtype, rngs)
+        self.conv2 = _conv(width, width, 3, stride, dtype, rngs)
+        self.bn2 = _bn(width, dtype, rngs)
+        self.conv3 = _conv(width, out_channels, 1, 1, dtype, rngs)
+        self.bn3 = _bn(out_channels, dtype, rngs, scale_init=nnx.initializers.zeros)
+        self._init_shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         ura = not train
         y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
         y = self.bn3(self.conv3(y), use_running_average=ura)
-        shortcut = x
-        if self.proj_conv is not None:
-            shortcut = self.proj_bn(self.proj_conv(x), use_running_average=ura)
-        return nnx.relu(y + shortcut)
+        return nnx.relu(y + self.shortcut(x, ura))
