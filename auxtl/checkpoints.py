@@ -104,9 +104,7 @@ def save_trunk(path, *, trunk_params, trunk_batch_stats, metadata: dict[str, Any
         }
         if head_params:
             items["heads"] = ocp.args.StandardSave(head_params)
-        checkpointer = _composite_checkpointer()
-        checkpointer.save(tmp, ocp.args.Composite(**items))
-        checkpointer.wait_until_finished() if hasattr(checkpointer, "wait_until_finished") else None
+        _composite_checkpointer().save(tmp, ocp.args.Composite(**items))  # synchronous
 
     return atomic_save(path, write)
 

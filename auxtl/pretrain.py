@@ -25,7 +25,7 @@ from auxtl.models import config_to_json, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
 from auxtl.registry import get_task
-from auxtl.reporting import MetricsLog, plot_metrics
+from auxtl.reporting import MetricsLog, plot_metrics, read_metrics
 from auxtl.train import (TrainState, evaluate, init_state, make_eval_step, make_train_step,
                          split_model)
 
@@ -127,6 +127,9 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     normalization = compute_normalization(train_set.images)
     tasks = [WeightedTask(t.name, get_task(t.name, **t.params), float(t.weight))
              for t in config.tasks]
+    if config.batch_size > len(train_set):
+        raise ValueError(f"batch size {config.batch_size} exceeds the {len(train_set)} "
+                         f"training images of {config.data!r}")
     input_shape = train_set.image_shape
     model_config = make_config(config.model, input_shape, **config.model_overrides)
     model = build_pretrain_model(config.model, model_config, tasks, input_shape,
@@ -136,9 +139,6 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     mesh = parallel.data_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     state = parallel.replicate(init_state(params, batch_stats, optimizer, config.seed), mesh)
-    if config.batch_size > len(train_set):
-        raise ValueError(f"batch size {config.batch_size} exceeds the {len(train_set)} "
-                         f"training images of {config.data!r}")
 
     out = pathlib.Path(config.out).absolute() if config.out else None
     manager = None
@@ -207,7 +207,6 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
                                            model_config, input_shape, normalization, tasks,
                                            eval_metrics)
         if is_main:
-            from auxtl.reporting import read_metrics
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "metrics.png",
                          title=f"pretrain {'+'.join(t.name for t in tasks)} on {config.data}")
             (out / "summary.json").write_text(json.dumps(

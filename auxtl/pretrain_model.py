@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -55,7 +56,30 @@ def build_pretrain_model(model_name: str, model_config, tasks: Sequence[Weighted
     trunk = build_trunk(model_name, model_config, rngs=rngs, input_shape=tuple(input_shape))
     heads = {t.name: t.task.make_head(trunk.feature_dim, image_shape=tuple(input_shape),
                                       rngs=rngs) for t in tasks}
-    return PretrainModel(trunk, heads, loss_weighting=loss_weighting)
+    model = PretrainModel(trunk, heads, loss_weighting=loss_weighting)
+    for weighted in tasks:
+        check_task_fits(model, weighted, tuple(input_shape))
+    return model
+
+
+def check_task_fits(model: PretrainModel, weighted: WeightedTask,
+                    input_shape: tuple[int, int, int]) -> None:
+    """Traces the task's examples and forward (shapes only, nothing runs), so inputs the
+    trunk cannot take (too small after its tiles/patches/pooling) fail here, named."""
+    graphdef, state = nnx.split(model)
+
+    def forward():
+        traced = nnx.merge(graphdef, state)
+        inputs, _ = weighted.task.make_examples(jax.random.key(0),
+                                                jnp.zeros((2, *input_shape), jnp.float32))
+        return weighted.task.forward(traced.trunk, traced.heads[weighted.name], inputs,
+                                     train=False)
+
+    try:
+        jax.eval_shape(forward)
+    except ValueError as error:
+        raise ValueError(f"task {weighted.name!r} on {input_shape[0]}x{input_shape[1]} "
+                         f"images: {error}") from None
 
 
 def task_json(tasks: Sequence[WeightedTask]) -> list[dict[str, Any]]:

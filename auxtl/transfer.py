@@ -94,6 +94,32 @@ def transfer_rules(k: int, adapt_channels: bool) -> list[surgery.Rule]:
     return rules
 
 
+def target_config(metadata: dict[str, Any], in_channels: int):
+    """The source trunk's config with the target data's channel count."""
+    return make_config(metadata["model"], None,
+                       **{**metadata["config"], "in_channels": in_channels})
+
+
+def new_transfer_model(metadata: dict[str, Any], spec: TargetSpec, *, num_classes: int,
+                       in_channels: int, seed: int) -> TransferModel:
+    """The target architecture with fresh weights."""
+    rngs = nnx.Rngs(seed)
+    trunk = build_target_trunk(metadata["model"], target_config(metadata, in_channels), spec,
+                               rngs=rngs)
+    return TransferModel(trunk, num_classes, rngs=rngs)
+
+
+def variables(module) -> dict[str, Any]:
+    """{"params", "batch_stats"} of a module as plain dicts: what surgery moves together."""
+    return {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param)),
+            "batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))}
+
+
+def rules_for(metadata: dict[str, Any], spec: TargetSpec, in_channels: int):
+    k = num_reused(spec, len(metadata["layer_names"]))
+    return transfer_rules(k, adapt_channels=in_channels != metadata["input_shape"][-1])
+
+
 def build_transfer_model(metadata: dict[str, Any], source_params, source_stats,
                          spec: TargetSpec, *, num_classes: int, in_channels: int, seed: int,
                          transplant: bool = True):
@@ -101,19 +127,13 @@ def build_transfer_model(metadata: dict[str, Any], source_params, source_stats,
 
     Returns (model, report); report is None when `transplant` is False (scratch).
     """
-    config = make_config(metadata["model"], None,
-                         **{**metadata["config"], "in_channels": in_channels})
-    rngs = nnx.Rngs(seed)
-    model = TransferModel(build_target_trunk(metadata["model"], config, spec, rngs=rngs),
-                          num_classes, rngs=rngs)
+    model = new_transfer_model(metadata, spec, num_classes=num_classes,
+                               in_channels=in_channels, seed=seed)
     if not transplant:
         return model, None
-    k = num_reused(spec, len(metadata["layer_names"]))
-    target = {"params": nnx.to_pure_dict(nnx.state(model.trunk, nnx.Param)),
-              "batch_stats": nnx.to_pure_dict(nnx.state(model.trunk, nnx.BatchStat))}
-    source = {"params": source_params, "batch_stats": source_stats}
-    adapt = in_channels != metadata["input_shape"][-1]
-    tree, report = surgery.transplant(source, target, transfer_rules(k, adapt))
+    tree, report = surgery.transplant({"params": source_params, "batch_stats": source_stats},
+                                      variables(model.trunk),
+                                      rules_for(metadata, spec, in_channels))
     nnx.update(model.trunk, tree["params"], tree["batch_stats"])
     return model, report
 
@@ -122,17 +142,10 @@ def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels
     """The dry run: the surgery report, nothing trained and no weights loaded."""
     metadata = checkpoints.read_metadata(trunk_path)
     source = nnx.eval_shape(lambda: checkpoints.build_checkpoint_trunk(metadata))
-    target_model = nnx.eval_shape(lambda: TransferModel(build_target_trunk(
-        metadata["model"], make_config(metadata["model"], None,
-                                       **{**metadata["config"], "in_channels": in_channels}),
-        spec, rngs=nnx.Rngs(0)), num_classes, rngs=nnx.Rngs(0)))
-    src = {"params": nnx.to_pure_dict(nnx.state(source, nnx.Param)),
-           "batch_stats": nnx.to_pure_dict(nnx.state(source, nnx.BatchStat))}
-    tgt = {"params": nnx.to_pure_dict(nnx.state(target_model.trunk, nnx.Param)),
-           "batch_stats": nnx.to_pure_dict(nnx.state(target_model.trunk, nnx.BatchStat))}
-    k = num_reused(spec, len(metadata["layer_names"]))
-    adapt = in_channels != metadata["input_shape"][-1]
-    return surgery.plan(src, tgt, transfer_rules(k, adapt))
+    target = nnx.eval_shape(lambda: new_transfer_model(
+        metadata, spec, num_classes=num_classes, in_channels=in_channels, seed=0))
+    return surgery.plan(variables(source), variables(target.trunk),
+                        rules_for(metadata, spec, in_channels))
 
 
 @dataclasses.dataclass
@@ -239,9 +252,7 @@ def save_transfer_model(path, model, result: FinetuneResult, source_metadata, co
     trunk = model.trunk
     params, stats = result.params, result.batch_stats
     metadata = checkpoints.trunk_metadata(
-        trunk, config_json=config_to_json(make_config(
-            source_metadata["model"], None,
-            **{**source_metadata["config"], "in_channels": input_shape[-1]})),
+        trunk, config_json=config_to_json(target_config(source_metadata, input_shape[-1])),
         input_shape=input_shape, normalization=normalization,
         tasks=[{"name": "classification", "weight": 1.0,
                 "params": {"num_classes": int(model.head.out_features)}}],

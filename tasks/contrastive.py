@@ -91,7 +91,7 @@ class Contrastive(auxtl.TaskBase):
     """
 
     summary = "tell each image's other augmented view from all other views (SimCLR, NT-Xent)"
-    needs = "images of at least 4x4 pixels"
+    needs = "any NHWC images the trunk can take"
     predicts = "embedding whose nearest other view is the same image's second view"
 
     temperature: float = 0.5
@@ -108,12 +108,6 @@ class Contrastive(auxtl.TaskBase):
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-
-    def validate(self, image_shape):
-        height, width, _ = image_shape
-        if min(height, width) < 4:
-            raise ValueError(f"contrastive needs images of at least 4x4 pixels, "
-                             f"got {height}x{width}")
 
     def make_examples(self, key, images):
         keys = jax.random.split(key, 2)

@@ -90,17 +90,11 @@ class GANDiscriminator(auxtl.TaskBase):
     """A GAN trained in one loss; metrics d_loss, g_loss and D's real/fake accuracy."""
 
     summary = "tell real images from a jointly trained generator's fakes (DCGAN discriminator)"
-    needs = "images of at least 4x4 pixels"
+    needs = "any NHWC images the trunk can take"
     predicts = "1 logit: real (vs generated)"
 
     latent_dim: int = 64       # size of the generator's Gaussian input z
     generator_width: int = 32  # channels of the generator's last hidden map (2x before)
-
-    def validate(self, image_shape):
-        height, width, _ = image_shape
-        if min(height, width) < 4:
-            raise ValueError(f"gan_discriminator needs images of at least 4x4 pixels, "
-                             f"got {height}x{width}")
 
     def make_examples(self, key, images):
         z = jax.random.normal(key, (images.shape[0], self.latent_dim), images.dtype)

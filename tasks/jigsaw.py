@@ -27,7 +27,6 @@ import auxtl
 DEFAULT_PERMUTATIONS = {2: 24, 3: 64}   # grid -> default count; 2x2: all 4! permutations
 _MAX_ENUMERATED = math.factorial(9)     # grids up to 3x3 search every permutation
 _SAMPLED_CANDIDATES = 20_000            # larger grids search a seeded random sample
-MIN_TILE = 4                            # the default trunk max-pools twice
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +79,7 @@ class Jigsaw(auxtl.TaskBase):
     """One shuffled puzzle per image; the head is an MLP (`hidden` units, 0: linear)."""
 
     summary = "predict which of a fixed set of permutations shuffled the image's tiles"
-    needs = "H and W divisible by grid, tiles >= 4 px"
+    needs = "H and W divisible by grid (tiles the trunk can take)"
     predicts = "num_permutations-way class: index of the tile permutation"
 
     grid: int = 2
@@ -105,9 +104,6 @@ class Jigsaw(auxtl.TaskBase):
             if size % self.grid:
                 raise ValueError(f"jigsaw grid {self.grid} needs the image {axis} divisible "
                                  f"by {self.grid}, got {size}")
-            if size // self.grid < MIN_TILE:
-                raise ValueError(f"jigsaw tiles would be {size // self.grid} px on the {axis} "
-                                 f"axis ({size} / grid {self.grid}); they must be >= {MIN_TILE} px")
 
     def make_examples(self, key, images):
         """Returns (shuffled tiles (N, grid*grid, h, w, C), permutation index (N,))."""

@@ -19,7 +19,6 @@ import auxtl
 
 # Label k -> (row, column) step of the neighbour from the centre, row-major without (0, 0).
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-MIN_PATCH = 4  # the default trunk max-pools twice
 
 
 def arrangement_size(patch: int, gap: int, jitter: int) -> int:
@@ -76,8 +75,8 @@ class RelativePatch(auxtl.TaskBase):
     hidden: int = 128
 
     def __post_init__(self):
-        if self.patch < MIN_PATCH:
-            raise ValueError(f"relative_patch patch must be >= {MIN_PATCH} px, got {self.patch}")
+        if self.patch < 1:
+            raise ValueError(f"relative_patch patch must be >= 1 px, got {self.patch}")
         if self.jitter < 0 or self.gap < 2 * self.jitter:
             raise ValueError(f"relative_patch needs 0 <= 2 * jitter <= gap so patches never "
                              f"overlap, got gap {self.gap}, jitter {self.jitter}")

@@ -77,9 +77,12 @@ def test_the_generator_makes_images_of_the_input_shape():
         assert fake.shape == (2, *shape)
 
 
-def test_small_images_are_refused_with_their_size():
-    with pytest.raises(ValueError, match="at least 4x4 pixels, got 3x28"):
-        auxtl.get_task(NAME).validate((3, 28, 1))
+def test_images_too_small_for_the_trunk_are_refused_at_build_time():
+    tasks = [auxtl.WeightedTask(NAME, auxtl.get_task(NAME))]
+    config = auxtl.make_config("small_cnn", (3, 28, 1), widths=(4, 4, 4, 4, 4), fc_dim=4)
+    with pytest.raises(ValueError, match=r"'gan_discriminator' on 3x28 images: small_cnn: "
+                                         r"a 3x28 px input is too small; layer 'conv4' leaves 0x7"):
+        auxtl.build_pretrain_model("small_cnn", config, tasks, (3, 28, 1), seed=0)
 
 
 @pytest.mark.slow

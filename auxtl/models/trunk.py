@@ -39,9 +39,14 @@ class Trunk(nnx.Module):
                      train: bool = False, frozen: Collection[str] = ()) -> jax.Array:
         """Runs layers[start:stop]; layers named in `frozen` use running BN statistics."""
         stop = len(self.layers) if stop is None else stop
+        size = tuple(x.shape[1:3])
         for index in range(start, stop):
             name = self.layer_names[index]
             x = self.layers[index](x, train=train and name not in frozen)
+            if x.ndim == 4 and 0 in x.shape[1:3]:  # static shapes: checked while tracing
+                raise ValueError(
+                    f"{self.model_name}: a {size[0]}x{size[1]} px input is too small; layer "
+                    f"{name!r} leaves {x.shape[1]}x{x.shape[2]} px")
         return x
 
     def __call__(self, x: jax.Array, *, train: bool = False,
