@@ -75,12 +75,12 @@ def test_freezing_and_caching_cut_flops(tiny_run):
 
 
 def test_frozen_prefix_is_all_but_the_last_stage():
-    assert throughput.frozen_prefix_length(
+    assert throughput.layers_to_freeze(
         ("conv1", "conv2", "conv3", "conv4", "conv5", "fc")) == 4
     for name, first_of_last_stage in (("resnet18", 7), ("resnet50", 14)):
         trunk = nnx.eval_shape(lambda: auxtl.build_trunk(
             name, rngs=nnx.Rngs(0), input_shape=(32, 32, 3)))
-        prefix = throughput.frozen_prefix_length(trunk.layer_names)
+        prefix = throughput.layers_to_freeze(trunk.layer_names)
         assert prefix == first_of_last_stage
         assert trunk.layer_names[prefix] == "stage4_block1"
 

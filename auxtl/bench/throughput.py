@@ -82,7 +82,7 @@ class BenchConfig:
 
 # ---- building the cases -----------------------------------------------------------------
 
-def frozen_prefix_length(layer_names: Sequence[str]) -> int:
+def layers_to_freeze(layer_names: Sequence[str]) -> int:
     """How many of the lowest layers the frozen-prefix cases freeze.
 
     ResNets (stem, stage{s}_block{b}): everything below the last stage. Conv trunks
@@ -194,7 +194,7 @@ def build_cases(model: str, dtype: str, kinds: Sequence[str], batch_size: int, *
         graphdef, params, stats = nnx.split(transfer, nnx.Param, nnx.BatchStat)
         params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
         names = transfer.trunk.layer_names
-        prefix = frozen_prefix_length(names)
+        prefix = layers_to_freeze(names)
         total = _count(params)
         base_info["param_dtype"] = _dtypes(params)
         params_dev, stats_dev = _fresh((params, stats), replicated)
