@@ -108,16 +108,13 @@ def make_eval_step(graphdef, tasks: Sequence[WeightedTask],
 def evaluate(eval_step: Callable, params, batch_stats, images, *, batch_size: int,
              seed: int = 0) -> dict[str, float]:
     """Example-weighted mean of each metric over `images` in batches (host numpy in)."""
-    totals: dict[str, float] = {}
-    count = 0
-    key = jax.random.key(seed)
-    for index, start in enumerate(range(0, len(images), batch_size)):
-        chunk = images[start:start + batch_size]
-        metrics = jax.device_get(eval_step(params, batch_stats, chunk,
-                                           jax.random.fold_in(key, index)))
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * len(chunk)
-        count += len(chunk)
-    if count == 0:
+    if len(images) == 0:
         raise ValueError("cannot evaluate on an empty set of images")
-    return {name: total / count for name, total in totals.items()}
+    key = jax.random.key(seed)
+    starts = range(0, len(images), batch_size)
+    per_chunk = jax.device_get([  # dispatch every chunk, then one transfer to the host
+        eval_step(params, batch_stats, images[s:s + batch_size], jax.random.fold_in(key, i))
+        for i, s in enumerate(starts)])
+    sizes = [len(images[s:s + batch_size]) for s in starts]
+    return {name: sum(float(m[name]) * n for m, n in zip(per_chunk, sizes)) / len(images)
+            for name in per_chunk[0]}

@@ -115,3 +115,12 @@ def test_progress_shows_each_task_separately():
     from auxtl.pretrain import _postfix
     shown = _postfix({"loss": 1.0, "a/loss": 0.4, "a/accuracy": 0.5, "b/loss": 0.6})
     assert shown == {"loss": "1.000", "a_loss": "0.400", "a_acc": "0.500", "b_loss": "0.600"}
+
+
+def test_evaluate_weights_each_chunk_by_its_size():
+    from auxtl.train import evaluate
+    images = np.arange(10, dtype=np.float32)
+    fake_step = lambda params, stats, chunk, key: {"mean": jax.numpy.mean(chunk)}
+    assert evaluate(fake_step, None, None, images, batch_size=4)["mean"] == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(fake_step, None, None, images[:0], batch_size=4)
