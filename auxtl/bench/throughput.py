@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +54,6 @@ STEP_KINDS = ("pretrain", "frozen_prefix", "cached_features", "inference")
 EXTRA_KINDS = ("finetune_full",)
 DTYPES = ("float32", "bfloat16")
 NUM_CLASSES = 10
-TORCH_MODES = ("eager", "compile")
 
 
 class BenchError(ValueError):
@@ -514,194 +510,6 @@ def plot_examples_per_s(rows: Sequence[dict], path: pathlib.Path, title: str) ->
     plt.close(fig)
 
 
-# ---- PyTorch reference (another interpreter; torch is never an auxtl dependency) ----------
-
-TORCH_SCRIPT = r'''
-"""auxtl's small_cnn rotation pretraining step in PyTorch (eager and torch.compile)."""
-import json, statistics, sys, time
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-cfg = json.loads(sys.argv[1])
-torch.manual_seed(0)
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-B, steps, warmup = cfg["batch_size"], cfg["steps"], cfg["warmup"]
-
-
-def block(i, o):  # conv3x3 (no bias) -> BN -> ReLU, as auxtl's ConvBlock
-    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o, momentum=0.1),
-            nn.ReLU(inplace=True)]
-
-
-class SmallCNN(nn.Module):  # conv 32-32, pool, 64-64, pool, 128, GAP, dense 128, head 4
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2),
-                                      *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-                                      *block(64, 128))
-        self.fc = nn.Linear(128, 128)
-        self.head = nn.Linear(128, 4)
-
-    def forward(self, x):
-        return self.head(F.relu(self.fc(self.features(x).mean((2, 3)))))
-
-
-def sync():
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run(mode):
-    torch.manual_seed(0)
-    model = SmallCNN().to(device).to(memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    other = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
-                           {"params": other, "weight_decay": 0.0}],
-                          lr=0.05, momentum=0.9, nesterov=True)
-    net = torch.compile(model) if mode == "compile" else model
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (B, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
-    x01 = images.float() / 255
-    mean, std = x01.mean(), x01.std(unbiased=False)
-    labels = torch.arange(4, device=device).repeat_interleave(B)
-
-    def step():
-        x = (images.float() / 255 - mean) / std
-        x = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
-        x = x.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(net(x), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    start = time.perf_counter()
-    step(); sync()
-    first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step(); sync()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"step_time_median_s": median, "step_time_min_s": min(times),
-            "step_time_max_s": max(times), "step_times_s": times, "first_step_s": first,
-            "examples_per_s": 4 * B / median}
-
-
-out = {"torch_version": torch.__version__, "device": str(device),
-       "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-       "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-       "batch_size": B, "examples_per_step": 4 * B, "modes": {}}
-for mode in cfg["modes"]:
-    try:
-        out["modes"][mode] = run(mode)
-    except Exception as error:  # torch.compile needs a working C++ toolchain on CPU
-        out["modes"][mode] = {"error": f"{type(error).__name__}: {error}"[:2000]}
-print("AUXTL_TORCH_JSON " + json.dumps(out))
-'''
-
-
-def resolve_torch_python(path: str | None) -> str:
-    """The interpreter that runs the PyTorch reference; fails clearly if it cannot import torch."""
-    if path is None:
-        if importlib.util.find_spec("torch") is None:
-            raise BenchError(f"--compare-torch: torch is not importable by {sys.executable}; "
-                             f"pass --torch-python PATH, an interpreter with torch installed "
-                             f"(auxtl never depends on torch)")
-        path = sys.executable
-    resolved = shutil.which(path) if os.path.sep not in path else path
-    if not resolved or not os.path.isfile(resolved) or not os.access(resolved, os.X_OK):
-        raise BenchError(f"--torch-python {path!r}: no such executable interpreter")
-    try:
-        probe = subprocess.run([resolved, "-c", "import torch; print(torch.__version__)"],
-                               capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise BenchError(f"--torch-python {path!r} could not be run: {error}") from error
-    if probe.returncode != 0:
-        tail = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise BenchError(f"--torch-python {path!r} cannot import torch: {tail[0]}")
-    return resolved
-
-
-def run_torch_reference(python: str, *, batch_size: int, warmup: int, steps: int,
-                        modes: Sequence[str] = TORCH_MODES, timeout: float = 1800) -> dict:
-    """Runs TORCH_SCRIPT in `python` and returns its JSON (per-mode timings)."""
-    args = json.dumps({"batch_size": batch_size, "warmup": warmup, "steps": steps,
-                       "modes": list(modes)})
-    try:
-        done = subprocess.run([python, "-c", TORCH_SCRIPT, args], capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        raise BenchError(f"the PyTorch reference in {python} ran past {timeout:.0f}s") from error
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("AUXTL_TORCH_JSON "):
-            result = json.loads(line[len("AUXTL_TORCH_JSON "):])
-            result["python_executable"] = python
-            return result
-    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-    raise BenchError(f"the PyTorch reference in {python} failed (exit {done.returncode}):\n"
-                     f"{tail}")
-
-
-def compare_torch(rows: list[dict], config: BenchConfig, python: str, *,
-                  batch_size: int, log: Callable[[str], None] = print) -> dict:
-    """auxtl's small_cnn float32 pretraining step next to PyTorch eager and torch.compile."""
-    auxtl_row = next((r for r in ok_rows(rows) if r["model"] == "small_cnn"
-                      and r["dtype"] == "float32"
-                      and r["kind"] == "pretrain" and r["batch_size"] == batch_size
-                      and not config.model_args.get("small_cnn") and r["devices"] == 1), None)
-    if auxtl_row is None:
-        log(f"[bench] auxtl small_cnn float32 pretrain at batch {batch_size} for the comparison")
-        single = dataclasses.replace(config, models=("small_cnn",), dtypes=("float32",),
-                                     kinds=("pretrain",), batch_sizes={"*": batch_size},
-                                     model_args={}, devices=1)
-        auxtl_row = run_benchmark(single, log=log)[0]
-        if "error" in auxtl_row:
-            raise BenchError(f"auxtl's side of the PyTorch comparison failed: "
-                             f"{auxtl_row['error']}")
-    log(f"[bench] PyTorch reference in {python} (batch {batch_size}, "
-        f"{', '.join(TORCH_MODES)})")
-    torch_result = run_torch_reference(python, batch_size=batch_size, warmup=config.warmup,
-                                       steps=config.steps)
-    ratios = {mode: (auxtl_row["examples_per_s"] / m["examples_per_s"]
-                     if "examples_per_s" in m else None)
-              for mode, m in torch_result["modes"].items()}
-    return {"auxtl": {k: auxtl_row[k] for k in (
-                "step_time_median_s", "step_time_min_s", "step_time_max_s", "examples_per_s",
-                "batch_size", "examples_per_step", "backend", "device_kind", "jax_version")},
-            "torch": torch_result,
-            "ratio_auxtl_over_torch_examples_per_s": ratios}
-
-
-def format_torch(comparison: dict) -> str:
-    a, t = comparison["auxtl"], comparison["torch"]
-    lines = [f"small_cnn rotation pretraining step, batch {a['batch_size']} images "
-             f"({a['examples_per_step']} examples), float32; torch {t['torch_version']} on "
-             f"{t['device_name']} ({t['threads']} threads), python {t['python']}",
-             f"{'impl':<16} {'median ms':>10} {'min-max ms':>15} {'ex/s':>10} "
-             f"{'auxtl/torch':>11}",
-             f"{'auxtl (jax)':<16} {a['step_time_median_s'] * 1e3:>10.2f} "
-             f"{a['step_time_min_s'] * 1e3:>7.1f}-{a['step_time_max_s'] * 1e3:<7.1f} "
-             f"{a['examples_per_s']:>10.1f} {'1.00':>11}"]
-    for mode, m in t["modes"].items():
-        name = f"torch {mode}"
-        if "error" in m:
-            lines.append(f"{name:<16} failed: {m['error'].splitlines()[0][:100]}")
-            continue
-        ratio = comparison["ratio_auxtl_over_torch_examples_per_s"][mode]
-        lines.append(f"{name:<16} {m['step_time_median_s'] * 1e3:>10.2f} "
-                     f"{m['step_time_min_s'] * 1e3:>7.1f}-{m['step_time_max_s'] * 1e3:<7.1f} "
-                     f"{m['examples_per_s']:>10.1f} {ratio:>11.2f}")
-    lines.append("auxtl/torch > 1: auxtl processes more examples per second")
-    return "\n".join(lines)
-
-
 # ---- command line ------------------------------------------------------------------------
 
 def _parse_list(text: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
@@ -868,7 +676,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"[{r['source']}]")
         return {"peak_table": rows}
     config = config_from_args(args)
-    torch_python = resolve_torch_python(args.torch_python) if args.compare_torch else None
+    if args.compare_torch:
+        from auxtl.bench import torch_reference
+    torch_python = (torch_reference.resolve_torch_python(args.torch_python)
+                    if args.compare_torch else None)
     out_dir = pathlib.Path(args.out)
     json_path = pathlib.Path(args.json) if args.json else out_dir / "throughput.json"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -887,15 +698,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     comparison = None
     if torch_python:
-        comparison = compare_torch(rows, config, torch_python, batch_size=args.torch_batch_size,
+        comparison = torch_reference.compare_torch(rows, config, torch_python, batch_size=args.torch_batch_size,
                                    log=lambda text: print(text, file=sys.stderr, flush=True))
         print()
-        print(format_torch(comparison))
+        print(torch_reference.format_torch(comparison))
     result = _jsonable({"meta": meta, "results": rows, "torch": comparison})
     json_path.write_text(json.dumps(result, indent=2))
     markdown = markdown_table(rows, meta)
     if comparison:
-        markdown += "\n## PyTorch reference\n\n```\n" + format_torch(comparison) + "\n```\n"
+        markdown += "\n## PyTorch reference\n\n```\n" + torch_reference.format_torch(comparison) + "\n```\n"
     (out_dir / "throughput.md").write_text(markdown)
     if not args.no_plot and ok_rows(rows):
         env = meta["environment"]
