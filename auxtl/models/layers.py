@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from auxtl.models import conv
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2/2 max-pool (VALID) as reshape + max.
@@ -20,9 +22,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, dtype,
           rngs: nnx.Rngs) -> nnx.Conv:
-    """kxk conv, SAME padding, no bias (a BatchNorm follows)."""
+    """kxk conv, SAME padding, no bias (a BatchNorm follows); CPU-fast weight gradient."""
     return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
-                    padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
+                    padding="SAME", use_bias=False, dtype=dtype, rngs=rngs,
+                    conv_general_dilated=conv.conv_general_dilated)
 
 
 def _bn(channels: int, dtype, rngs: nnx.Rngs, **kwargs) -> nnx.BatchNorm:

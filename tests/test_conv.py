@@ -1,0 +1,149 @@
+"""auxtl.models.conv: gradients equal jax.grad of XLA's convolution for every conv the
+trunks use; XLA's native convolution is kept off CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from auxtl.models import build_trunk, list_models, make_config
+from auxtl.models import conv as auxtl_conv
+
+LAYOUT = ("NHWC", "HWIO", "NHWC")
+
+
+# Inputs the trunks are used at: ResNet-50 at 224 px has the 7x7/2 stem.
+INPUTS = {"small_cnn": (28, 28, 1), "resnet18": (32, 32, 3), "resnet50": (224, 224, 3)}
+
+
+def trunk_convs(name: str) -> set[tuple[int, int, int, int, tuple[int, int], str]]:
+    """(kernel_h, kernel_w, in, out, strides, padding) of every nnx.Conv in a trunk."""
+    trunk = build_trunk(name, make_config(name, INPUTS.get(name, (32, 32, 3))),
+                        rngs=nnx.Rngs(0))
+    found = set()
+    for _, module in nnx.iter_graph(trunk):
+        if isinstance(module, nnx.Conv):
+            kh, kw, cin, cout = module.kernel[...].shape
+            found.add((kh, kw, cin, cout, tuple(module.strides), module.padding))
+    return found
+
+
+ALL_CONVS = sorted(set().union(*(trunk_convs(name) for name in list_models())),
+                   key=lambda c: (c[0], c[2] * c[3], c[4]))
+
+
+def relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def loss_of(conv_fn, strides, padding):
+    def loss(x, kernel, weights):
+        y = conv_fn(x, kernel, strides, padding, dimension_numbers=LAYOUT)
+        return jnp.sum(weights * jnp.tanh(y))
+    return loss
+
+
+def test_the_trunks_use_convs_this_file_covers():
+    strides = {c[4] for c in ALL_CONVS}
+    kernels = {c[0] for c in ALL_CONVS}
+    assert (1, 1) in strides and (2, 2) in strides
+    assert {1, 3, 7} <= kernels
+    assert all(c[5] == "SAME" for c in ALL_CONVS)
+
+
+@pytest.mark.parametrize("spec", ALL_CONVS, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{c[3]}-s{c[4][0]}")
+def test_gradients_match_xla_for_every_trunk_conv(spec):
+    kh, kw, cin, cout, strides, padding = spec
+    size = 9 if kh < 7 else 12   # odd and even sizes: SAME pads asymmetrically at stride 2
+    batch = 3 if cin * cout < 64 * 64 else 2
+    kx, kk, kw_ = jax.random.split(jax.random.key(cin * 1000 + cout), 3)
+    x = jax.random.normal(kx, (batch, size, size, cin))
+    kernel = jax.random.normal(kk, (kh, kw, cin, cout)) / np.sqrt(kh * kw * cin)
+    out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=LAYOUT)).shape
+    weights = jax.random.normal(kw_, out_shape)
+
+    ours = jax.jit(jax.value_and_grad(loss_of(auxtl_conv.conv_general_dilated, strides,
+                                              padding), argnums=(0, 1)))(x, kernel, weights)
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(jax.value_and_grad(loss_of(lax.conv_general_dilated, strides, padding),
+                                         argnums=(0, 1)))(x, kernel, weights)
+    assert relative_error(ours[0], ref[0]) <= 1e-5
+    assert relative_error(ours[1][0], ref[1][0]) <= 1e-5, "input gradient"
+    assert relative_error(ours[1][1], ref[1][1]) <= 1e-5, "kernel gradient"
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((0, 0), (0, 0))),
+                                             ((1, 1), ((2, 0), (1, 2))),
+                                             ((2, 1), ((1, 1), (0, 1))),
+                                             ((3, 2), ((0, 2), (1, 1)))])
+def test_kernel_gradient_for_explicit_padding_and_uneven_strides(strides, padding):
+    kx, kk, kd = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (5, 10, 11, 6))
+    kernel_shape = (3, 2, 6, 7)
+    y_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
+        x, jnp.zeros(kernel_shape), strides, padding, dimension_numbers=LAYOUT)).shape
+    dy = jax.random.normal(kd, y_shape)
+    with jax.default_matmul_precision("highest"):
+        want = auxtl_conv.xla_kernel_gradient(x, dy, kernel_shape=kernel_shape, strides=strides,
+                                              padding=padding)
+    got = jax.jit(lambda x, dy: auxtl_conv.patch_kernel_gradient(
+        x, dy, kernel_shape=kernel_shape, strides=strides, padding=padding))(x, dy)
+    assert got.shape == kernel_shape
+    assert relative_error(got, want) <= 1e-5
+
+
+def test_chunks_divide_the_batch_and_stay_near_the_cache_budget():
+    assert auxtl_conv.chunk_size(512, 1) == 512
+    assert auxtl_conv.chunk_size(7, 10**9) == 1
+    for batch, per_image in [(512, 161_280), (512, 86_016), (130, 36_288), (97, 5_000)]:
+        chunk = auxtl_conv.chunk_size(batch, per_image)
+        assert batch % chunk == 0
+        assert chunk == 1 or chunk * per_image <= auxtl_conv._ELEMENTS_PER_CHUNK
+
+
+def test_bfloat16_gradients_keep_their_dtypes_and_values():
+    kx, kk = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (4, 8, 8, 16)).astype(jnp.bfloat16)
+    kernel = (jax.random.normal(kk, (3, 3, 16, 8)) / 12).astype(jnp.bfloat16)
+    loss = loss_of(auxtl_conv.conv_general_dilated, (1, 1), "SAME")
+    weights = jnp.ones((4, 8, 8, 8), jnp.bfloat16)
+    dx, dk = jax.grad(loss, argnums=(0, 1))(x, kernel, weights)
+    assert dx.dtype == dk.dtype == jnp.bfloat16
+    ref = jax.grad(loss_of(lax.conv_general_dilated, (1, 1), "SAME"), argnums=1)(
+        x.astype(jnp.float32), kernel.astype(jnp.float32), weights.astype(jnp.float32))
+    assert relative_error(dk.astype(jnp.float32), ref) < 2e-2
+
+
+def test_uncovered_convolutions_go_to_xla_unchanged():
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
+    kernel = jax.random.normal(jax.random.key(4), (3, 3, 2, 6))
+    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=LAYOUT,
+                feature_group_count=2)
+    np.testing.assert_array_equal(auxtl_conv.conv_general_dilated(x, kernel, **args),
+                                  lax.conv_general_dilated(x, kernel, **args))
+
+
+def _lowered_text(platform: str) -> str:
+    x = jnp.ones((2, 6, 6, 3))
+    kernel = jnp.ones((3, 3, 3, 4))
+    grad = jax.grad(lambda k: jnp.sum(auxtl_conv.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=LAYOUT)))
+    return jax.jit(grad).trace(kernel).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_only_cpu_lowers_the_patch_kernel_gradient():
+    cpu = _lowered_text("cpu")
+    assert "dot_general" in cpu
+    assert "convolution" not in cpu               # the weight gradient is a matmul
+    try:
+        gpu = _lowered_text("cuda")
+    except Exception as error:  # noqa: BLE001 - a jax without GPU lowering rules
+        pytest.skip(f"cannot lower for cuda here: {error}")
+    assert gpu.count("convolution") == 1          # XLA's native weight gradient
+    assert "dot_general" not in gpu
