@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from auxtl.models import conv
+from auxtl.models.batchnorm import batch_norm
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -43,10 +44,10 @@ class _Residual(nnx.Module):
         self.proj_bn = _bn(out_channels, dtype, rngs) if needs_projection else None
         self.out_dim = out_channels
 
-    def shortcut(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    def shortcut(self, x: jax.Array, train: bool) -> jax.Array:
         if self.proj_conv is None:
             return x
-        return self.proj_bn(self.proj_conv(x), use_running_average=use_running_average)
+        return batch_norm(self.proj_bn, self.proj_conv(x), train=train, relu=False)
 
 
 class ConvBlock(nnx.Module):
@@ -60,7 +61,7 @@ class ConvBlock(nnx.Module):
         self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+        x = batch_norm(self.bn, self.conv(x), train=train, relu=True)
         return max_pool_2x2(x) if self.pool else x
 
 
@@ -91,7 +92,7 @@ class StemBlock(nnx.Module):
         self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+        x = batch_norm(self.bn, self.conv(x), train=train, relu=True)
         if self.large:
             x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
         return x
@@ -109,10 +110,9 @@ class BasicBlock(_Residual):
         self._init_shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        ura = not train
-        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        y = self.bn2(self.conv2(y), use_running_average=ura)
-        return nnx.relu(y + self.shortcut(x, ura))
+        y = batch_norm(self.bn1, self.conv1(x), train=train, relu=True)
+        y = batch_norm(self.bn2, self.conv2(y), train=train, relu=False)
+        return nnx.relu(y + self.shortcut(x, train))
 
 
 class BottleneckBlock(_Residual):
@@ -135,8 +135,7 @@ class BottleneckBlock(_Residual):
         self._init_shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        ura = not train
-        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
-        y = self.bn3(self.conv3(y), use_running_average=ura)
-        return nnx.relu(y + self.shortcut(x, ura))
+        y = batch_norm(self.bn1, self.conv1(x), train=train, relu=True)
+        y = batch_norm(self.bn2, self.conv2(y), train=train, relu=True)
+        y = batch_norm(self.bn3, self.conv3(y), train=train, relu=False)
+        return nnx.relu(y + self.shortcut(x, train))
