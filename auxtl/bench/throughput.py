@@ -279,27 +279,24 @@ def _safe(call):
         return None
 
 
-def time_case(compiled, case: Case, *, warmup: int, steps: int) -> list[float]:
-    """Seconds per call, each call run to completion, after `warmup` untimed calls."""
-    args = case.args
-
-    def call(args):
-        out = compiled(*args)
-        if case.threads_state:
-            state, metrics = out
-            return (state, *args[1:]), (state, metrics)
-        return args, out
-
-    for _ in range(warmup):
-        args, out = call(args)
-        jax.block_until_ready(out)
+def timed_calls(compiled, case: Case, args: tuple, steps: int) -> tuple[tuple, list[float]]:
+    """(the args for the next call, seconds per call) of `steps` calls, each run to
+    completion; a state-threading step's returned state replaces its donated one."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        args, out = call(args)
+        out = compiled(*args)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - start)
-    return times
+        if case.threads_state:
+            args = (out[0], *args[1:])
+    return args, times
+
+
+def time_case(compiled, case: Case, *, warmup: int, steps: int) -> list[float]:
+    """Seconds per call, each call run to completion, after `warmup` untimed calls."""
+    args, _ = timed_calls(compiled, case, case.args, warmup)
+    return timed_calls(compiled, case, args, steps)[1]
 
 
 def environment() -> dict[str, Any]:
@@ -580,10 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"x1, resnet18 32px x3, resnet50 224px x3); default: all on "
                              f"accelerators, {','.join(CPU_DEFAULT_MODELS)} on CPU (a resnet50 "
                              f"pretraining step at batch 8 takes tens of seconds on 2 cores)")
-    parser.add_argument("--dtypes", default=",".join(DTYPES),
-                        help="compute dtypes (parameters stay float32)")
-    parser.add_argument("--kinds", default=",".join(STEP_KINDS),
-                        help=f"step kinds: {', '.join(STEP_KINDS + EXTRA_KINDS)}")
+    parser.add_argument("--dtypes", default=None,
+                        help=f"compute dtypes (parameters stay float32); default "
+                             f"{','.join(DTYPES)}")
+    parser.add_argument("--kinds", default=None,
+                        help=f"step kinds: {', '.join(STEP_KINDS + EXTRA_KINDS)}; default "
+                             f"{','.join(STEP_KINDS)}")
     parser.add_argument("--batch-size", default=None,
                         help=f"images per step: N for every model or MODEL=N,...; default per "
                              f"model, CPU {CPU_BATCH}, accelerators {ACCELERATOR_BATCH}")
@@ -613,13 +612,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="JSON path (default OUT/throughput.json)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--compare-torch", action="store_true",
-                        help="also time the small_cnn float32 pretraining step in PyTorch "
-                             "(eager, channels-last, and torch.compile) and print auxtl/torch")
+                        help="also time the small_cnn float32 pretraining and frozen-prefix "
+                             "steps in PyTorch (eager, channels-last, torch.compile) in paired "
+                             "rounds with auxtl's and print auxtl/torch step time; without "
+                             "--models/--dtypes/--kinds the table shows only those steps")
     parser.add_argument("--torch-python", default=None, metavar="PATH",
                         help="interpreter with torch for --compare-torch (default: this one, "
                              "if it can import torch)")
     parser.add_argument("--torch-batch-size", type=int, default=128,
-                        help="images per step of the PyTorch comparison (x4 rotations)")
+                        help="images per step of the PyTorch comparison (pretraining: x4 "
+                             "rotations)")
+    parser.add_argument("--torch-rounds", type=int, default=5,
+                        help="paired rounds of the PyTorch comparison, each --steps steps of "
+                             "auxtl then of each torch mode")
     parser.add_argument("--show-peaks", action="store_true",
                         help="print the known-accelerator peak table and exit")
     return parser
@@ -628,10 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     on_cpu = jax.default_backend() == "cpu"
     default_models = CPU_DEFAULT_MODELS if on_cpu else tuple(MODEL_INPUTS)
+    default_dtypes, default_kinds = DTYPES, STEP_KINDS
+    if args.compare_torch:   # only what the comparison runs, unless asked for more
+        from auxtl.bench.torch_reference import TORCH_KINDS
+        default_models, default_dtypes, default_kinds = ("small_cnn",), ("float32",), TORCH_KINDS
     models = _parse_list(args.models or ",".join(default_models), tuple(MODEL_INPUTS),
                          "model(s)")
-    dtypes = _parse_list(args.dtypes, DTYPES, "dtype(s)")
-    kinds = _parse_list(args.kinds, STEP_KINDS + EXTRA_KINDS, "step kind(s)")
+    dtypes = _parse_list(args.dtypes or ",".join(default_dtypes), DTYPES, "dtype(s)")
+    kinds = _parse_list(args.kinds or ",".join(default_kinds), STEP_KINDS + EXTRA_KINDS,
+                        "step kind(s)")
     model_args = {m: dict(TINY_OVERRIDES[m]) for m in models} if args.tiny else {}
     for model, values in parse_model_args(args.model_arg, models).items():
         model_args.setdefault(model, {}).update(values)
@@ -678,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_from_args(args)
     if args.compare_torch:
         from auxtl.bench import torch_reference
+        if args.torch_rounds < 1:
+            raise BenchError(f"--torch-rounds must be >= 1, got {args.torch_rounds}")
     torch_python = (torch_reference.resolve_torch_python(args.torch_python)
                     if args.compare_torch else None)
     out_dir = pathlib.Path(args.out)
@@ -698,15 +710,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     comparison = None
     if torch_python:
-        comparison = torch_reference.compare_torch(rows, config, torch_python, batch_size=args.torch_batch_size,
-                                   log=lambda text: print(text, file=sys.stderr, flush=True))
+        comparison = torch_reference.compare_torch(
+            config, torch_python, batch_size=args.torch_batch_size, rounds=args.torch_rounds,
+            log=lambda text: print(text, file=sys.stderr, flush=True))
         print()
         print(torch_reference.format_torch(comparison))
     result = _jsonable({"meta": meta, "results": rows, "torch": comparison})
     json_path.write_text(json.dumps(result, indent=2))
     markdown = markdown_table(rows, meta)
     if comparison:
-        markdown += "\n## PyTorch reference\n\n```\n" + torch_reference.format_torch(comparison) + "\n```\n"
+        markdown += ("\n## PyTorch reference\n\n```\n"
+                     + torch_reference.format_torch(comparison) + "\n```\n")
     (out_dir / "throughput.md").write_text(markdown)
     if not args.no_plot and ok_rows(rows):
         env = meta["environment"]
