@@ -166,7 +166,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from auxtl.bench.throughput import main as throughput_main
         throughput_main(args.rest)
         return 0
-    raise ValueError(f"unknown benchmark {args.benchmark!r}; available: throughput")
+    if args.benchmark == "transfer":
+        from auxtl.bench.transfer import main as transfer_main
+        transfer_main(args.rest)
+        return 0
+    raise ValueError(f"unknown benchmark {args.benchmark!r}; available: throughput, transfer")
 
 
 def _interval(stats: dict) -> str:
@@ -254,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_transfer)
 
-    b = sub.add_parser("bench", help="benchmarks (throughput; see --help of each)")
-    b.add_argument("benchmark", choices=["throughput"])
+    b = sub.add_parser("bench", help="benchmarks (throughput, transfer; see --help of each)")
+    b.add_argument("benchmark", choices=["throughput", "transfer"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -73,6 +73,13 @@ class StepCache:
 def make_finetune_step(graphdef, mask, frozen: tuple[str, ...], optimizer, start: int,
                        normalization: Normalization):
     """Jitted (state, inputs, labels) -> (state, metrics); grads for trainable leaves only."""
+    return jax.jit(finetune_step_fn(graphdef, mask, frozen, optimizer, start, normalization),
+                   donate_argnums=0)
+
+
+def finetune_step_fn(graphdef, mask, frozen: tuple[str, ...], optimizer, start: int,
+                     normalization: Normalization):
+    """The pure (unjitted) fine-tuning step, for callers that vmap or scan it over seeds."""
     treedef = jax.tree.structure(mask)
 
     def step(state: TrainState, inputs, labels):
@@ -95,7 +102,7 @@ def make_finetune_step(graphdef, mask, frozen: tuple[str, ...], optimizer, start
         return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                              opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return step
 
 
 def make_logits_fn(graphdef, start: int, normalization: Normalization):

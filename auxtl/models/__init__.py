@@ -12,18 +12,20 @@ from typing import Any
 
 from flax import nnx
 
+from auxtl.models.nin import NINConfig, build_nin
 from auxtl.models.resnet import ResNet50Config, ResNetConfig, build_resnet, build_resnet50
 from auxtl.models.small_cnn import SmallCNNConfig, build_small_cnn
 from auxtl.models.trunk import Trunk, global_avg_pool
 
 __all__ = ["Trunk", "global_avg_pool", "SmallCNNConfig", "ResNetConfig",
-           "ResNet50Config", "MODELS",
+           "ResNet50Config", "NINConfig", "MODELS",
            "make_config", "build_trunk", "list_models"]
 
 MODELS: dict[str, tuple[type, Callable[..., Trunk]]] = {
     "small_cnn": (SmallCNNConfig, build_small_cnn),
     "resnet18": (ResNetConfig, build_resnet),
     "resnet50": (ResNet50Config, build_resnet50),
+    "nin": (NINConfig, build_nin),
 }
 
 

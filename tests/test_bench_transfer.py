@@ -1,0 +1,182 @@
+"""The transfer benchmark end to end on a tiny configuration (real MNIST-5k and a tiny
+CIFAR-format folder), its statistics, its split discipline and its --full preset."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from auxtl.bench import transfer, transfer_report
+from auxtl.models import build_trunk, make_config
+from auxtl.pretrain import SPLIT_SEED
+
+SOURCES = ("rotation", "jigsaw", "colorization", "random", "scratch")
+TINY = ["--tiny", "--sources", ",".join(SOURCES), "--budgets", "2,5", "--seeds", "2",
+        "--pretrain-steps", "4"]
+TOP_FIELDS = ("config", "environment", "data", "subsets", "sources", "cells",
+              "linear_by_depth", "timings_s", "outputs")
+CELL_FIELDS = ("source", "mode", "budget", "seeds", "accuracy", "mean", "low", "high",
+               "reference", "difference")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_transfer")
+    return transfer.main(TINY + ["--out", str(out)]), out
+
+
+def cells_by_key(result):
+    return {(c["source"], c["mode"], c["budget"], c.get("layer")): c
+            for c in result["cells"] + result["linear_by_depth"]}
+
+
+def test_writes_json_markdown_and_png_with_every_field(tiny_run):
+    result, out = tiny_run
+    written = json.loads((out / "transfer.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert all(field in written for field in TOP_FIELDS)
+    assert written["environment"]["jax_version"] == jax.__version__
+    assert written["data"]["test_size"] == 500 and written["data"]["pool_size"] == 4500
+    assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "transfer.md").read_text()
+    assert "| staged unfreezing (vs scratch) | rotation |" in markdown
+    assert "Skipped: `colorization`" in markdown
+    for c in written["cells"] + written["linear_by_depth"]:
+        assert all(field in c for field in CELL_FIELDS), c
+        assert len(c["accuracy"]) == 2 and all(0 <= a <= 1 for a in c["accuracy"])
+
+
+def test_every_source_mode_and_budget_has_a_cell(tiny_run):
+    result, _ = tiny_run
+    keys = {(c["source"], c["mode"], c["budget"]) for c in result["cells"]}
+    expected = {(s, m, b) for s in ("rotation", "jigsaw", "random") for m in transfer.MODES
+                for b in (2, 5)}
+    expected |= {("scratch", m, b) for m in transfer.TRAINED_MODES for b in (2, 5)}
+    assert keys == expected
+    depths = {(c["source"], c["layer"]) for c in result["linear_by_depth"]}
+    assert len(depths) == 3 * 6                      # every depth of small_cnn, per source
+    skipped = result["sources"]["colorization"]
+    assert skipped["status"] == "skipped" and "3 channels" in skipped["reason"]
+    # scratch is one training run, the reference of both trained modes
+    index = cells_by_key(result)
+    assert index[("scratch", "head", 2, None)]["accuracy"] == \
+        index[("scratch", "staged", 2, None)]["accuracy"]
+
+
+def test_intervals_contain_means_and_paired_differences_are_per_seed(tiny_run):
+    result, _ = tiny_run
+    index = cells_by_key(result)
+    for c in result["cells"] + result["linear_by_depth"]:
+        assert c["mean"] == pytest.approx(np.mean(c["accuracy"]))
+        assert c["low"] <= c["mean"] <= c["high"]
+        reference = transfer.reference_for(c["mode"])
+        if c["source"] == reference:
+            assert c["difference"] is None
+            continue
+        assert c["reference"] == reference
+        ref = index[(reference, c["mode"], c["budget"], c.get("layer"))]
+        expected = [a - b for a, b in zip(c["accuracy"], ref["accuracy"])]
+        assert c["difference"]["per_seed"] == pytest.approx(expected)
+        d = c["difference"]
+        assert d["mean"] == pytest.approx(np.mean(expected))
+        assert d["low"] <= d["mean"] <= d["high"]
+
+
+def test_labeled_subsets_are_class_balanced_nested_and_disjoint_from_test(tiny_run):
+    result, _ = tiny_run
+    data = transfer.load_bench_data("mnist5k")
+    test_images = {image.tobytes() for image in data.test.images}
+    for seed in (0, 1):
+        small = transfer.labeled_indices(data.pool.labels, 2, seed)
+        large = transfer.labeled_indices(data.pool.labels, 5, seed)
+        assert set(small) <= set(large)
+        for budget, chosen in ((2, small), (5, large)):
+            assert np.bincount(data.pool.labels[chosen]).tolist() == [budget] * 10
+            assert not test_images & {image.tobytes() for image in data.pool.images[chosen]}
+            assert result["subsets"][str(budget)]["per_class"][seed] == [budget] * 10
+    assert not np.array_equal(transfer.labeled_indices(data.pool.labels, 2, 0),
+                              transfer.labeled_indices(data.pool.labels, 2, 1))
+    assert len(transfer.labeled_indices(data.pool.labels, "all", 0)) == len(data.pool)
+    assert result["data"]["test_split"] == f"held-out 10% (SPLIT_SEED={SPLIT_SEED})"
+
+
+def test_a_rerun_reuses_the_sources_and_gives_identical_results(tiny_run):
+    result, out = tiny_run
+    again = transfer.main(TINY + ["--out", str(out), "--no-plot"])
+    assert all(again["sources"][s]["cached"] for s in ("rotation", "jigsaw"))
+    assert [c["accuracy"] for c in again["cells"]] == [c["accuracy"] for c in result["cells"]]
+    assert ([c["accuracy"] for c in again["linear_by_depth"]]
+            == [c["accuracy"] for c in result["linear_by_depth"]])
+
+
+def write_cifar_batch(path, images, labels):
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    with open(path, "wb") as handle:
+        pickle.dump({b"labels": [int(x) for x in labels], b"data": data}, handle)
+
+
+def test_full_tiny_runs_on_a_cifar_format_folder(tmp_path):
+    """--full wires up end to end (NIN trunk, rotation, CIFAR test batch) at tiny size."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    images = rng.integers(0, 256, (230, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(230) % 10
+    write_cifar_batch(folder / "data_batch_1", images[:180], labels[:180])
+    write_cifar_batch(folder / "test_batch", images[180:], labels[180:])
+    result = transfer.main(["--full", "--tiny", "--data", f"cifar10:{folder}", "--budgets",
+                            "2,3", "--modes", "linear,head,staged", "--pretrain-steps", "2",
+                            "--out", str(tmp_path / "out"), "--no-plot"])
+    assert result["config"]["model"] == "nin" and result["config"]["published"]
+    assert result["data"]["pool_size"] == 180 and result["data"]["test_size"] == 50
+    assert result["data"]["test_split"].startswith("cifar10-test")
+    assert result["sources"]["rotation"]["status"] == "ok"
+    modes = {(c["source"], c["mode"]) for c in result["cells"]}
+    assert ("rotation", "head") in modes and ("scratch", "staged") in modes
+    assert {c["layer"] for c in result["linear_by_depth"]} == {"block1", "block2", "block3",
+                                                              "block4"}
+
+
+def test_full_preset_is_the_rotnet_setting():
+    args = transfer.build_parser().parse_args(["--full", "--data", "cifar10:/nowhere"])
+    config = transfer.config_from_args(args)
+    assert config.model == "nin" and config.budgets == (20, 100, 400, 1000, 5000)
+    assert config.sources == ("rotation", "random", "scratch") and len(config.seeds) >= 5
+    assert config.published == "rotnet_cifar10" and config.pretrain_batch_size == 128
+    trunk = nnx.eval_shape(lambda: build_trunk(
+        "nin", make_config("nin", (32, 32, 3), **config.model_overrides), rngs=nnx.Rngs(0)))
+    assert trunk.layer_names == ("block1", "block2", "block3", "block4")
+    assert trunk.feature_dim == 192 and 0 < config.unfreeze <= config.reuse < 4
+    with pytest.raises(transfer.BenchError, match="--full needs --data"):
+        transfer.config_from_args(transfer.build_parser().parse_args(["--full"]))
+
+
+def test_published_numbers_are_printed_beside_ours():
+    def cell(source, mode, budget, mean):
+        return {"source": source, "mode": mode, "budget": budget, "mean": mean}
+    result = {"config": {"budgets": [20, 100]},
+              "cells": [cell("scratch", "head", 20, 0.3), cell("rotation", "head", 20, 0.6),
+                        cell("rotation", "head", 100, 0.7)]}
+    table = transfer_report.published_table(result)
+    assert "| published scratch | 33.66 | 47.26 |" in table
+    assert "| published RotNet + conv | 64.63 | 75.28 |" in table
+    assert "| ours: rotation, frozen trunk + new head | 60.00 | 70.00 |" in table
+    assert "| ours: scratch | 30.00 | — |" in table
+
+
+def test_bad_flags_are_clear_errors():
+    parse = transfer.build_parser().parse_args
+    with pytest.raises(transfer.BenchError, match="--budgets"):
+        transfer.config_from_args(parse(["--budgets", "1,many"]))
+    with pytest.raises(transfer.BenchError, match="--modes"):
+        transfer.config_from_args(parse(["--modes", "linear,magic"]))
+    with pytest.raises(transfer.BenchError, match="unknown source"):
+        transfer.refusal("no_such_task", (28, 28, 1))
+    assert transfer.refusal("rotation+jigsaw", (28, 28, 1)) is None
+    assert math.isclose(transfer.budget_x("all", np.arange(100) % 10), 10.0)
