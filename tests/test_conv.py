@@ -78,21 +78,23 @@ def test_gradients_match_xla_for_every_trunk_conv(spec):
     assert relative_error(ours[1][1], ref[1][1]) <= 1e-5, "kernel gradient"
 
 
+@pytest.mark.parametrize("in_channels", [2, 6])   # shifted-rows matmul / chunked XLA
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((0, 0), (0, 0))),
                                              ((1, 1), ((2, 0), (1, 2))),
                                              ((2, 1), ((1, 1), (0, 1))),
                                              ((3, 2), ((0, 2), (1, 1)))])
-def test_kernel_gradient_for_explicit_padding_and_uneven_strides(strides, padding):
+def test_kernel_gradient_for_explicit_padding_and_uneven_strides(strides, padding,
+                                                                 in_channels):
     kx, kk, kd = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(kx, (5, 10, 11, 6))
-    kernel_shape = (3, 2, 6, 7)
+    x = jax.random.normal(kx, (130, 10, 11, in_channels))   # 130 images: chunks of 65
+    kernel_shape = (3, 2, in_channels, 7)
     y_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
         x, jnp.zeros(kernel_shape), strides, padding, dimension_numbers=LAYOUT)).shape
     dy = jax.random.normal(kd, y_shape)
     with jax.default_matmul_precision("highest"):
         want = auxtl_conv.xla_kernel_gradient(x, dy, kernel_shape=kernel_shape, strides=strides,
                                               padding=padding)
-    got = jax.jit(lambda x, dy: auxtl_conv.patch_kernel_gradient(
+    got = jax.jit(lambda x, dy: auxtl_conv.cpu_kernel_gradient(
         x, dy, kernel_shape=kernel_shape, strides=strides, padding=padding))(x, dy)
     assert got.shape == kernel_shape
     assert relative_error(got, want) <= 1e-5
@@ -129,15 +131,15 @@ def test_uncovered_convolutions_go_to_xla_unchanged():
                                   lax.conv_general_dilated(x, kernel, **args))
 
 
-def _lowered_text(platform: str) -> str:
-    x = jnp.ones((2, 6, 6, 3))
-    kernel = jnp.ones((3, 3, 3, 4))
+def _lowered_text(platform: str, batch: int = 2, in_channels: int = 3) -> str:
+    x = jnp.ones((batch, 6, 6, in_channels))
+    kernel = jnp.ones((3, 3, in_channels, 4))
     grad = jax.grad(lambda k: jnp.sum(auxtl_conv.conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=LAYOUT)))
     return jax.jit(grad).trace(kernel).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_only_cpu_lowers_the_patch_kernel_gradient():
+def test_only_cpu_lowers_the_cpu_kernel_gradient():
     cpu = _lowered_text("cpu")
     assert "dot_general" in cpu
     assert "convolution" not in cpu               # the weight gradient is a matmul
@@ -147,3 +149,6 @@ def test_only_cpu_lowers_the_patch_kernel_gradient():
         pytest.skip(f"cannot lower for cuda here: {error}")
     assert gpu.count("convolution") == 1          # XLA's native weight gradient
     assert "dot_general" not in gpu
+    # Wider inputs: XLA's weight gradient per chunk of <= 64 images on CPU only.
+    assert _lowered_text("cpu", batch=256, in_channels=8).count("convolution") == 4
+    assert _lowered_text("cuda", batch=256, in_channels=8).count("convolution") == 1

@@ -1,12 +1,12 @@
 """2-D convolution with a faster weight gradient on CPU; XLA's own everywhere else.
 
-XLA's CPU backend computes a convolution's forward pass and input gradient well, but
-its weight gradient is 2-4x slower than it needs to be for the small-channel 3x3
-convolutions of auxtl's trunks (measured in benchmarks/NOTES.md). On CPU this module
-computes the weight gradient as matrix products of image patches with the output
-gradient, a few images at a time so the patches stay in cache. On GPU and TPU the
-lowering picks XLA's native weight gradient (`jax.lax.platform_dependent`), so
-nothing changes there.
+XLA's CPU weight gradient slows down more than linearly with the batch (a
+512x28x28x32->32 convolution: 20 ms for 128 images, 297 ms for 512), while its
+forward pass and input gradient scale well. On CPU this module computes the weight
+gradient per chunk of at most 64 images and sums the chunks, and for convolutions of
+a few input channels (a first layer) as one matmul of shifted rows per chunk; see
+benchmarks/NOTES.md for what was measured. On GPU and TPU the lowering picks XLA's
+native weight gradient for the whole batch (`jax.lax.platform_dependent`).
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (pass it to
 `nnx.Conv(conv_general_dilated=...)`); shapes it does not cover (dilation, groups,
@@ -72,7 +72,7 @@ def _xla_conv(x, kernel, strides, padding):
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """NHWC x HWIO convolution; forward and input gradient by XLA, weight gradient by
-    `kernel_gradient` (patch matmuls on CPU, XLA elsewhere)."""
+    `kernel_gradient` (chunked on CPU, XLA's whole-batch one elsewhere)."""
     return _xla_conv(x, kernel, strides, padding)
 
 
@@ -96,7 +96,7 @@ def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, padding) -> jax
     kernel_shape = tuple(kernel_shape)
     return lax.platform_dependent(
         x, dy,
-        cpu=functools.partial(patch_kernel_gradient, kernel_shape=kernel_shape,
+        cpu=functools.partial(cpu_kernel_gradient, kernel_shape=kernel_shape,
                               strides=strides, padding=padding),
         default=functools.partial(xla_kernel_gradient, kernel_shape=kernel_shape,
                                   strides=strides, padding=padding))
@@ -135,7 +135,7 @@ def _tn_dot(a, b, accumulate) -> jax.Array:
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=accumulate)
 
 
-def patch_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
+def cpu_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
     """Weight gradient on CPU: shifted-rows matmuls for stride-1 convolutions of a few
     input channels (the first layer), else XLA's over chunks of the batch."""
     kh, kw, cin, cout = kernel_shape
