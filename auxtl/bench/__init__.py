@@ -2,5 +2,13 @@
 
 throughput: step time, examples/s, XLA FLOPs and MFU of pretraining, frozen-prefix,
 cached-features and inference steps (`auxtl.bench.throughput.main(argv)`).
+transfer: label-efficiency sweep of pretraining sources x budgets x evaluation modes
+(`auxtl.bench.transfer.main(argv)`).
 peaks: the device peak FLOP/s that MFU divides by (vendor table or a measured matmul).
+torch_reference: the paired PyTorch comparison of `throughput --compare-torch`.
 """
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked (bad flags or data, missing interpreter, ...);
+    a ValueError so `auxtl` prints it as a usage error."""

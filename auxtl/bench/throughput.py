@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl.bench import BenchError
+
 MODEL_INPUTS: dict[str, tuple[int, int, int]] = {
     "small_cnn": (28, 28, 1),
     "resnet18": (32, 32, 3),
@@ -54,11 +56,6 @@ STEP_KINDS = ("pretrain", "frozen_prefix", "cached_features", "inference")
 EXTRA_KINDS = ("finetune_full",)
 DTYPES = ("float32", "bfloat16")
 NUM_CLASSES = 10
-
-
-class BenchError(ValueError):
-    """A benchmark that cannot run as asked (bad flags, missing interpreter, ...); a
-    ValueError so `auxtl` prints it as a usage error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -688,8 +685,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_from_args(args)
     if args.compare_torch:
         from auxtl.bench import torch_reference
-        if args.torch_rounds < 1:
-            raise BenchError(f"--torch-rounds must be >= 1, got {args.torch_rounds}")
     torch_python = (torch_reference.resolve_torch_python(args.torch_python)
                     if args.compare_torch else None)
     out_dir = pathlib.Path(args.out)

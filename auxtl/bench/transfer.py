@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl.bench import BenchError, throughput
 from auxtl.optim import OptimizerConfig
 
 ALL = "all"
@@ -63,10 +64,6 @@ TINY_TRUNKS = {"small_cnn": {"widths": (8, 8, 16, 16, 16), "fc_dim": 16},
 PUBLISHED_ROTNET = {"scratch": {20: 33.66, 100: 47.26, 400: 74.19, 1000: 83.47, 5000: 93.07},
                     "RotNet + conv": {20: 64.63, 100: 75.28, 400: 82.84, 1000: 86.43,
                                       5000: 91.95}}
-
-
-class BenchError(ValueError):
-    """A sweep that cannot run as asked (bad flags or data); printed as a usage error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,7 +523,7 @@ def run_sweep(config: TransferBenchConfig, *, log: Callable[[str], None] = print
     pool_labels = data.pool.labels
     return {
         "config": config.to_json(),
-        "environment": environment(),
+        "environment": throughput.environment(),
         "trained_seeds": "vmapped" if trainer.vmap else "one after another, one compiled step",
         "data": {"spec": config.data, "pool_size": len(data.pool), "test_size": len(data.test),
                  "test_split": data.test_origin, "num_classes": data.pool.num_classes,
@@ -543,11 +540,6 @@ def run_sweep(config: TransferBenchConfig, *, log: Callable[[str], None] = print
                       "pretraining": {n: s.get("pretrain_s", 0.0) for n, s in sources.items()},
                       "total": time.perf_counter() - total_start},
     }
-
-
-def environment() -> dict[str, Any]:
-    from auxtl.bench.throughput import environment as throughput_environment
-    return throughput_environment()
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -3,9 +3,8 @@
 XLA's CPU weight gradient slows down more than linearly with the batch (a
 512x28x28x32->32 convolution: 20 ms for 128 images, 297 ms for 512), while its
 forward pass and input gradient scale well. On CPU this module computes the weight
-gradient per chunk of at most 64 images and sums the chunks, and for convolutions of
-a few input channels (a first layer) as one matmul of shifted rows per chunk; see
-benchmarks/NOTES.md for what was measured. On GPU and TPU the lowering picks XLA's
+gradient per slice of at most 64 images and sums the slices (benchmarks/NOTES.md has
+what was measured, and the matmul formulations that were tried and dropped). On GPU and TPU the lowering picks XLA's
 native weight gradient for the whole batch (`jax.lax.platform_dependent`).
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (pass it to
@@ -23,12 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 _LAYOUT = ("NHWC", "HWIO", "NHWC")
-# Elements of a chunk's two matmul operands: about 1.5 MB of float32 (fits L2/L3).
-_ELEMENTS_PER_CHUNK = 384 * 1024
-# Images per chunk of XLA's own weight gradient (32-64 measured best for 7-28 px).
-_XLA_CHUNK = 64
-# Input channels up to which the shifted-rows matmul beats XLA's weight gradient.
-_ROWS_MAX_IN_CHANNELS = 4
+# Images per slice of the CPU weight gradient (32 and 64 measured alike, 128 slower).
+_SLICE_IMAGES = 64
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -72,7 +67,7 @@ def _xla_conv(x, kernel, strides, padding):
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """NHWC x HWIO convolution; forward and input gradient by XLA, weight gradient by
-    `kernel_gradient` (chunked on CPU, XLA's whole-batch one elsewhere)."""
+    `kernel_gradient` (sliced on CPU, XLA's whole-batch one elsewhere)."""
     return _xla_conv(x, kernel, strides, padding)
 
 
@@ -96,7 +91,7 @@ def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, padding) -> jax
     kernel_shape = tuple(kernel_shape)
     return lax.platform_dependent(
         x, dy,
-        cpu=functools.partial(cpu_kernel_gradient, kernel_shape=kernel_shape,
+        cpu=functools.partial(sliced_kernel_gradient, kernel_shape=kernel_shape,
                               strides=strides, padding=padding),
         default=functools.partial(xla_kernel_gradient, kernel_shape=kernel_shape,
                                   strides=strides, padding=padding))
@@ -110,82 +105,15 @@ def xla_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
     return kernel_vjp(dy)[0]
 
 
-def chunk_size(batch: int, elements_per_image: int) -> int:
-    """Images per chunk: the largest divisor of `batch` whose chunk holds at most about
-    _ELEMENTS_PER_CHUNK elements (so a chunk's operands stay in cache), at least 1."""
-    return largest_divisor_at_most(batch, _ELEMENTS_PER_CHUNK // elements_per_image)
-
-
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
-
-
-def _scan_chunks(add_chunk, init, x, dy, elements_per_image: int):
-    """Sum `add_chunk(x_chunk, dy_chunk)` over chunks of the batch with a `lax.scan`."""
-    n = x.shape[0]
-    chunk = chunk_size(n, elements_per_image)
-    x = x.reshape(n // chunk, chunk, *x.shape[1:])
-    dy = dy.reshape(n // chunk, chunk, *dy.shape[1:])
-    total, _ = lax.scan(lambda total, xs: (total + add_chunk(*xs), None), init, (x, dy))
-    return total
-
-
-def _tn_dot(a, b, accumulate) -> jax.Array:
-    """a^T @ b over the rows of 2-D a and b, accumulated in `accumulate`."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=accumulate)
-
-
-def cpu_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
-    """Weight gradient on CPU: shifted-rows matmuls for stride-1 convolutions of a few
-    input channels (the first layer), else XLA's over chunks of the batch."""
-    kh, kw, cin, cout = kernel_shape
-    if tuple(strides) == (1, 1) and cin <= _ROWS_MAX_IN_CHANNELS:
-        return shifted_rows_kernel_gradient(x, dy, kernel_shape=kernel_shape, padding=padding)
-    return chunked_xla_kernel_gradient(x, dy, kernel_shape=kernel_shape, strides=strides,
-                                       padding=padding)
-
-
-def chunked_xla_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
-    """XLA's weight gradient summed over static slices of at most _XLA_CHUNK images.
+def sliced_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
+    """XLA's weight gradient summed over static slices of at most _SLICE_IMAGES images.
 
     XLA's CPU weight gradient slows down more than linearly with the batch (a
-    512x28x28x32->32 conv: 20 ms at 128 images, 297 ms at 512); per chunk of 32-64
-    images it stays fast. The slices are unrolled: inside a `lax.scan` XLA's CPU
-    convolution falls back to a slow loop (seconds).
+    512x28x28x32->32 conv: 20 ms at 128 images, 297 ms at 512); per slice of 32-64
+    images it stays fast. The slices are unrolled (the last may be shorter): inside a
+    `lax.scan` XLA's CPU convolution falls back to a slow loop (seconds).
     """
-    n = x.shape[0]
-    chunk = largest_divisor_at_most(n, _XLA_CHUNK)
-    parts = [xla_kernel_gradient(x[i:i + chunk], dy[i:i + chunk], kernel_shape=kernel_shape,
-                                 strides=strides, padding=padding)
-             for i in range(0, n, chunk)]
+    parts = [xla_kernel_gradient(x[i:i + _SLICE_IMAGES], dy[i:i + _SLICE_IMAGES],
+                                 kernel_shape=kernel_shape, strides=strides, padding=padding)
+             for i in range(0, x.shape[0], _SLICE_IMAGES)]
     return functools.reduce(jnp.add, parts)
-
-
-def shifted_rows_kernel_gradient(x, dy, *, kernel_shape, padding) -> jax.Array:
-    """Stride-1 weight gradient as one matmul per chunk of images.
-
-    dW[i, j, c, o] = sum_{n, h, w} xpad[n, h + i, w + j, c] * dy[n, h, w, o]. The kw
-    column shifts of x go into channels (x3: kw*cin wide) and the kh row shifts into
-    zero-padded copies of dy (dy3: kh*cout wide), both over the padded height, so
-    x3^T @ dy3 is (kw*cin, kh*cout) and holds every (i, j) block: 2*kw + 2*kh copies of
-    the data instead of the 9 + 9 of an im2col with separate slices.
-    """
-    kh, kw, cin, cout = kernel_shape
-    n, oh, ow, _ = dy.shape
-    (top, bottom), (left, right) = padding
-    padded_h = x.shape[1] + top + bottom
-    if padded_h != oh + kh - 1:
-        raise ValueError(f"stride-1 kernel gradient: padded height {padded_h} != output "
-                         f"height {oh} + kernel {kh} - 1")
-    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
-
-    def add_chunk(x_chunk, dy_chunk):
-        x_pad = jnp.pad(x_chunk, ((0, 0), (top, bottom), (left, right), (0, 0)))
-        x3 = jnp.concatenate([x_pad[:, :, j:j + ow, :] for j in range(kw)], axis=-1)
-        dy3 = jnp.concatenate([jnp.pad(dy_chunk, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0)))
-                               for i in range(kh)], axis=-1)
-        return _tn_dot(x3.reshape(-1, kw * cin), dy3.reshape(-1, kh * cout), accumulate)
-
-    total = _scan_chunks(add_chunk, jnp.zeros((kw * cin, kh * cout), accumulate),
-                         x.astype(dy.dtype), dy, padded_h * ow * (kw * cin + kh * cout))
-    return total.reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3).astype(dy.dtype)

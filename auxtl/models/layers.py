@@ -7,7 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from auxtl.models import conv
-from auxtl.models.batchnorm import batch_norm
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -44,10 +43,10 @@ class _Residual(nnx.Module):
         self.proj_bn = _bn(out_channels, dtype, rngs) if needs_projection else None
         self.out_dim = out_channels
 
-    def shortcut(self, x: jax.Array, train: bool) -> jax.Array:
+    def shortcut(self, x: jax.Array, use_running_average: bool) -> jax.Array:
         if self.proj_conv is None:
             return x
-        return batch_norm(self.proj_bn, self.proj_conv(x), train=train, relu=False)
+        return self.proj_bn(self.proj_conv(x), use_running_average=use_running_average)
 
 
 class ConvBlock(nnx.Module):
@@ -61,7 +60,7 @@ class ConvBlock(nnx.Module):
         self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = batch_norm(self.bn, self.conv(x), train=train, relu=True)
+        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
         return max_pool_2x2(x) if self.pool else x
 
 
@@ -92,7 +91,7 @@ class StemBlock(nnx.Module):
         self.out_dim = out_channels
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = batch_norm(self.bn, self.conv(x), train=train, relu=True)
+        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
         if self.large:
             x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
         return x
@@ -110,9 +109,10 @@ class BasicBlock(_Residual):
         self._init_shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = batch_norm(self.bn1, self.conv1(x), train=train, relu=True)
-        y = batch_norm(self.bn2, self.conv2(y), train=train, relu=False)
-        return nnx.relu(y + self.shortcut(x, train))
+        ura = not train
+        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = self.bn2(self.conv2(y), use_running_average=ura)
+        return nnx.relu(y + self.shortcut(x, ura))
 
 
 class BottleneckBlock(_Residual):
@@ -135,7 +135,8 @@ class BottleneckBlock(_Residual):
         self._init_shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = batch_norm(self.bn1, self.conv1(x), train=train, relu=True)
-        y = batch_norm(self.bn2, self.conv2(y), train=train, relu=True)
-        y = batch_norm(self.bn3, self.conv3(y), train=train, relu=False)
-        return nnx.relu(y + self.shortcut(x, train))
+        ura = not train
+        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
+        y = self.bn3(self.conv3(y), use_running_average=ura)
+        return nnx.relu(y + self.shortcut(x, ura))
