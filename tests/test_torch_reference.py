@@ -146,6 +146,14 @@ def test_worker_failures_are_clear_errors(fake_worker, tmp_path):
             worker.steps("pretrain", "compile", 1)
 
 
+def test_zero_rounds_is_refused_before_any_benchmark_runs(fake_worker, tmp_path):
+    python, _ = fake_worker
+    with pytest.raises(BenchError, match="--torch-rounds must be >= 1, got 0"):
+        throughput.main(["--compare-torch", "--torch-python", python, "--torch-rounds", "0",
+                         "--out", str(tmp_path)])
+    assert not (tmp_path / "throughput.json").exists()
+
+
 def test_compare_torch_end_to_end_with_a_fake_interpreter(fake_worker, tmp_path, capsys):
     python, behave = fake_worker
     behave(failing_at_warmup=["compile"], failing_on_request=["channels_last"],

@@ -685,6 +685,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_from_args(args)
     if args.compare_torch:
         from auxtl.bench import torch_reference
+        if args.torch_rounds < 1:   # before the table, not after it
+            raise BenchError(f"--torch-rounds must be >= 1, got {args.torch_rounds}")
     torch_python = (torch_reference.resolve_torch_python(args.torch_python)
                     if args.compare_torch else None)
     out_dir = pathlib.Path(args.out)
