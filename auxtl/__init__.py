@@ -17,6 +17,7 @@ from auxtl.train import TrainState, make_eval_step, make_train_step
 from auxtl import finetune  # the module; finetune.finetune runs the phases
 from auxtl.finetune import FinetuneConfig, FinetuneResult
 from auxtl.freezing import Phase, parse_phases
+from auxtl.host_memory import keep_freed_memory
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
 from auxtl.transfer import TransferConfig, build_transfer_model, plan_transfer, run_transfer
 from auxtl.version import __version__
@@ -30,7 +31,7 @@ __all__ = [
     "PretrainModel", "WeightedTask", "build_pretrain_model",
     "Task", "TaskBase", "get_task", "list_tasks", "load_task_module", "register_task",
     "task_class", "TrainState", "make_eval_step", "make_train_step",
-    "FinetuneConfig", "FinetuneResult", "finetune", "Phase", "parse_phases",
+    "FinetuneConfig", "FinetuneResult", "finetune", "Phase", "parse_phases", "keep_freed_memory",
     "TargetSpec", "TransferModel", "build_target_trunk",
     "TransferConfig", "build_transfer_model", "plan_transfer", "run_transfer", "__version__",
 ]

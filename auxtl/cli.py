@@ -9,6 +9,7 @@ import pickle
 import sys
 from typing import Any
 
+from auxtl import host_memory
 from auxtl.optim import OptimizerConfig
 from auxtl.pretrain import PretrainConfig, TaskConfig
 
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()   # before the first JAX computation starts XLA's threads
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -7,6 +7,9 @@ import pytest
 
 import auxtl
 
+# As the command line does: the suite runs with the same malloc setting, in every order.
+auxtl.keep_freed_memory()
+
 TINY_TRUNK = {"widths": [8, 8, 16, 16, 16], "fc_dim": 16}
 
 

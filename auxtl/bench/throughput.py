@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl import host_memory
 from auxtl.bench import BenchError
 
 MODEL_INPUTS: dict[str, tuple[int, int, int]] = {
@@ -303,7 +304,8 @@ def environment() -> dict[str, Any]:
             "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
             "flax_version": _version("flax"), "python": platform.python_version(),
             "host": platform.node(), "cpu_count": os.cpu_count(),
-            "default_matmul_precision": jax.config.jax_default_matmul_precision}
+            "default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "host_memory": host_memory.status()}
 
 
 def _version(package: str) -> str | None:
@@ -674,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "torch": comparison or None}. Raises BenchError on unusable arguments.
     """
     from auxtl.bench import peaks
+    host_memory.keep_freed_memory()   # no-op when the CLI already did it
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     if args.show_peaks:
         rows = peaks.table_rows()

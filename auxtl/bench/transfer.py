@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl import host_memory
 from auxtl.bench import BenchError, throughput
 from auxtl.optim import OptimizerConfig
 
@@ -672,6 +673,7 @@ def config_from_args(args: argparse.Namespace) -> TransferBenchConfig:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the sweep from command-line arguments; writes and returns transfer.json's content."""
     from auxtl.bench import transfer_report as report
+    host_memory.keep_freed_memory()   # no-op when the CLI already did it
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     config = config_from_args(args)
     out = pathlib.Path(config.out)

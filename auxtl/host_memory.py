@@ -1,0 +1,92 @@
+"""Keep freed host memory mapped, so XLA:CPU's per-step buffers stop page-faulting.
+
+XLA's CPU runtime allocates each execution's temporary buffer with `malloc` and
+frees it when the execution ends (555 MB for the small_cnn pretraining step at 128
+images x 4 rotations). glibc serves a large block from a fresh `mmap` (always above
+32 MB, and for any block too big for a worker thread's arena) and unmaps it on
+`free`, so every step faults every page in again: ~140k page faults and ~0.3 s of
+kernel time per step on a 2-core machine (benchmarks/NOTES.md). Restricting malloc
+to its main arena, without mmap and without trimming the heap, keeps freed pages
+mapped and reuses them from the next step on.
+
+The setting is process-wide and lasts for the process: `auxtl`'s command line
+applies it at start; a script calls `keep_freed_memory()` before its first JAX
+computation. The cost is that the process keeps its peak heap size (it never gives
+freed memory back to the system), and all threads share one malloc arena.
+`AUXTL_KEEP_FREED_MEMORY=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+ENV_VAR = "AUXTL_KEEP_FREED_MEMORY"
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_NEVER_TRIM = 2**31 - 1     # bytes of free heap top kept before trimming (int max)
+
+_status: str | None = None
+
+
+def keep_freed_memory() -> str:
+    """Configures glibc malloc once per process; returns what was done, in words.
+
+    "applied", or why not: "off (AUXTL_KEEP_FREED_MEMORY=0)", "not glibc (...)",
+    "not applied: JAX's backend had already started", "failed: ...". It must run
+    before the first JAX computation: threads XLA has started keep their own malloc
+    arenas, whose large blocks are mmapped whatever the settings.
+    """
+    global _status
+    if _status is None:
+        _status = _configure()
+    return _status
+
+
+def status() -> str:
+    """What `keep_freed_memory` did in this process, or "not configured"."""
+    return _status or "not configured"
+
+
+def _configure() -> str:
+    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    if _jax_backend_started():
+        # Measured: XLA's threads keep their own arenas and still mmap each step's
+        # buffer, while the shared arena then slows the other allocations down.
+        return "not applied: JAX's backend had already started"
+    libc = _glibc()
+    if isinstance(libc, str):
+        return libc
+    settings = {"arena_max": (_M_ARENA_MAX, 1), "mmap_max": (_M_MMAP_MAX, 0),
+                "trim_threshold": (_M_TRIM_THRESHOLD, _NEVER_TRIM)}
+    rejected = [label for label, (param, value) in settings.items()
+                if libc.mallopt(param, value) != 1]
+    if rejected:
+        return f"failed: mallopt rejected {', '.join(rejected)}"
+    return "applied"
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return f"not glibc ({sys.platform})"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only; musl and others lack it
+    except (OSError, AttributeError) as error:
+        return f"not glibc ({error})"
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def _jax_backend_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
