@@ -10,7 +10,8 @@ to its main arena, without mmap and without trimming the heap, keeps freed pages
 mapped and reuses them from the next step on.
 
 The setting is process-wide and lasts for the process: `auxtl`'s command line
-applies it at start; a script calls `keep_freed_memory()` before its first JAX
+applies it at start, unless JAX will run on a GPU or TPU (device buffers do not
+come from malloc); a script calls `keep_freed_memory()` before its first JAX
 computation. The cost is that the process keeps its peak heap size (it never gives
 freed memory back to the system), and all threads share one malloc arena.
 `AUXTL_KEEP_FREED_MEMORY=0` turns it off.
@@ -34,8 +35,10 @@ _status: str | None = None
 def keep_freed_memory() -> str:
     """Configures glibc malloc once per process; returns what was done, in words.
 
-    "applied", or why not: "off (AUXTL_KEEP_FREED_MEMORY=0)", "not glibc (...)",
-    "not applied: JAX's backend had already started", "failed: ...". It must run
+    "applied", or why not: "off (AUXTL_KEEP_FREED_MEMORY=0)", "skipped: ..." (JAX
+    will run on a GPU/TPU: JAX_PLATFORMS or an installed plugin says so), "not
+    glibc (...)", "not applied: JAX's backend had already started", "failed: ...".
+    It must run
     before the first JAX computation: threads XLA has started keep their own malloc
     arenas, whose large blocks are mmapped whatever the settings.
     """
@@ -53,6 +56,9 @@ def status() -> str:
 def _configure() -> str:
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    skip = _accelerator_expected()
+    if skip:
+        return f"skipped: {skip}; the page faults are XLA:CPU's (JAX_PLATFORMS=cpu applies it)"
     if _jax_backend_started():
         # Measured: XLA's threads keep their own arenas and still mmap each step's
         # buffer, while the shared arena then slows the other allocations down.
@@ -67,6 +73,39 @@ def _configure() -> str:
     if rejected:
         return f"failed: mallopt rejected {', '.join(rejected)}"
     return "applied"
+
+
+def _accelerator_expected() -> str | None:
+    if "jax" in sys.modules:
+        import jax
+        requested = jax.config.jax_platforms
+    else:
+        requested = os.environ.get("JAX_PLATFORMS")
+    return accelerator_reason(requested, _accelerator_plugins)
+
+
+def accelerator_reason(requested: str | None, plugins) -> str | None:
+    """Why JAX will run on an accelerator, or None: the requested platforms (JAX_PLATFORMS,
+    first one wins) decide; else any installed plugin (`plugins()` lists them) does."""
+    if requested:
+        first = requested.split(",")[0].strip().lower()
+        return None if first == "cpu" else f"JAX_PLATFORMS={requested}"
+    found = plugins()
+    return f"accelerator plugins installed ({', '.join(found)})" if found else None
+
+
+def _accelerator_plugins() -> list[str]:
+    """JAX's PJRT plugins and libtpu, looked up where JAX looks, without importing them."""
+    import importlib.util
+    import pkgutil
+    from importlib import metadata
+    names = {entry.name for entry in metadata.entry_points(group="jax_plugins")}
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names |= {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)}
+    if importlib.util.find_spec("libtpu") is not None:
+        names.add("libtpu")
+    return sorted(names)
 
 
 def _glibc():

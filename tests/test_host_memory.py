@@ -38,7 +38,8 @@ print(json.dumps({"status": status, "faults": faults}))
 
 def probe(mode: str, **env: str) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                         env={**os.environ, **env}, timeout=300, check=True)
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -72,9 +73,27 @@ def test_command_line_applies_it_first():
             "assert host_memory.status() == 'not configured'; "
             "cli.main(['models']); print(host_memory.status())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True)
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300, check=True)
     expected = "applied" if sys.platform.startswith("linux") else "not glibc"
     assert out.stdout.strip().splitlines()[-1].startswith(expected), out.stdout
+
+
+def test_skipped_when_jax_will_run_on_an_accelerator():
+    code = "from auxtl import host_memory; print(host_memory.keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cuda"}, timeout=300, check=True)
+    assert out.stdout.strip().startswith("skipped: JAX_PLATFORMS=cuda"), out.stdout
+
+
+def test_accelerator_reason():
+    no_plugins, cuda = (lambda: []), (lambda: ["xla_cuda12"])
+    assert host_memory.accelerator_reason(None, no_plugins) is None
+    assert host_memory.accelerator_reason("cpu", cuda) is None   # asked for: CPU wins
+    assert host_memory.accelerator_reason("tpu,cpu", no_plugins) == "JAX_PLATFORMS=tpu,cpu"
+    assert host_memory.accelerator_reason(None, cuda) == \
+        "accelerator plugins installed (xla_cuda12)"
+    plugins = host_memory._accelerator_plugins()
+    assert plugins == sorted(plugins) and all(isinstance(p, str) for p in plugins)
 
 
 def test_status_is_remembered():
