@@ -24,6 +24,8 @@ import ctypes.util
 import os
 import sys
 
+import jax   # importing JAX starts no threads; its first computation does
+
 ENV_VAR = "AUXTL_KEEP_FREED_MEMORY"
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -60,8 +62,8 @@ def _configure() -> str:
     if skip:
         return f"skipped: {skip}; the page faults are XLA:CPU's (JAX_PLATFORMS=cpu applies it)"
     if _jax_backend_started():
-        # Measured: XLA's threads keep their own arenas and still mmap each step's
-        # buffer, while the shared arena then slows the other allocations down.
+        # Measured: applied after XLA's threads started, every step still faulted its
+        # buffer in (the threads keep their arenas) and the step got slower.
         return "not applied: JAX's backend had already started"
     libc = _glibc()
     if isinstance(libc, str):
@@ -76,12 +78,7 @@ def _configure() -> str:
 
 
 def _accelerator_expected() -> str | None:
-    if "jax" in sys.modules:
-        import jax
-        requested = jax.config.jax_platforms
-    else:
-        requested = os.environ.get("JAX_PLATFORMS")
-    return accelerator_reason(requested, _accelerator_plugins)
+    return accelerator_reason(jax.config.jax_platforms, _accelerator_plugins)
 
 
 def accelerator_reason(requested: str | None, plugins) -> str | None:
@@ -122,8 +119,6 @@ def _glibc():
 
 
 def _jax_backend_started() -> bool:
-    if "jax" not in sys.modules:
-        return False
     try:
         from jax._src import xla_bridge
         return bool(xla_bridge.backends_are_initialized())
