@@ -48,6 +48,16 @@ def loss_of(conv_fn, strides, padding):
     return loss
 
 
+def output_and_gradients(conv_fn, x, kernel, strides, padding, cotangent):
+    """The convolution's output as differentiated (the custom_vjp's forward rule) and
+    the vjp of `cotangent` with respect to the input and the kernel."""
+    def run(x, kernel, cotangent):
+        y, vjp = jax.vjp(lambda x, k: conv_fn(x, k, strides, padding,
+                                              dimension_numbers=LAYOUT), x, kernel)
+        return (y, *vjp(cotangent))
+    return jax.jit(run)(x, kernel, cotangent)
+
+
 def test_the_trunks_use_convs_this_file_covers():
     strides = {c[4] for c in ALL_CONVS}
     kernels = {c[0] for c in ALL_CONVS}
@@ -56,8 +66,19 @@ def test_the_trunks_use_convs_this_file_covers():
     assert all(c[5] == "SAME" for c in ALL_CONVS)
 
 
+@pytest.fixture(params=["onednn", "sliced"])
+def cpu_path(request, monkeypatch):
+    """Each CPU path: oneDNN's kernels (where built), and XLA's with the sliced weight gradient."""
+    if request.param == "onednn":
+        if not auxtl_conv.onednn.available():
+            pytest.skip(f"oneDNN convolutions: {auxtl_conv.onednn.status()}")
+    else:
+        monkeypatch.setattr(auxtl_conv, "use_onednn", lambda *args: False)
+    return request.param
+
+
 @pytest.mark.parametrize("spec", ALL_CONVS, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{c[3]}-s{c[4][0]}")
-def test_gradients_match_xla_for_every_trunk_conv(spec):
+def test_gradients_match_xla_for_every_trunk_conv(spec, cpu_path):
     kh, kw, cin, cout, strides, padding = spec
     size = 9 if kh < 7 else 12   # odd and even sizes: SAME pads asymmetrically at stride 2
     batch = 3 if cin * cout < 64 * 64 else 2
@@ -66,16 +87,16 @@ def test_gradients_match_xla_for_every_trunk_conv(spec):
     kernel = jax.random.normal(kk, (kh, kw, cin, cout)) / np.sqrt(kh * kw * cin)
     out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
         x, kernel, strides, padding, dimension_numbers=LAYOUT)).shape
-    weights = jax.random.normal(kw_, out_shape)
+    cotangent = jax.random.normal(kw_, out_shape)
 
-    ours = jax.jit(jax.value_and_grad(loss_of(auxtl_conv.conv_general_dilated, strides,
-                                              padding), argnums=(0, 1)))(x, kernel, weights)
+    ours = output_and_gradients(auxtl_conv.conv_general_dilated, x, kernel, strides, padding,
+                                cotangent)
     with jax.default_matmul_precision("highest"):
-        ref = jax.jit(jax.value_and_grad(loss_of(lax.conv_general_dilated, strides, padding),
-                                         argnums=(0, 1)))(x, kernel, weights)
-    assert relative_error(ours[0], ref[0]) <= 1e-5
-    assert relative_error(ours[1][0], ref[1][0]) <= 1e-5, "input gradient"
-    assert relative_error(ours[1][1], ref[1][1]) <= 1e-5, "kernel gradient"
+        ref = output_and_gradients(lax.conv_general_dilated, x, kernel, strides, padding,
+                                   cotangent)
+    assert relative_error(ours[0], ref[0]) <= 1e-5, "output"
+    assert relative_error(ours[1], ref[1]) <= 1e-5, "input gradient"
+    assert relative_error(ours[2], ref[2]) <= 1e-5, "kernel gradient"
 
 
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((0, 0), (0, 0))),
@@ -128,7 +149,8 @@ def _lowered_text(platform: str, batch: int) -> str:
     return jax.jit(grad).trace(kernel).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_only_cpu_slices_the_weight_gradient():
+def test_only_cpu_slices_the_weight_gradient(monkeypatch):
+    monkeypatch.setattr(auxtl_conv, "use_onednn", lambda *args: False)
     assert _lowered_text("cpu", batch=130).count("convolution") == 3   # 64 + 64 + 2 images
     try:
         gpu = _lowered_text("cuda", batch=130)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from auxtl import host_memory
+from auxtl import host_memory, onednn
 from auxtl.bench import BenchError
 
 MODEL_INPUTS: dict[str, tuple[int, int, int]] = {
@@ -245,23 +245,34 @@ def cost_flops(analysis) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def compiled_step_flops(compiled) -> float | None:
+    """FLOPs per device of a compiled step: XLA's cost analysis, plus auxtl's oneDNN
+    convolutions (XLA counts no custom calls; they are counted from the HLO alike)."""
+    flops = cost_flops(_safe(compiled.cost_analysis))
+    return None if flops is None else flops + onednn.convolution_flops(compiled.as_text())
+
+
 def compile_case(case: Case) -> tuple[Any, float, dict[str, Any]]:
     """(compiled step, compile seconds, FLOP counts).
 
     The compiled executable's cost analysis is per device (the SPMD-partitioned
     module), so it is multiplied by the device count. The lowered (pre-optimisation,
     global) module's count is kept beside it as a cross-check, and used when the
-    backend gives no compiled count.
+    backend gives no compiled count. XLA counts no custom calls, so the FLOPs of
+    auxtl's oneDNN convolutions are counted from the compiled HLO and added.
     """
     start = time.perf_counter()
     lowered = case.fn.lower(*case.args)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     devices = len(jax.tree.leaves(case.args)[0].sharding.device_set)
-    compiled_flops = cost_flops(_safe(compiled.cost_analysis))
+    compiled_flops = compiled_step_flops(compiled)
+    custom_flops = onednn.convolution_flops(compiled.as_text())
     lowered_flops = cost_flops(_safe(lowered.cost_analysis))
     if compiled_flops is not None:
         flops, source = compiled_flops * devices, "xla compiled cost_analysis"
+        if custom_flops:
+            source += " + oneDNN convolutions counted from the compiled HLO"
     elif lowered_flops is not None:
         flops, source = lowered_flops, "xla lowered cost_analysis"
     else:
@@ -305,7 +316,7 @@ def environment() -> dict[str, Any]:
             "flax_version": _version("flax"), "python": platform.python_version(),
             "host": platform.node(), "cpu_count": os.cpu_count(),
             "default_matmul_precision": jax.config.jax_default_matmul_precision,
-            "host_memory": host_memory.status()}
+            "host_memory": host_memory.status(), "onednn_convolutions": onednn.status()}
 
 
 def _version(package: str) -> str | None:
@@ -451,6 +462,9 @@ def format_header(meta: dict) -> str:
     lines = [f"backend: {env['backend']} ({env['device_kind']}, {meta['config']['devices']} of "
              f"{env['devices_available']} device(s)), jax {env['jax_version']}; median of "
              f"{meta['config']['steps']} steps after {meta['config']['warmup']} warm-up"]
+    if env["backend"] == "cpu":
+        lines.append(f"host memory: {env.get('host_memory')}; oneDNN convolutions: "
+                     f"{env.get('onednn_convolutions')}")
     for dtype, peak in meta["peaks"].items():
         lines.append(f"peak {dtype}: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device "
                      f"({peak['source']}: {peak['detail']}; {peak['precision']})")

@@ -1,11 +1,17 @@
-"""2-D convolution with a faster weight gradient on CPU; XLA's own everywhere else.
+"""2-D convolution with faster training on CPU; XLA's own everywhere else.
 
-XLA's CPU weight gradient slows down more than linearly with the batch (a
+Differentiated float32 convolutions on a single CPU device run on oneDNN's kernels
+through XLA's FFI when `auxtl.onednn` is available (forward, input and weight
+gradient; ~25% off the small_cnn pretraining step, benchmarks/NOTES.md section 6).
+A convolution that is not differentiated (a frozen prefix, inference) keeps XLA's,
+which fuses it with BatchNorm and ReLU.
+
+Without oneDNN, XLA's CPU weight gradient is computed per slice of at most 64
+images and the slices summed: it slows down more than linearly with the batch (a
 512x28x28x32->32 convolution: 20 ms for 128 images, 297 ms for 512), while its
-forward pass and input gradient scale well. On CPU this module computes the weight
-gradient per slice of at most 64 images and sums the slices (benchmarks/NOTES.md has
-what was measured, and the matmul formulations that were tried and dropped). On GPU and TPU the lowering picks XLA's
-native weight gradient for the whole batch (`jax.lax.platform_dependent`).
+forward pass and input gradient scale well. On GPU and TPU the lowering picks XLA's
+native convolutions and weight gradient for the whole batch
+(`jax.lax.platform_dependent`).
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (pass it to
 `nnx.Conv(conv_general_dilated=...)`); shapes it does not cover (dilation, groups,
@@ -20,6 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from auxtl import onednn
 
 _LAYOUT = ("NHWC", "HWIO", "NHWC")
 # Images per slice of the CPU weight gradient (32 and 64 measured alike, 128 slower).
@@ -72,18 +80,49 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 
 
 def _conv2d_fwd(x, kernel, strides, padding):
-    return _xla_conv(x, kernel, strides, padding), (x, kernel)
+    xla = functools.partial(_xla_conv, strides=strides, padding=padding)
+    if not use_onednn(x, kernel, padding):
+        return xla(x, kernel), (x, kernel)
+    out_shape = jax.eval_shape(xla, x, kernel).shape
+    y = lax.platform_dependent(
+        x, kernel, default=xla,
+        cpu=lambda x, k: onednn.conv_forward(x, k, strides, padding, out_shape))
+    return y, (x, kernel)
+
+
+def _xla_input_gradient(dy, kernel, x, strides, padding):
+    _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, padding), x)
+    return input_vjp(dy)[0]
 
 
 def _conv2d_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, padding), x)
-    (dx,) = input_vjp(dy)
+    if use_onednn(x, kernel, padding) and dy.dtype == jnp.float32:
+        dx = lax.platform_dependent(
+            dy, kernel, x,
+            cpu=lambda dy, k, x: onednn.conv_input_grad(dy, k, strides, padding, x.shape),
+            default=functools.partial(_xla_input_gradient, strides=strides, padding=padding))
+        dkernel = lax.platform_dependent(
+            x, dy,
+            cpu=lambda x, dy: onednn.conv_weight_grad(x, dy, strides, padding, kernel.shape),
+            default=functools.partial(xla_kernel_gradient, kernel_shape=kernel.shape,
+                                      strides=strides, padding=padding))
+        return dx, dkernel
+    dx = _xla_input_gradient(dy, kernel, x, strides, padding)
     dkernel = kernel_gradient(x, dy, kernel.shape, strides, padding)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def use_onednn(x, kernel, padding) -> bool:
+    """oneDNN for this convolution's training step: float32, padding >= 0, oneDNN built,
+    and one CPU device in one process (GSPMD cannot partition the custom calls)."""
+    return (x.dtype == kernel.dtype == jnp.float32
+            and all(p >= 0 for pair in padding for p in pair)
+            and onednn.available() and jax.process_count() == 1
+            and len(jax.devices("cpu")) == 1)
 
 
 def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, padding) -> jax.Array:

@@ -1,0 +1,137 @@
+"""auxtl.onednn: oneDNN's convolutions through XLA's FFI match XLA's, and are used only
+where they can be (differentiated float32 convolutions on one CPU device)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from auxtl import onednn
+from auxtl.models import conv as auxtl_conv
+
+LAYOUT = ("NHWC", "HWIO", "NHWC")
+INSTALLED = not isinstance(onednn.onednn_paths(), str)
+# Installed but not built is a failure here, not a skip: the build is what these prove.
+needs_onednn = pytest.mark.skipif(not INSTALLED, reason=f"oneDNN: {onednn.onednn_paths()}")
+
+
+def relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@needs_onednn
+def test_builds_and_registers():
+    assert onednn.status() == "available"
+    library = sorted(onednn.cache_dir().glob("auxtl_onednn_conv-*.so"))
+    assert library, onednn.cache_dir()
+
+
+@needs_onednn
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((0, 0), (0, 0))),
+                                             ((1, 1), ((2, 0), (1, 2))),
+                                             ((2, 1), ((1, 1), (0, 1))),
+                                             ((3, 2), ((0, 2), (1, 1)))])
+def test_primitives_match_xla_for_explicit_padding_and_uneven_strides(strides, padding):
+    kx, kk, kd = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (5, 10, 11, 6))
+    kernel = jax.random.normal(kk, (3, 2, 6, 7))
+
+    def xla(x, kernel):
+        return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=LAYOUT,
+                                        precision="highest")
+    y, vjp = jax.vjp(xla, x, kernel)
+    dy = jax.random.normal(kd, y.shape)
+    dx, dkernel = vjp(dy)
+    assert relative_error(onednn.conv_forward(x, kernel, strides, padding, y.shape), y) <= 1e-5
+    assert relative_error(onednn.conv_input_grad(dy, kernel, strides, padding, x.shape),
+                          dx) <= 1e-5
+    assert relative_error(onednn.conv_weight_grad(x, dy, strides, padding, kernel.shape),
+                          dkernel) <= 1e-5
+
+
+def _lowered(fn, *args, platform="cpu") -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _conv(x, kernel):
+    return auxtl_conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=LAYOUT)
+
+
+@needs_onednn
+def test_training_uses_onednn_and_inference_keeps_xla():
+    x, kernel = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    grads = _lowered(jax.grad(lambda x, k: jnp.sum(_conv(x, k) ** 2), argnums=(0, 1)), x, kernel)
+    for target in onednn.TARGETS.values():
+        assert target in grads
+    assert "convolution" not in grads
+    inference = _lowered(_conv, x, kernel)
+    assert "convolution" in inference and "AuxtlOneDnn" not in inference
+    # A frozen layer: differentiated only with respect to what comes after it.
+    frozen = _lowered(jax.grad(lambda w: jnp.sum(_conv(x, kernel) * w)), jnp.ones((4, 6, 6, 4)))
+    assert "AuxtlOneDnn" not in frozen
+    try:
+        gpu = _lowered(jax.grad(lambda x, k: jnp.sum(_conv(x, k)), argnums=(0, 1)), x, kernel,
+                       platform="cuda")
+    except Exception as error:  # noqa: BLE001 - a jax without GPU lowering rules
+        pytest.skip(f"cannot lower for cuda here: {error}")
+    assert "AuxtlOneDnn" not in gpu and "convolution" in gpu
+
+
+@needs_onednn
+def test_bfloat16_keeps_xla():
+    x, kernel = jnp.ones((2, 6, 6, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+    text = _lowered(jax.grad(lambda x, k: jnp.sum(_conv(x, k).astype(jnp.float32)),
+                             argnums=(0, 1)), x, kernel)
+    assert "AuxtlOneDnn" not in text
+
+
+def _run(code: str, **env: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+USES_ONEDNN = """
+import jax, jax.numpy as jnp
+from auxtl import onednn
+from auxtl.models import conv
+x = jnp.ones((4, 6, 6, 3))
+print(onednn.status(), "|", conv.use_onednn(x, jnp.ones((3, 3, 3, 4)), ((1, 1), (1, 1))))
+"""
+
+
+def test_turned_off_by_the_environment():
+    assert _run(USES_ONEDNN, AUXTL_ONEDNN="0") == "off (AUXTL_ONEDNN=0) | False"
+
+
+@needs_onednn
+def test_several_devices_keep_xla():
+    # GSPMD cannot partition the custom calls: a sharded step keeps XLA's convolutions.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    assert _run(USES_ONEDNN, XLA_FLAGS=flags) == "available | False"
+    assert _run(USES_ONEDNN) == "available | True"
+
+
+@needs_onednn
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((1, 1), (1, 1))),
+                                             ((2, 1), ((1, 1), (0, 1))),
+                                             ((3, 2), ((0, 2), (1, 1)))])
+def test_flops_are_counted_as_xla_counts_a_convolution(strides, padding):
+    x, kernel = jnp.ones((5, 10, 11, 6)), jnp.ones((3, 2, 6, 7))
+
+    def loss(x, k):
+        return jnp.sum(auxtl_conv.conv_general_dilated(x, k, strides, padding,
+                                                       dimension_numbers=LAYOUT) ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile()
+    xla = jax.jit(lambda x, k: lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=LAYOUT)).lower(x, kernel).compile()
+    # forward, input gradient and weight gradient: three convolutions' worth
+    assert compiled.as_text().count("custom_call_target=\"AuxtlOneDnn") == 3
+    assert onednn.convolution_flops(compiled.as_text()) == 3 * xla.cost_analysis()["flops"]
