@@ -602,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per case (default: 5 on CPU, 20 on accelerators)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps after compilation (default: 1 on CPU, 3 otherwise)")
+                        help="untimed steps after compilation (default 3; on CPU the first steps "
+                             "also grow the kept heap, benchmarks/NOTES.md section 5)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                         help="model config override, e.g. small_cnn:widths=8,8,16,16,16 or "
                              "width=8 (every chosen model with that field); repeatable")
@@ -663,7 +664,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     except ValueError as error:
         raise BenchError(f"--devices {args.devices!r}: use a number or 'all'") from error
     steps = args.steps if args.steps is not None else (5 if on_cpu else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 3)
+    warmup = args.warmup if args.warmup is not None else 3
     if steps < 1 or warmup < 0:
         raise BenchError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
     return BenchConfig(models=models, dtypes=dtypes, kinds=kinds,

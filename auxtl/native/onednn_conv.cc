@@ -8,8 +8,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -97,13 +97,14 @@ void Execute(const Problem& p, void* input, void* kernel, void* output) {
   const Built& built = Cached(p);
   dnnl::engine& engine = Engine();
   dnnl::stream stream(engine);
-  std::vector<uint8_t> scratch(built.scratch.get_size());
+  // Uninitialised: oneDNN writes its scratch before reading it.
+  std::unique_ptr<uint8_t[]> scratch(new uint8_t[built.scratch.get_size() + 1]);
   memory input_m(p.Input(), engine, input), output_m(p.Output(), engine, output);
   memory user_kernel(p.Kernel(), engine, kernel);
   const bool reorder = built.kernel != p.Kernel();
   memory kernel_m = reorder ? memory(built.kernel, engine) : user_kernel;
   std::unordered_map<int, memory> args{
-      {DNNL_ARG_SCRATCHPAD, memory(built.scratch, engine, scratch.data())}};
+      {DNNL_ARG_SCRATCHPAD, memory(built.scratch, engine, scratch.get())}};
   switch (p.kind) {
     case Kind::kForward:
       args.insert({{DNNL_ARG_SRC, input_m}, {DNNL_ARG_WEIGHTS, kernel_m}, {DNNL_ARG_DST, output_m}});
