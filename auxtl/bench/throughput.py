@@ -2,7 +2,7 @@
 
 For each model x compute dtype x step kind: step time (median, min/max, IQR after
 warm-up), examples/s, FLOPs per step from XLA's cost analysis of the compiled
-step, achieved FLOP/s and MFU against the device's peak (`auxtl.bench.peaks`).
+step (plus auxtl's oneDNN convolutions, which it does not count), achieved FLOP/s and MFU against the device's peak (`auxtl.bench.peaks`).
 
 Step kinds:
   pretrain         full rotation pretraining step (`auxtl.train.make_train_step`);
@@ -478,7 +478,8 @@ def markdown_table(rows: Sequence[dict], meta: dict) -> str:
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in ok_rows(rows)]
     lines += [""] + [f"- {line}" for line in format_errors(rows)] if format_errors(rows) else []
     lines += ["", "ex/step: examples per step (pretrain: 4 rotations per image). FLOPs from "
-              "XLA's cost analysis of the compiled step; MFU = achieved FLOP/s / peak."]
+              "XLA's cost analysis of the compiled step (oneDNN convolutions counted alike); "
+              "MFU = achieved FLOP/s / peak."]
     return "\n".join(lines) + "\n"
 
 
