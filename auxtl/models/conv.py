@@ -117,12 +117,13 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def use_onednn(x, kernel, padding) -> bool:
-    """oneDNN for this convolution's training step: float32, padding >= 0, oneDNN built,
-    and one CPU device in one process (GSPMD cannot partition the custom calls)."""
+    """oneDNN for this convolution's training step: float32, padding >= 0, JAX running
+    on one CPU device in one process (GSPMD cannot partition the custom calls; GPU and
+    TPU hosts never build them), and oneDNN built."""
     return (x.dtype == kernel.dtype == jnp.float32
             and all(p >= 0 for pair in padding for p in pair)
-            and onednn.available() and jax.process_count() == 1
-            and len(jax.devices("cpu")) == 1)
+            and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and jax.process_count() == 1 and onednn.available())
 
 
 def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, padding) -> jax.Array:
