@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from importlib import metadata
 
 import jax
@@ -69,13 +70,20 @@ def _set_up() -> str:
         return "no C++ compiler (set CXX, or install g++) to build auxtl/native/onednn_conv.cc"
     try:
         library = build_library(compiler, include, libdir)
-    except BuildError as error:
-        return f"build failed: {error}"
+    except (BuildError, OSError) as error:
+        return _warn(f"build failed: {error}")
     try:
         register(library)
     except (OSError, AttributeError, RuntimeError, ValueError) as error:
-        return f"load failed: {library}: {error}"
+        return _warn(f"load failed: {library}: {error}")
     return "available"
+
+
+def _warn(reason: str) -> str:
+    """Installed but unusable: say so once, as training then runs XLA's slower kernels."""
+    warnings.warn(f"auxtl: oneDNN convolutions unavailable, using XLA's: {reason}",
+                  RuntimeWarning, stacklevel=3)
+    return reason
 
 
 def onednn_paths() -> tuple[pathlib.Path, pathlib.Path] | str:

@@ -135,3 +135,21 @@ def test_flops_are_counted_as_xla_counts_a_convolution(strides, padding):
     # forward, input gradient and weight gradient: three convolutions' worth
     assert compiled.as_text().count("custom_call_target=\"AuxtlOneDnn") == 3
     assert onednn.convolution_flops(compiled.as_text()) == 3 * xla.cost_analysis()["flops"]
+
+
+@needs_onednn
+def test_a_failed_build_is_reported_and_training_falls_back(tmp_path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    code = ("import warnings, jax, jax.numpy as jnp\n"
+            "from auxtl import onednn\n"
+            "from auxtl.models import conv\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))\n"
+            "    g = jax.grad(lambda k: jnp.sum(conv.conv_general_dilated(\n"
+            "        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2))(k)\n"
+            "assert g.shape == k.shape\n"
+            "assert any('oneDNN convolutions unavailable' in str(w.message) for w in caught)\n"
+            "print(onednn.status())\n")
+    assert _run(code, AUXTL_CACHE_DIR=str(not_a_dir)).startswith("build failed:")
