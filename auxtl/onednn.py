@@ -59,7 +59,7 @@ def status() -> str:
 def _set_up() -> str:
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
-    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
         return f"unsupported platform ({sys.platform} {platform.machine()}; Linux x86-64 only)"
     paths = onednn_paths()
     if isinstance(paths, str):

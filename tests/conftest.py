@@ -33,6 +33,16 @@ def tiny_config(**overrides) -> auxtl.PretrainConfig:
     return auxtl.PretrainConfig(**values)
 
 
+# NHWC activations, HWIO kernels: the layout auxtl's convolutions use.
+CONV_LAYOUT = ("NHWC", "HWIO", "NHWC")
+
+
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (Frobenius over all elements)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def leaves_equal(a, b) -> bool:
     import jax
     flat_a, tree_a = jax.tree.flatten(a)

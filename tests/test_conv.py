@@ -12,8 +12,9 @@ from jax import lax
 
 from auxtl.models import build_trunk, list_models, make_config
 from auxtl.models import conv as auxtl_conv
+from conftest import CONV_LAYOUT as LAYOUT
+from conftest import relative_error
 
-LAYOUT = ("NHWC", "HWIO", "NHWC")
 
 
 # Inputs the trunks are used at: ResNet-50 at 224 px has the 7x7/2 stem.
@@ -34,11 +35,6 @@ def trunk_convs(name: str) -> set[tuple[int, int, int, int, tuple[int, int], str
 
 ALL_CONVS = sorted(set().union(*(trunk_convs(name) for name in list_models())),
                    key=lambda c: (c[0], c[2] * c[3], c[4]))
-
-
-def relative_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def loss_of(conv_fn, strides, padding):

@@ -77,7 +77,7 @@ def step_flops(model, phase, data):
                        opt_state=optimizer.init(params), rng=np.zeros(2, np.uint32))
     images = np.zeros((64, 28, 28, 1), np.uint8)
     labels_ = np.zeros((64,), np.int32)
-    return compiled_step_flops(step.lower(state, images, labels_).compile())
+    return compiled_step_flops(step.lower(state, images, labels_).compile())[0]
 
 
 def test_frozen_prefix_step_does_less_work(data):

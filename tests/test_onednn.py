@@ -7,22 +7,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
 from auxtl import onednn
 from auxtl.models import conv as auxtl_conv
+from conftest import CONV_LAYOUT as LAYOUT
+from conftest import relative_error
 
-LAYOUT = ("NHWC", "HWIO", "NHWC")
 INSTALLED = not isinstance(onednn.onednn_paths(), str)
 # Installed but not built is a failure here, not a skip: the build is what these prove.
 needs_onednn = pytest.mark.skipif(not INSTALLED, reason=f"oneDNN: {onednn.onednn_paths()}")
-
-
-def relative_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @needs_onednn

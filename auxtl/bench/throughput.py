@@ -2,7 +2,8 @@
 
 For each model x compute dtype x step kind: step time (median, min/max, IQR after
 warm-up), examples/s, FLOPs per step from XLA's cost analysis of the compiled
-step (plus auxtl's oneDNN convolutions, which it does not count), achieved FLOP/s and MFU against the device's peak (`auxtl.bench.peaks`).
+step (plus auxtl's oneDNN convolutions, which it does not count), achieved FLOP/s
+and MFU against the device's peak (`auxtl.bench.peaks`).
 
 Step kinds:
   pretrain         full rotation pretraining step (`auxtl.train.make_train_step`);
@@ -245,11 +246,13 @@ def cost_flops(analysis) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def compiled_step_flops(compiled) -> float | None:
-    """FLOPs per device of a compiled step: XLA's cost analysis, plus auxtl's oneDNN
-    convolutions (XLA counts no custom calls; they are counted from the HLO alike)."""
+def compiled_step_flops(compiled) -> tuple[float | None, float]:
+    """(FLOPs per device of a compiled step, or None, and the part of them that is
+    auxtl's oneDNN convolutions): XLA counts no custom calls, so those are counted
+    from the compiled HLO the way XLA counts a convolution and added."""
+    custom = onednn.convolution_flops(compiled.as_text())
     flops = cost_flops(_safe(compiled.cost_analysis))
-    return None if flops is None else flops + onednn.convolution_flops(compiled.as_text())
+    return (None if flops is None else flops + custom), custom
 
 
 def compile_case(case: Case) -> tuple[Any, float, dict[str, Any]]:
@@ -266,8 +269,7 @@ def compile_case(case: Case) -> tuple[Any, float, dict[str, Any]]:
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     devices = len(jax.tree.leaves(case.args)[0].sharding.device_set)
-    compiled_flops = compiled_step_flops(compiled)
-    custom_flops = onednn.convolution_flops(compiled.as_text())
+    compiled_flops, custom_flops = compiled_step_flops(compiled)
     lowered_flops = cost_flops(_safe(lowered.cost_analysis))
     if compiled_flops is not None:
         flops, source = compiled_flops * devices, "xla compiled cost_analysis"

@@ -97,7 +97,7 @@ def _xla_input_gradient(dy, kernel, x, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
-    if use_onednn(x, kernel, padding) and dy.dtype == jnp.float32:
+    if use_onednn(x, kernel, padding):
         dx = lax.platform_dependent(
             dy, kernel, x,
             cpu=lambda dy, k, x: onednn.conv_input_grad(dy, k, strides, padding, x.shape),
