@@ -17,24 +17,21 @@ convolutions). `AUXTL_ONEDNN=0` turns them off.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
 import pathlib
 import platform
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import warnings
 from importlib import metadata
 
 import jax
 import numpy as np
 
+from auxtl import native_build
+
 ENV_VAR = "AUXTL_ONEDNN"
-SOURCE = pathlib.Path(__file__).with_name("native") / "onednn_conv.cc"
+SOURCE = native_build.SOURCES / "onednn_conv.cc"
 TARGETS = {"forward": "AuxtlOneDnnConvForward", "input_grad": "AuxtlOneDnnConvInputGrad",
            "weight_grad": "AuxtlOneDnnConvWeightGrad"}
 RUNTIME, HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
@@ -65,15 +62,15 @@ def _set_up() -> str:
     if isinstance(paths, str):
         return paths
     include, libdir = paths
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = native_build.compiler()
     if not compiler:
         return "no C++ compiler (set CXX, or install g++) to build auxtl/native/onednn_conv.cc"
     try:
         library = build_library(compiler, include, libdir)
-    except (BuildError, OSError) as error:
+    except (native_build.BuildError, OSError) as error:
         return _warn(f"build failed: {error}")
     try:
-        register(library)
+        native_build.register(library, TARGETS)
     except (OSError, AttributeError, RuntimeError, ValueError) as error:
         return _warn(f"load failed: {library}: {error}")
     return "available"
@@ -102,46 +99,12 @@ def onednn_paths() -> tuple[pathlib.Path, pathlib.Path] | str:
     return header.parent.parent.parent, library.parent
 
 
-class BuildError(RuntimeError):
-    pass
-
-
-def cache_dir() -> pathlib.Path:
-    root = os.environ.get("AUXTL_CACHE_DIR") or pathlib.Path.home() / ".cache" / "auxtl"
-    return pathlib.Path(root) / "native"
-
-
 def build_library(compiler: str, include: pathlib.Path, libdir: pathlib.Path) -> pathlib.Path:
     """The compiled handler library, built once per source, jaxlib and oneDNN version."""
     command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
                f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), "-o", "{out}",
                f"-L{libdir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, jax.__version__,
-                                    metadata.version(RUNTIME)]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"auxtl_onednn_conv-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent processes never load a partial file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        partial = pathlib.Path(scratch) / target.name
-        run = [part.replace("{out}", str(partial)) for part in command]
-        try:
-            result = subprocess.run(run, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise BuildError(f"{compiler}: {error}") from error
-        if result.returncode != 0:
-            raise BuildError(f"{' '.join(run)} exited {result.returncode}: "
-                             f"{result.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
-    return target
-
-
-def register(library: pathlib.Path) -> None:
-    lib = ctypes.cdll.LoadLibrary(str(library))
-    for target in TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
-                                    platform="cpu")
+    return native_build.build_library(SOURCE, command, key_parts=[metadata.version(RUNTIME)])
 
 
 def _call(target: str, out_shape, a, b, strides, padding):
@@ -187,7 +150,7 @@ def _attr(config: str, name: str) -> tuple[int, ...]:
     raise ValueError(f"no {name} in the oneDNN call's backend_config {{{config}}}")
 
 
-def _taps(size: int, out: int, kernel: int, stride: int, pad_low: int) -> int:
+def taps(size: int, out: int, kernel: int, stride: int, pad_low: int) -> int:
     """(output position, kernel tap) pairs that read inside the input along one axis."""
     return sum(1 for o in range(out) for k in range(kernel)
                if 0 <= o * stride + k - pad_low < size)
@@ -205,7 +168,7 @@ def convolution_flops(hlo_text: str) -> float:
                    "AuxtlOneDnnConvInputGrad": (out, b, a),
                    "AuxtlOneDnnConvWeightGrad": (a, out, b)}[target]
         strides, pads = _attr(config, "strides"), _attr(config, "padding")
-        taps = (_taps(x[1], y[1], k[0], strides[0], pads[0])
-                * _taps(x[2], y[2], k[1], strides[1], pads[2]))
-        total += 2 * x[0] * x[3] * y[3] * taps
+        pairs = (taps(x[1], y[1], k[0], strides[0], pads[0])
+                 * taps(x[2], y[2], k[1], strides[1], pads[2]))
+        total += 2 * x[0] * x[3] * y[3] * pairs
     return float(total)

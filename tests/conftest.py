@@ -49,3 +49,13 @@ def leaves_equal(a, b) -> bool:
     flat_b, tree_b = jax.tree.flatten(b)
     return tree_a == tree_b and all(np.array_equal(np.asarray(x), np.asarray(y))
                                     for x, y in zip(flat_a, flat_b))
+
+
+def require_winograd() -> None:
+    """Skip where auxtl's Winograd kernel cannot be built (no compiler, not Linux, turned
+    off); fail where it could and was not: the build is part of what the tests prove."""
+    from auxtl import winograd
+    status = winograd.status()
+    if status.startswith(("no C++ compiler", "unsupported platform", "off")):
+        pytest.skip(f"Winograd convolutions: {status}")
+    assert status == "available", f"Winograd convolutions: {status}"

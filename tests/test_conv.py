@@ -13,7 +13,7 @@ from jax import lax
 from auxtl.models import build_trunk, list_models, make_config
 from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import relative_error
+from conftest import relative_error, require_winograd
 
 
 
@@ -62,13 +62,18 @@ def test_the_trunks_use_convs_this_file_covers():
     assert all(c[5] == "SAME" for c in ALL_CONVS)
 
 
-@pytest.fixture(params=["onednn", "sliced"])
+@pytest.fixture(params=["winograd", "onednn", "sliced"])
 def cpu_path(request, monkeypatch):
-    """Each CPU path: oneDNN's kernels (where built), and XLA's with the sliced weight gradient."""
-    if request.param == "onednn":
-        if not auxtl_conv.onednn.available():
-            pytest.skip(f"oneDNN convolutions: {auxtl_conv.onednn.status()}")
-    else:
+    """Each CPU path: Winograd forward and input gradient with oneDNN's weight gradient
+    (the default where both are built), oneDNN's three kernels, and XLA's with the
+    sliced weight gradient."""
+    if request.param == "winograd":
+        require_winograd()
+    if request.param != "winograd":
+        monkeypatch.setattr(auxtl_conv, "use_winograd", lambda *args, **kwargs: False)
+    if request.param == "onednn" and not auxtl_conv.onednn.available():
+        pytest.skip(f"oneDNN convolutions: {auxtl_conv.onednn.status()}")
+    if request.param == "sliced":
         monkeypatch.setattr(auxtl_conv, "use_onednn", lambda *args: False)
     return request.param
 
@@ -147,6 +152,7 @@ def _lowered_text(platform: str, batch: int) -> str:
 
 def test_only_cpu_slices_the_weight_gradient(monkeypatch):
     monkeypatch.setattr(auxtl_conv, "use_onednn", lambda *args: False)
+    monkeypatch.setattr(auxtl_conv, "use_winograd", lambda *args, **kwargs: False)
     assert _lowered_text("cpu", batch=130).count("convolution") == 3   # 64 + 64 + 2 images
     try:
         gpu = _lowered_text("cuda", batch=130)

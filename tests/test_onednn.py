@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from auxtl import onednn
+from auxtl import native_build, onednn
 from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
 from conftest import relative_error
@@ -23,8 +23,8 @@ needs_onednn = pytest.mark.skipif(not INSTALLED, reason=f"oneDNN: {onednn.onednn
 @needs_onednn
 def test_builds_and_registers():
     assert onednn.status() == "available"
-    library = sorted(onednn.cache_dir().glob("auxtl_onednn_conv-*.so"))
-    assert library, onednn.cache_dir()
+    library = sorted(native_build.cache_dir().glob("auxtl_onednn_conv-*.so"))
+    assert library, native_build.cache_dir()
 
 
 @needs_onednn
@@ -95,7 +95,7 @@ def _run(code: str, **env: str) -> str:
 
 USES_ONEDNN = """
 import jax, jax.numpy as jnp
-from auxtl import onednn
+from auxtl import native_build, onednn
 from auxtl.models import conv
 x = jnp.ones((4, 6, 6, 3))
 print(onednn.status(), "|", conv.use_onednn(x, jnp.ones((3, 3, 3, 4)), ((1, 1), (1, 1))))

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from auxtl import host_memory, onednn
+from auxtl import host_memory, onednn, winograd
 from auxtl.bench import BenchError
 
 MODEL_INPUTS: dict[str, tuple[int, int, int]] = {
@@ -248,9 +248,10 @@ def cost_flops(analysis) -> float | None:
 
 def compiled_step_flops(compiled) -> tuple[float | None, float]:
     """(FLOPs per device of a compiled step, or None, and the part of them that is
-    auxtl's oneDNN convolutions): XLA counts no custom calls, so those are counted
-    from the compiled HLO the way XLA counts a convolution and added."""
-    custom = onednn.convolution_flops(compiled.as_text())
+    auxtl's oneDNN and Winograd convolutions): XLA counts no custom calls, so those are
+    counted from the compiled HLO the way XLA counts a convolution and added."""
+    text = compiled.as_text()
+    custom = onednn.convolution_flops(text) + winograd.convolution_flops(text)
     flops = cost_flops(_safe(compiled.cost_analysis))
     return (None if flops is None else flops + custom), custom
 
@@ -274,7 +275,7 @@ def compile_case(case: Case) -> tuple[Any, float, dict[str, Any]]:
     if compiled_flops is not None:
         flops, source = compiled_flops * devices, "xla compiled cost_analysis"
         if custom_flops:
-            source += " + oneDNN convolutions counted from the compiled HLO"
+            source += " + oneDNN/Winograd convolutions counted from the compiled HLO"
     elif lowered_flops is not None:
         flops, source = lowered_flops, "xla lowered cost_analysis"
     else:
@@ -318,7 +319,8 @@ def environment() -> dict[str, Any]:
             "flax_version": _version("flax"), "python": platform.python_version(),
             "host": platform.node(), "cpu_count": os.cpu_count(),
             "default_matmul_precision": jax.config.jax_default_matmul_precision,
-            "host_memory": host_memory.status(), "onednn_convolutions": onednn.status()}
+            "host_memory": host_memory.status(), "onednn_convolutions": onednn.status(),
+            "winograd_convolutions": winograd.status()}
 
 
 def _version(package: str) -> str | None:
@@ -466,7 +468,8 @@ def format_header(meta: dict) -> str:
              f"{meta['config']['steps']} steps after {meta['config']['warmup']} warm-up"]
     if env["backend"] == "cpu":
         lines.append(f"host memory: {env.get('host_memory')}; oneDNN convolutions: "
-                     f"{env.get('onednn_convolutions')}")
+                     f"{env.get('onednn_convolutions')}; Winograd convolutions: "
+                     f"{env.get('winograd_convolutions')}")
     for dtype, peak in meta["peaks"].items():
         lines.append(f"peak {dtype}: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device "
                      f"({peak['source']}: {peak['detail']}; {peak['precision']})")
@@ -480,7 +483,8 @@ def markdown_table(rows: Sequence[dict], meta: dict) -> str:
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in ok_rows(rows)]
     lines += [""] + [f"- {line}" for line in format_errors(rows)] if format_errors(rows) else []
     lines += ["", "ex/step: examples per step (pretrain: 4 rotations per image). FLOPs from "
-              "XLA's cost analysis of the compiled step (oneDNN convolutions counted alike); "
+              "XLA's cost analysis of the compiled step (oneDNN and Winograd convolutions counted "
+              "alike, as the direct convolutions they compute); "
               "MFU = achieved FLOP/s / peak."]
     return "\n".join(lines) + "\n"
 

@@ -1,10 +1,12 @@
 """2-D convolution with faster training on CPU; XLA's own everywhere else.
 
-Differentiated float32 convolutions on a single CPU device run on oneDNN's kernels
-through XLA's FFI when `auxtl.onednn` is available (forward, input and weight
-gradient; ~25% off the small_cnn pretraining step, benchmarks/NOTES.md section 6).
-A convolution that is not differentiated (a frozen prefix, inference) keeps XLA's,
-which fuses it with BatchNorm and ReLU.
+Differentiated float32 convolutions on a single CPU device run on auxtl's kernels
+through XLA's FFI: 3x3 stride-1 convolutions with at least 8 input channels take
+their forward pass and input gradient from `auxtl.winograd` (Winograd F(4x4, 3x3));
+the other forward passes and input gradients, and every weight gradient, from
+oneDNN (`auxtl.onednn`) where it is installed (benchmarks/NOTES.md, sections 6-7).
+A convolution that is not differentiated runs the primal, XLA's; a conv + BatchNorm
+block in inference mode is fused into one Winograd call by `auxtl.models.fused`.
 
 Without oneDNN, XLA's CPU weight gradient is computed per slice of at most 64
 images and the slices summed: it slows down more than linearly with the batch (a
@@ -27,11 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from auxtl import onednn
+from auxtl import onednn, winograd
 
 _LAYOUT = ("NHWC", "HWIO", "NHWC")
 # Images per slice of the CPU weight gradient (32 and 64 measured alike, 128 slower).
 _SLICE_IMAGES = 64
+# Fewer input channels than this keep the direct kernels (too little work per tile).
+MIN_WINOGRAD_CHANNELS = 8
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -74,20 +78,49 @@ def _xla_conv(x, kernel, strides, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """NHWC x HWIO convolution; forward and input gradient by XLA, weight gradient by
-    `kernel_gradient` (sliced on CPU, XLA's whole-batch one elsewhere)."""
+    """NHWC x HWIO convolution by XLA; differentiated, its forward pass and gradients
+    come from the kernels the module docstring lists."""
     return _xla_conv(x, kernel, strides, padding)
 
 
 def _conv2d_fwd(x, kernel, strides, padding):
     xla = functools.partial(_xla_conv, strides=strides, padding=padding)
-    if not use_onednn(x, kernel, padding):
+    if use_winograd(x, kernel, strides, padding):
+        cpu = functools.partial(winograd.conv, padding=padding)
+    elif use_onednn(x, kernel, padding):
+        out_shape = jax.eval_shape(xla, x, kernel).shape
+        cpu = functools.partial(onednn.conv_forward, strides=strides, padding=padding,
+                                out_shape=out_shape)
+    else:
         return xla(x, kernel), (x, kernel)
-    out_shape = jax.eval_shape(xla, x, kernel).shape
-    y = lax.platform_dependent(
-        x, kernel, default=xla,
-        cpu=lambda x, k: onednn.conv_forward(x, k, strides, padding, out_shape))
-    return y, (x, kernel)
+    return lax.platform_dependent(x, kernel, cpu=cpu, default=xla), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+    x, kernel = residuals
+    dx = _input_gradient(dy, kernel, x, strides, padding)
+    dkernel = _weight_gradient(x, dy, kernel, strides, padding)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+def _input_gradient(dy, kernel, x, strides, padding):
+    xla = functools.partial(_xla_input_gradient, strides=strides, padding=padding)
+    if use_winograd(x, kernel, strides, padding, input_gradient=True):
+        def cpu(dy, kernel, x):
+            return _winograd_input_gradient(dy, kernel, padding)
+    elif use_onednn(x, kernel, padding):
+        def cpu(dy, kernel, x):
+            return onednn.conv_input_grad(dy, kernel, strides, padding, x.shape)
+    else:
+        return xla(dy, kernel, x)
+    return lax.platform_dependent(dy, kernel, x, cpu=cpu, default=xla)
+
+
+def _winograd_input_gradient(dy, kernel, padding):
+    """dx of a stride-1 3x3 convolution: dy convolved with the kernel rotated 180 degrees
+    (input and output channels swapped), padded by 2 - padding."""
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return winograd.conv(dy, flipped, tuple((2 - low, 2 - high) for low, high in padding))
 
 
 def _xla_input_gradient(dy, kernel, x, strides, padding):
@@ -95,22 +128,14 @@ def _xla_input_gradient(dy, kernel, x, strides, padding):
     return input_vjp(dy)[0]
 
 
-def _conv2d_bwd(strides, padding, residuals, dy):
-    x, kernel = residuals
-    if use_onednn(x, kernel, padding):
-        dx = lax.platform_dependent(
-            dy, kernel, x,
-            cpu=lambda dy, k, x: onednn.conv_input_grad(dy, k, strides, padding, x.shape),
-            default=functools.partial(_xla_input_gradient, strides=strides, padding=padding))
-        dkernel = lax.platform_dependent(
-            x, dy,
-            cpu=lambda x, dy: onednn.conv_weight_grad(x, dy, strides, padding, kernel.shape),
-            default=functools.partial(xla_kernel_gradient, kernel_shape=kernel.shape,
-                                      strides=strides, padding=padding))
-        return dx, dkernel
-    dx = _xla_input_gradient(dy, kernel, x, strides, padding)
-    dkernel = kernel_gradient(x, dy, kernel.shape, strides, padding)
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+def _weight_gradient(x, dy, kernel, strides, padding):
+    if not use_onednn(x, kernel, padding):
+        return kernel_gradient(x, dy, kernel.shape, strides, padding)
+    return lax.platform_dependent(
+        x, dy,
+        cpu=lambda x, dy: onednn.conv_weight_grad(x, dy, strides, padding, kernel.shape),
+        default=functools.partial(xla_kernel_gradient, kernel_shape=kernel.shape,
+                                  strides=strides, padding=padding))
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -122,8 +147,24 @@ def use_onednn(x, kernel, padding) -> bool:
     TPU hosts never build them), and oneDNN built."""
     return (x.dtype == kernel.dtype == jnp.float32
             and all(p >= 0 for pair in padding for p in pair)
-            and jax.default_backend() == "cpu" and jax.device_count() == 1
-            and jax.process_count() == 1 and onednn.available())
+            and _one_cpu_device() and onednn.available())
+
+
+def use_winograd(x, kernel, strides, padding, *, input_gradient: bool = False) -> bool:
+    """The Winograd kernel for this convolution's forward pass (or its input gradient):
+    3x3, stride 1, padding 0-2, float32, at least MIN_WINOGRAD_CHANNELS input channels
+    (output channels for the input gradient), one CPU device in one process, built."""
+    channels = kernel.shape[3] if input_gradient else kernel.shape[2]
+    return (kernel.shape[:2] == (3, 3) and tuple(strides) == (1, 1)
+            and all(0 <= p <= 2 for pair in padding for p in pair)
+            and channels >= MIN_WINOGRAD_CHANNELS
+            and x.dtype == kernel.dtype == jnp.float32 and _one_cpu_device()
+            and winograd.available())
+
+
+def _one_cpu_device() -> bool:
+    return (jax.default_backend() == "cpu" and jax.device_count() == 1
+            and jax.process_count() == 1)
 
 
 def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, padding) -> jax.Array:

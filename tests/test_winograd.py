@@ -1,0 +1,181 @@
+"""auxtl.winograd and auxtl.models.fused: the Winograd kernel matches XLA's convolution
+(with its epilogue), a frozen or evaluated block runs as one call, and gradients
+through a block in inference mode are the unfused ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from auxtl import native_build, winograd
+from auxtl.models import build_trunk, fused, make_config
+from auxtl.models import conv as auxtl_conv
+from auxtl.models.layers import ConvBlock
+from conftest import CONV_LAYOUT as LAYOUT
+from conftest import relative_error, require_winograd
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    require_winograd()
+
+
+def reference(x, kernel, padding, scale, shift, relu, pool):
+    y = lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=LAYOUT,
+                                 precision="highest") * scale + shift
+    y = jnp.maximum(y, 0) if relu else y
+    return fused.max_pool_2x2(y) if pool else y
+
+
+def test_builds_per_cpu_into_the_cache():
+    assert sorted(native_build.cache_dir().glob("auxtl_winograd_conv-*.so"))
+    assert "flags" in native_build.cpu_signature()
+
+
+# (batch, height, width, in, out, padding): odd sizes, channels that fill no whole
+# vector or column block, asymmetric and zero padding, outputs under 4 pixels (F(2x2)).
+SHAPES = [(3, 9, 11, 8, 5, ((1, 1), (1, 1))),
+          (2, 28, 28, 32, 32, ((1, 1), (1, 1))),
+          (4, 7, 7, 64, 128, ((1, 1), (1, 1))),
+          (2, 10, 13, 13, 20, ((2, 0), (0, 2))),
+          (3, 6, 5, 3, 17, ((0, 0), (2, 1))),
+          (2, 3, 5, 9, 16, ((1, 1), (1, 1))),
+          (1, 2, 2, 24, 40, ((1, 1), (1, 1)))]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("relu,pool", [(False, False), (True, False), (True, True)])
+def test_matches_xla_with_scale_shift_relu_pool(shape, relu, pool):
+    n, h, w, cin, cout, padding = shape
+    kx, kk, ks, kt = jax.random.split(jax.random.key(cin * 100 + cout), 4)
+    x = jax.random.normal(kx, (n, h, w, cin))
+    kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    scale = jax.random.uniform(ks, (cout,), minval=0.5, maxval=2.0)
+    shift = jax.random.normal(kt, (cout,))
+    want = reference(x, kernel, padding, scale, shift, relu, pool)
+    got = jax.jit(lambda *a: winograd.conv(*a, padding, scale=scale, shift=shift, relu=relu,
+                                           pool=pool))(x, kernel)
+    assert got.shape == want.shape
+    assert relative_error(got, want) <= 1e-5
+
+
+def test_tile_is_4_unless_the_output_is_smaller():
+    assert winograd.tile_for(28, 28) == 4 and winograd.tile_for(4, 7) == 4
+    assert winograd.tile_for(3, 28) == 2 and winograd.tile_for(2, 2) == 2
+
+
+def test_bad_shapes_are_an_error_naming_them():
+    x = jnp.ones((2, 8, 8, 4))
+    u = winograd.transform_kernel(jnp.ones((3, 3, 4, 6)), 4)
+    call = jax.ffi.ffi_call(winograd.TARGET, jax.ShapeDtypeStruct((2, 8, 8, 6), jnp.float32))
+    with pytest.raises(Exception, match="shapes do not match.*2x8x8x4"):
+        jax.block_until_ready(call(x, u, jnp.zeros((5,)), tile=np.int64(4), pad_top=np.int64(1),
+                                   pad_left=np.int64(1), conv_h=np.int64(8),
+                                   conv_w=np.int64(8), relu=False, pool=False))
+
+
+def test_flops_are_counted_as_xla_counts_the_direct_convolution():
+    x, kernel = jnp.ones((3, 9, 10, 8)), jnp.ones((3, 3, 8, 20))
+    padding = ((2, 0), (1, 1))
+    ours = jax.jit(lambda x, k: winograd.conv(x, k, padding, relu=True)).lower(x, kernel)
+    xla = jax.jit(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), padding,
+                                                        dimension_numbers=LAYOUT))
+    want = xla.lower(x, kernel).compile().cost_analysis()["flops"]
+    assert winograd.convolution_flops(ours.compile().as_text()) == pytest.approx(want,
+                                                                                rel=0.01)
+
+
+def _block(pool: bool) -> ConvBlock:
+    block = ConvBlock(16, 24, pool=pool, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(5), 4)   # BatchNorm as after training
+    block.bn.mean[...] = jax.random.normal(keys[0], (24,)) * 0.1
+    block.bn.var[...] = jax.random.uniform(keys[1], (24,), minval=0.5, maxval=2.0)
+    block.bn.scale[...] = jax.random.uniform(keys[2], (24,), minval=0.5, maxval=1.5)
+    block.bn.bias[...] = jax.random.normal(keys[3], (24,)) * 0.1
+    return block
+
+
+def _unfused(monkeypatch):
+    monkeypatch.setattr(fused, "applies", lambda *args: False)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_block_in_inference_is_one_fused_call_with_the_unfused_values(pool, monkeypatch):
+    block = _block(pool)
+    x = jax.random.normal(jax.random.key(6), (4, 10, 10, 16))
+    run = nnx.jit(lambda block, x: block(x, train=False))
+    text = jax.jit(lambda x: block(x, train=False)).lower(x).as_text()
+    assert text.count(winograd.TARGET) == 1 and "convolution" not in text
+    got = run(block, x)
+    with monkeypatch.context() as patch:
+        _unfused(patch)
+        with jax.default_matmul_precision("highest"):
+            want = nnx.jit(lambda block, x: block(x, train=False))(block, x)
+    assert relative_error(got, want) <= 1e-5
+
+
+def test_gradients_through_a_block_in_inference_are_the_unfused_ones(monkeypatch):
+    block = _block(pool=True)
+    x = jax.random.normal(jax.random.key(7), (4, 10, 10, 16))
+    graphdef, state = nnx.split(block)
+
+    def loss(state, x):
+        return jnp.sum(jnp.tanh(nnx.merge(graphdef, state)(x, train=False)))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+    _unfused(monkeypatch)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+    flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(flat_got) == len(flat_want) == 6   # x, kernel, BN scale, bias, mean, var
+    for a, b in zip(flat_got, flat_want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_trunk_features_match_the_unfused_trunk(monkeypatch):
+    trunk = build_trunk("small_cnn", make_config("small_cnn", (28, 28, 1)), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(8), (8, 28, 28, 1))
+    features = nnx.jit(lambda t, x: t(x, train=False))
+    text = jax.jit(lambda x: trunk(x, train=False)).lower(x).as_text()
+    assert text.count(winograd.TARGET) == 4   # conv2-conv5; conv1 has one input channel
+    got = features(trunk, x)
+    _unfused(monkeypatch)
+    with jax.default_matmul_precision("highest"):
+        want = nnx.jit(lambda t, x: t(x, train=False))(trunk, x)
+    assert relative_error(got, want) <= 1e-5
+
+
+def _lowered(fn, *args, platform: str) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_gpu_lowering_keeps_xla_convolutions():
+    block = _block(pool=True)
+    x = jnp.ones((2, 8, 8, 16))
+
+    def train_grad(x):
+        return jax.grad(lambda x: jnp.sum(auxtl_conv.conv_general_dilated(
+            x, block.conv.kernel[...], (1, 1), "SAME", dimension_numbers=LAYOUT)))(x)
+
+    for fn in (lambda x: block(x, train=False), train_grad):
+        assert winograd.TARGET in _lowered(fn, x, platform="cpu")
+        try:
+            gpu = _lowered(fn, x, platform="cuda")
+        except Exception as error:  # noqa: BLE001 - a jax without GPU lowering rules
+            pytest.skip(f"cannot lower for cuda here: {error}")
+        assert winograd.TARGET not in gpu and "convolution" in gpu
+
+
+def test_not_used_below_eight_channels_strided_or_in_bfloat16():
+    x8, k8 = jnp.ones((1, 6, 6, 8)), jnp.ones((3, 3, 8, 4))
+    same = ((1, 1), (1, 1))
+    assert auxtl_conv.use_winograd(x8, k8, (1, 1), same)
+    assert not auxtl_conv.use_winograd(jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 4, 4)),
+                                       (1, 1), same)
+    assert not auxtl_conv.use_winograd(x8, k8, (2, 2), same)
+    assert not auxtl_conv.use_winograd(x8, jnp.ones((5, 5, 8, 4)), (1, 1), same)
+    assert not auxtl_conv.use_winograd(x8.astype(jnp.bfloat16), k8.astype(jnp.bfloat16),
+                                       (1, 1), same)
+    assert not auxtl_conv.use_winograd(x8, jnp.ones((3, 3, 8, 4)), (1, 1), same,
+                                       input_gradient=True)   # dx has 4 input channels
