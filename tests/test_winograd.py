@@ -61,6 +61,59 @@ def test_matches_xla_with_scale_shift_relu_pool(shape, relu, pool):
     assert relative_error(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("relu,pool", [(True, False), (True, True)])
+def test_a_nan_in_the_input_is_not_dropped_by_relu_or_pool(relu, pool):
+    # Winograd spreads a NaN over the output tiles it touches, so its NaN are a superset
+    # of the direct convolution's; what must not happen is ReLU or max-pool zeroing them
+    # (XLA:CPU's own max-pool does drop them, so the mask comes from the unpooled conv).
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8)).at[1, 5, 6, 3].set(jnp.nan)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) / 8
+    ones, zeros = jnp.ones((16,)), jnp.zeros((16,))
+    padding = ((1, 1), (1, 1))
+    nan = np.isnan(reference(x, kernel, padding, ones, zeros, relu, pool=False))
+    if pool:
+        nan = nan.reshape(2, 6, 2, 6, 2, 16).any(axis=(2, 4))
+    got = winograd.conv(x, kernel, padding, scale=ones, shift=zeros, relu=relu, pool=pool)
+    assert nan.any() and got.shape == nan.shape
+    assert np.isnan(got)[nan].all()
+    assert not np.isnan(got[0]).any()
+
+
+def xla_weight_gradient(x, dy, kernel_shape, padding):
+    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
+        x, k, (1, 1), padding, dimension_numbers=LAYOUT, precision="highest"),
+        jnp.zeros(kernel_shape))
+    return vjp(dy)[0]
+
+
+def _weight_gradient_case(shape, seed):
+    n, h, w, cin, cout, padding = shape
+    (top, bottom), (left, right) = padding
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (n, h, w, cin))
+    dy = jax.random.normal(ky, (n, h + top + bottom - 2, w + left + right - 2, cout))
+    return x, dy, (3, 3, cin, cout), padding
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_weight_gradient_matches_xla(shape):
+    x, dy, kernel_shape, padding = _weight_gradient_case(shape, shape[3] * 100 + shape[4])
+    got = jax.jit(lambda x, dy: winograd.weight_gradient(x, dy, padding))(x, dy)
+    assert got.shape == kernel_shape
+    assert relative_error(got, xla_weight_gradient(x, dy, kernel_shape, padding)) <= 1e-5
+
+
+def test_weight_gradient_of_a_long_sum_over_tiles_and_any_block_size():
+    # 128 x 28 x 28 images: 6272 tiles summed per coefficient (in blocks, then the blocks'
+    # partial sums; one long float32 sum was 8x less accurate at 512 images).
+    x, dy, kernel_shape, padding = _weight_gradient_case((128, 28, 28, 32, 32, ((1, 1),) * 2), 3)
+    want = xla_weight_gradient(x, dy, kernel_shape, padding)
+    for tiles_per_block in (None, 1, 100):
+        got = jax.jit(lambda x, dy: winograd.weight_gradient(
+            x, dy, padding, tiles_per_block=tiles_per_block))(x, dy)
+        assert relative_error(got, want) <= 5e-6, tiles_per_block
+
+
 def test_tile_is_4_unless_the_output_is_smaller():
     assert winograd.tile_for(28, 28) == 4 and winograd.tile_for(4, 7) == 4
     assert winograd.tile_for(3, 28) == 2 and winograd.tile_for(2, 2) == 2
@@ -85,6 +138,25 @@ def test_flops_are_counted_as_xla_counts_the_direct_convolution():
     want = xla.lower(x, kernel).compile().cost_analysis()["flops"]
     assert winograd.convolution_flops(ours.compile().as_text()) == pytest.approx(want,
                                                                                 rel=0.01)
+
+
+def test_weight_gradient_flops_are_counted_as_xla_counts_them():
+    x, dy = jnp.ones((3, 9, 10, 8)), jnp.ones((3, 9, 10, 20))
+    padding = ((2, 0), (1, 1))
+    ours = jax.jit(lambda x, dy: winograd.weight_gradient(x, dy, padding)).lower(x, dy)
+    xla = jax.jit(lambda x, dy: xla_weight_gradient(x, dy, (3, 3, 8, 20), padding))
+    want = xla.lower(x, dy).compile().cost_analysis()["flops"]
+    assert winograd.convolution_flops(ours.compile().as_text()) == pytest.approx(want,
+                                                                                rel=0.01)
+
+
+def test_weight_gradient_bad_shapes_are_an_error_naming_them():
+    call = jax.ffi.ffi_call(winograd.WEIGHT_GRAD_TARGET,
+                            jax.ShapeDtypeStruct((36, 4, 16), jnp.float32))
+    with pytest.raises(Exception, match="shapes do not match.*output gradient 3x8x8x6"):
+        jax.block_until_ready(call(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 8, 8, 6)),
+                                   tile=np.int64(4), pad_top=np.int64(1),
+                                   pad_left=np.int64(1), tiles_per_block=np.int64(8)))
 
 
 def _block(pool: bool) -> ConvBlock:
@@ -155,16 +227,18 @@ def test_gpu_lowering_keeps_xla_convolutions():
     x = jnp.ones((2, 8, 8, 16))
 
     def train_grad(x):
-        return jax.grad(lambda x: jnp.sum(auxtl_conv.conv_general_dilated(
-            x, block.conv.kernel[...], (1, 1), "SAME", dimension_numbers=LAYOUT)))(x)
+        return jax.grad(lambda x, k: jnp.sum(auxtl_conv.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=LAYOUT)), (0, 1))(x, block.conv.kernel[...])
 
-    for fn in (lambda x: block(x, train=False), train_grad):
-        assert winograd.TARGET in _lowered(fn, x, platform="cpu")
+    for fn, targets in ((lambda x: block(x, train=False), [winograd.TARGET]),
+                        (train_grad, [winograd.TARGET])):
+        cpu = _lowered(fn, x, platform="cpu")
+        assert all(target in cpu for target in targets)
         try:
             gpu = _lowered(fn, x, platform="cuda")
         except Exception as error:  # noqa: BLE001 - a jax without GPU lowering rules
             pytest.skip(f"cannot lower for cuda here: {error}")
-        assert winograd.TARGET not in gpu and "convolution" in gpu
+        assert "AuxtlWinograd" not in gpu and "convolution" in gpu
 
 
 def test_not_used_below_eight_channels_strided_or_in_bfloat16():

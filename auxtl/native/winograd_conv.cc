@@ -24,6 +24,7 @@ namespace {
 constexpr int kLanes = 8;    // one vector: 8 floats (AVX2; AVX-512 splits nothing)
 constexpr int kCols = 16;    // output channels per matmul column block (2 vectors)
 constexpr int kRows = 6;     // tiles per matmul micro-kernel call
+constexpr int kChunkBlocks = 32;  // weight gradient: blocks summed apart before adding up
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -175,6 +176,9 @@ inline void MicroRows(int rows, const float* a, int64_t lda, const float* b, int
   }
 }
 
+// max(a, b) that propagates NaN like XLA's maximum (a plain `a > b ? a : b` drops it).
+inline Vec Max(Vec a, Vec b) { return (a > b) | (a != a) ? a : b; }
+
 // Output transform of one tile for 16 channels, epilogue, store.
 template <int M>
 void OutputTile(const Shape& s, const float* m, int64_t plane, const float* shift, int64_t tile,
@@ -198,7 +202,7 @@ void OutputTile(const Shape& s, const float* m, int64_t plane, const float* shif
     for (int i = 0; i < M; ++i)
       for (int j = 0; j < M; ++j) {
         out[i][j] += bias;
-        if (s.relu) out[i][j] = out[i][j] > 0.0f ? out[i][j] : Vec{};
+        if (s.relu) out[i][j] = Max(out[i][j], Vec{});
       }
     const int64_t count = std::min<int64_t>(kLanes, width - c0);
     auto put = [&](int64_t oy, int64_t ox, Vec value) {
@@ -216,8 +220,7 @@ void OutputTile(const Shape& s, const float* m, int64_t plane, const float* shif
       for (int i = 0; i < M; i += 2)
         for (int j = 0; j < M; j += 2) {
           Vec a = out[i][j], b = out[i][j + 1], c = out[i + 1][j], d = out[i + 1][j + 1];
-          Vec ab = a > b ? a : b, cd = c > d ? c : d;
-          put((ty * M + i) / 2, (tx * M + j) / 2, ab > cd ? ab : cd);
+          put((ty * M + i) / 2, (tx * M + j) / 2, Max(Max(a, b), Max(c, d)));
         }
     } else {
       for (int i = 0; i < M; ++i)
@@ -262,6 +265,172 @@ void Run(const Shape& s, const float* x, const float* u, const float* shift, flo
   }
 }
 
+// ---- weight gradient ----------------------------------------------------------------
+// With U = G k G^T and each output tile Y = A^T [U . V] A, the kernel's gradient is
+// dk = G^T dU G where dU[k][c][o] = sum over tiles of V[k][t][c] dM[k][t][o], V the
+// input tiles' transform (as in the forward pass) and dM = A dY A^T the adjoint of the
+// output transform applied to the output gradient's tiles.
+
+// out[R][C] = sum_k mat[k][r] in[k][c]  (left multiplication by mat^T).
+template <int R, int K, int C, typename L>
+inline void LeftT(const float (&mat)[K][R], const L (&in)[K][C], L (&out)[R][C]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      L acc = in[0][c] * 0.0f;
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        if (mat[k][r] == 1.0f) acc += in[k][c];
+        else if (mat[k][r] == -1.0f) acc -= in[k][c];
+        else if (mat[k][r] != 0.0f) acc += mat[k][r] * in[k][c];
+      }
+      out[r][c] = acc;
+    }
+  }
+}
+
+// out[R][C] = sum_k in[r][k] mat[k][c].
+template <int R, int K, int C, typename L>
+inline void RightN(const L (&in)[R][K], const float (&mat)[K][C], L (&out)[R][C]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      L acc = in[r][0] * 0.0f;
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        if (mat[k][c] == 1.0f) acc += in[r][k];
+        else if (mat[k][c] == -1.0f) acc -= in[r][k];
+        else if (mat[k][c] != 0.0f) acc += mat[k][c] * in[r][k];
+      }
+      out[r][c] = acc;
+    }
+  }
+}
+
+// dM[k][t][o] = (A dY A^T)[k] for tile t, dY its m x m output-gradient patch (zero
+// beyond the output), over lanes of output channels starting at o.
+template <int M, typename L, int W>
+inline void OutputGradLanes(const float* const (&rows)[M][M], int64_t o, float* dm,
+                            int64_t plane) {
+  constexpr int T = M + 2;
+  L d[M][M], tmp[T][M], out[T][T];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < M; ++j) {
+      if constexpr (W == 1) d[i][j] = rows[i][j] ? Load1(rows[i][j] + o) : 0.0f;
+      else d[i][j] = rows[i][j] ? Load(rows[i][j] + o) : Vec{};
+    }
+  LeftT(Transform<M>::AT, d, tmp);
+  RightN(tmp, Transform<M>::AT, out);
+  for (int i = 0; i < T; ++i)
+    for (int j = 0; j < T; ++j) {
+      if constexpr (W == 1) Store1(dm + (i * T + j) * plane + o, out[i][j]);
+      else Store(dm + (i * T + j) * plane + o, out[i][j]);
+    }
+}
+
+template <int M>
+void OutputGradTransform(const Shape& s, const float* dy, int64_t tile, float* dm,
+                         int64_t plane) {
+  const int64_t th = (s.ch + M - 1) / M, tw = (s.cw + M - 1) / M;
+  const int64_t n = tile / (th * tw), ty = tile / tw % th, tx = tile % tw;
+  const float* rows[M][M];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < M; ++j) {
+      const int64_t oy = ty * M + i, ox = tx * M + j;
+      rows[i][j] = (oy < s.ch && ox < s.cw) ? dy + ((n * s.ch + oy) * s.cw + ox) * s.o : nullptr;
+    }
+  int64_t o = 0;
+  for (; o + kLanes <= s.o; o += kLanes) OutputGradLanes<M, Vec, kLanes>(rows, o, dm, plane);
+  for (; o < s.o; ++o) OutputGradLanes<M, float, 1>(rows, o, dm, plane);
+}
+
+// out[r][0:16] += sum_t a[t * a_depth + r] b[t * b_depth + 0:16] for R rows, the sum
+// over t formed on its own first (a block's partial sum: less rounding than one long sum).
+template <int R>
+inline void MicroAcc(const float* a, int64_t a_depth, const float* b, int64_t b_depth,
+                     int64_t depth, float* out, int64_t ldo) {
+  Vec acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec{};
+  for (int64_t t = 0; t < depth; ++t) {
+    const Vec b0 = Load(b + t * b_depth), b1 = Load(b + t * b_depth + kLanes);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const float av = a[t * a_depth + r];
+      acc[r][0] += av * b0;
+      acc[r][1] += av * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Store(out + r * ldo, Load(out + r * ldo) + acc[r][0]);
+    Store(out + r * ldo + kLanes, Load(out + r * ldo + kLanes) + acc[r][1]);
+  }
+}
+
+inline void MicroAccRows(int rows, const float* a, int64_t a_depth, const float* b,
+                         int64_t b_depth, int64_t depth, float* out, int64_t ldo) {
+  switch (rows) {
+    case 6: return MicroAcc<6>(a, a_depth, b, b_depth, depth, out, ldo);
+    case 5: return MicroAcc<5>(a, a_depth, b, b_depth, depth, out, ldo);
+    case 4: return MicroAcc<4>(a, a_depth, b, b_depth, depth, out, ldo);
+    case 3: return MicroAcc<3>(a, a_depth, b, b_depth, depth, out, ldo);
+    case 2: return MicroAcc<2>(a, a_depth, b, b_depth, depth, out, ldo);
+    default: return MicroAcc<1>(a, a_depth, b, b_depth, depth, out, ldo);
+  }
+}
+
+// dU [(m+2)^2][Cin][16 ceil(Cout/16)]. Tiles go in blocks: all threads transform a
+// block's input and output-gradient tiles, then each thread accumulates whole
+// (position, 16-channel column) slices of dU over the block. Every slice is summed in
+// the same order whatever the number of threads, so the result does not depend on it.
+template <int M>
+void RunWeightGrad(const Shape& s, const float* x, const float* dy, float* du,
+                   int64_t tiles_per_block) {
+  constexpr int T = M + 2, K = T * T;
+  const int64_t th = (s.ch + M - 1) / M, tw = (s.cw + M - 1) / M;
+  const int64_t tiles = s.n * th * tw;
+  const int64_t col_blocks = (s.o + kCols - 1) / kCols, width = col_blocks * kCols;
+  const int64_t block = std::max<int64_t>(1, tiles_per_block);
+  const int64_t blocks = (tiles + block - 1) / block;
+  const int64_t vplane = block * s.c, mplane = block * width;
+  const int64_t size = K * s.c * width;
+  std::unique_ptr<float[]> v(new float[K * vplane]), dm(new float[K * mplane]()),
+      chunk(new float[size]());
+  std::fill(du, du + size, 0.0f);
+#pragma omp parallel
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = b * block, count = std::min(block, tiles - first);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < count; ++t) {
+      InputTransform<M>(s, x, first + t, v.get() + t * s.c, vplane);
+      OutputGradTransform<M>(s, dy, first + t, dm.get() + t * width, mplane);
+    }
+    // Each block's partial sums go into `chunk`, every kChunkBlocks blocks into du:
+    // three levels of summation keep rounding low for any block size.
+    const bool flush = (b + 1) % kChunkBlocks == 0 || b + 1 == blocks;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < K * col_blocks; ++item) {
+      const int64_t k = item / col_blocks, cb = item % col_blocks;
+      const float* vk = v.get() + k * vplane;
+      const float* mk = dm.get() + k * mplane + cb * kCols;
+      float* ck = chunk.get() + k * s.c * width + cb * kCols;
+      float* uk = du + k * s.c * width + cb * kCols;
+      for (int64_t c = 0; c < s.c; c += kRows)
+        MicroAccRows(static_cast<int>(std::min<int64_t>(kRows, s.c - c)), vk + c, s.c, mk,
+                     width, count, ck + c * width, width);
+      if (flush) {
+        for (int64_t c = 0; c < s.c; ++c) {
+          for (int l = 0; l < kCols; l += kLanes) {
+            Store(uk + c * width + l, Load(uk + c * width + l) + Load(ck + c * width + l));
+            Store(ck + c * width + l, Vec{});
+          }
+        }
+      }
+    }
+  }
+}
+
 using F32 = ffi::Buffer<ffi::F32>;
 
 ffi::Error Conv(F32 x, F32 u, F32 shift, ffi::ResultBuffer<ffi::F32> y, int64_t tile,
@@ -291,6 +460,31 @@ ffi::Error Conv(F32 x, F32 u, F32 shift, ffi::ResultBuffer<ffi::F32> y, int64_t 
   return ffi::Error::Success();
 }
 
+ffi::Error WeightGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> du, int64_t tile,
+                      int64_t pad_top, int64_t pad_left, int64_t tiles_per_block) {
+  const auto xd = x.dimensions(), yd = dy.dimensions(), ud = du->dimensions();
+  const int64_t k = (tile + 2) * (tile + 2);
+  if (xd.size() != 4 || yd.size() != 4 || ud.size() != 3 || (tile != 2 && tile != 4)) {
+    return ffi::Error::InvalidArgument(
+        "auxtl Winograd weight gradient: expected NHWC input and output gradient, "
+        "[(m+2)^2, C, 16 ceil(O/16)] result and tile m of 2 or 4");
+  }
+  Shape s{xd[0], xd[1], xd[2], xd[3], yd[3], yd[1], yd[2], yd[1], yd[2],
+          pad_top, pad_left, false, false};
+  if (yd[0] != s.n || ud[0] != k || ud[1] != s.c || ud[2] != (s.o + kCols - 1) / kCols * kCols ||
+      pad_top < 0 || pad_left < 0 || pad_top > 2 || pad_left > 2 || s.ch > s.h + 2 * 2 - 2 ||
+      s.cw > s.w + 2 * 2 - 2 || s.ch < 1 || s.cw < 1 || tiles_per_block < 1) {
+    return ffi::Error::InvalidArgument(
+        "auxtl Winograd weight gradient: shapes do not match (input " + std::to_string(s.n) +
+        "x" + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" + std::to_string(s.c) +
+        ", output gradient " + std::to_string(yd[0]) + "x" + std::to_string(s.ch) + "x" +
+        std::to_string(s.cw) + "x" + std::to_string(s.o) + ", tile " + std::to_string(tile) + ")");
+  }
+  auto run = tile == 2 ? RunWeightGrad<2> : RunWeightGrad<4>;
+  run(s, x.typed_data(), dy.typed_data(), du->typed_data(), tiles_per_block);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AuxtlWinogradConv, Conv,
@@ -306,3 +500,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AuxtlWinogradConv, Conv,
                                   .Attr<int64_t>("conv_w")
                                   .Attr<bool>("relu")
                                   .Attr<bool>("pool"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AuxtlWinogradWeightGrad, WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("tile")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("tiles_per_block"));
