@@ -37,7 +37,8 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 inline float Load1(const float* p) { return *p; }
 inline void Store1(float* p, float v) { *p = v; }
 
-// Transform matrices: input B^T (T x T), output A^T (m x T); T = m + 2.
+// Transform matrices: input B^T (T x T), output A^T (m x T) and its transpose A (for
+// the weight gradient's adjoint transform); T = m + 2.
 template <int M>
 struct Transform;
 
@@ -45,6 +46,7 @@ template <>
 struct Transform<2> {
   static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr float A[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
 };
 
 template <>
@@ -56,7 +58,18 @@ struct Transform<4> {
                                      {0, 1, -1, 2, -2, 0},
                                      {0, 1, 1, 4, 4, 0},
                                      {0, 1, -1, 8, -8, 1}};
+  static constexpr float A[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1},  {1, -1, 1, -1},
+                                    {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
 };
+
+template <int M>
+constexpr bool ATransposed() {
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < M + 2; ++j)
+      if (Transform<M>::AT[i][j] != Transform<M>::A[j][i]) return false;
+  return true;
+}
+static_assert(ATransposed<2>() && ATransposed<4>(), "A must be the transpose of A^T");
 
 // out[R][C] = sum_k mat[R][k] in[k][C] for one lane type L (a vector or a float); zero
 // coefficients are skipped at compile time (the loops are fully unrolled).
@@ -271,44 +284,6 @@ void Run(const Shape& s, const float* x, const float* u, const float* shift, flo
 // input tiles' transform (as in the forward pass) and dM = A dY A^T the adjoint of the
 // output transform applied to the output gradient's tiles.
 
-// out[R][C] = sum_k mat[k][r] in[k][c]  (left multiplication by mat^T).
-template <int R, int K, int C, typename L>
-inline void LeftT(const float (&mat)[K][R], const L (&in)[K][C], L (&out)[R][C]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      L acc = in[0][c] * 0.0f;
-#pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) {
-        if (mat[k][r] == 1.0f) acc += in[k][c];
-        else if (mat[k][r] == -1.0f) acc -= in[k][c];
-        else if (mat[k][r] != 0.0f) acc += mat[k][r] * in[k][c];
-      }
-      out[r][c] = acc;
-    }
-  }
-}
-
-// out[R][C] = sum_k in[r][k] mat[k][c].
-template <int R, int K, int C, typename L>
-inline void RightN(const L (&in)[R][K], const float (&mat)[K][C], L (&out)[R][C]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      L acc = in[r][0] * 0.0f;
-#pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) {
-        if (mat[k][c] == 1.0f) acc += in[r][k];
-        else if (mat[k][c] == -1.0f) acc -= in[r][k];
-        else if (mat[k][c] != 0.0f) acc += mat[k][c] * in[r][k];
-      }
-      out[r][c] = acc;
-    }
-  }
-}
-
 // dM[k][t][o] = (A dY A^T)[k] for tile t, dY its m x m output-gradient patch (zero
 // beyond the output), over lanes of output channels starting at o.
 template <int M, typename L, int W>
@@ -321,8 +296,8 @@ inline void OutputGradLanes(const float* const (&rows)[M][M], int64_t o, float* 
       if constexpr (W == 1) d[i][j] = rows[i][j] ? Load1(rows[i][j] + o) : 0.0f;
       else d[i][j] = rows[i][j] ? Load(rows[i][j] + o) : Vec{};
     }
-  LeftT(Transform<M>::AT, d, tmp);
-  RightN(tmp, Transform<M>::AT, out);
+  Left(Transform<M>::A, d, tmp);
+  Right(tmp, Transform<M>::A, out);
   for (int i = 0; i < T; ++i)
     for (int j = 0; j < T; ++j) {
       if constexpr (W == 1) Store1(dm + (i * T + j) * plane + o, out[i][j]);
