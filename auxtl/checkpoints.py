@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from flax import nnx
 
+from auxtl.errors import InputError, MissingFileError
 from auxtl.models import build_trunk, list_models
 from auxtl.version import __version__
 
@@ -93,7 +94,7 @@ def save_trunk(path, *, trunk_params, trunk_batch_stats, metadata: dict[str, Any
     """Writes a self-describing trunk checkpoint to `path` (atomically)."""
     missing = [k for k in _METADATA_KEYS if k not in metadata]
     if missing:
-        raise ValueError(f"trunk metadata lacks {missing}")
+        raise InputError(f"trunk metadata lacks {missing}")
     json.dumps(metadata)  # fail before writing anything if it is not JSON
 
     def write(tmp):
@@ -113,17 +114,17 @@ def read_metadata(path) -> dict[str, Any]:
     """The JSON metadata of a trunk checkpoint, validated."""
     path = pathlib.Path(path).absolute()
     if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder at {str(path)!r}")
+        raise MissingFileError(f"no checkpoint folder at {str(path)!r}")
     metadata_dir = path / "metadata"
     if not metadata_dir.exists():
-        raise ValueError(f"{str(path)!r} is not an auxtl trunk checkpoint (no 'metadata' item)")
+        raise InputError(f"{str(path)!r} is not an auxtl trunk checkpoint (no 'metadata' item)")
     metadata = _composite_checkpointer().restore(
         path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     if metadata.get("format") != TRUNK_FORMAT:
-        raise ValueError(f"{str(path)!r} has format {metadata.get('format')!r}, "
+        raise InputError(f"{str(path)!r} has format {metadata.get('format')!r}, "
                          f"expected {TRUNK_FORMAT!r}")
     if metadata.get("model") not in list_models():
-        raise ValueError(f"{str(path)!r} names model {metadata.get('model')!r}, "
+        raise InputError(f"{str(path)!r} names model {metadata.get('model')!r}, "
                          f"which this auxtl does not know ({', '.join(list_models())})")
     return metadata
 

@@ -14,6 +14,8 @@ import pickle
 
 import numpy as np
 
+from auxtl.errors import InputError, MissingFileError, UnsafeFileError
+
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 _ALLOWED_GLOBALS = {
@@ -27,7 +29,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch: "
+        raise UnsafeFileError(f"refusing to load {module}.{name} from a CIFAR batch: "
                                      f"only arrays, lists, bytes and numbers are allowed")
 
 
@@ -36,10 +38,10 @@ def read_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as handle:
         batch = _SafeUnpickler(handle, encoding="bytes").load()
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"{str(path)!r} is not a CIFAR-10 batch (needs b'data' and b'labels')")
+        raise InputError(f"{str(path)!r} is not a CIFAR-10 batch (needs b'data' and b'labels')")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{str(path)!r}: b'data' has shape {data.shape}, expected (N, 3072)")
+        raise InputError(f"{str(path)!r}: b'data' has shape {data.shape}, expected (N, 3072)")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), np.asarray(batch[b"labels"], dtype=np.int32)
 
@@ -58,7 +60,7 @@ def read_split(folder: pathlib.Path, *, test: bool) -> tuple[np.ndarray, np.ndar
     names = (TEST_BATCH,) if test else TRAIN_BATCHES
     paths = [folder / n for n in names if (folder / n).is_file()]
     if not paths:
-        raise FileNotFoundError(f"no CIFAR-10 {'test' if test else 'training'} batch "
+        raise MissingFileError(f"no CIFAR-10 {'test' if test else 'training'} batch "
                                 f"({', '.join(names)}) in {str(folder)!r}")
     parts = [read_batch(p) for p in paths]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

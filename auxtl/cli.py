@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from typing import Any
 
 from auxtl import host_memory
+from auxtl.errors import AuxtlError, InputError
 from auxtl.optim import OptimizerConfig
 from auxtl.pretrain import PretrainConfig, TaskConfig
 
@@ -145,7 +145,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     config = transfer_config_from_args(args)
     dataset = load_dataset(config.data)
     if dataset.labels is None:
-        raise ValueError(f"transfer needs labeled data; {config.data!r} has no labels")
+        raise InputError(f"transfer needs labeled data; {config.data!r} has no labels")
     report = plan_transfer(config.trunk, config.target, num_classes=dataset.num_classes,
                            in_channels=dataset.image_shape[-1])
     print(report.table())
@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from auxtl.bench.transfer import main as transfer_main
         transfer_main(args.rest)
         return 0
-    raise ValueError(f"unknown benchmark {args.benchmark!r}; available: throughput, transfer")
+    raise InputError(f"unknown benchmark {args.benchmark!r}; available: throughput, transfer")
 
 
 def _interval(stats: dict) -> str:
@@ -271,11 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
+    except AuxtlError as error:  # raised on purpose about the input: one line; bugs keep tracebacks
         if os.environ.get("AUXTL_DEBUG"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"auxtl: error: {message}", file=sys.stderr)
+        print(f"auxtl: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl.errors import InputError, MissingFileError
+
 EMBEDDED_DATASETS = ("mnist5k", "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SPEC_FORMS = (f"an embedded name ({', '.join(EMBEDDED_DATASETS)}), 'npz:PATH', "
@@ -39,14 +41,14 @@ def validate_images(images: Any, *, source: str) -> np.ndarray:
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
-        raise ValueError(f"images from {source} have shape {images.shape} (rank {images.ndim}); "
+        raise InputError(f"images from {source} have shape {images.shape} (rank {images.ndim}); "
                          "expected (N, H, W) or (N, H, W, C)")
     n, h, w, c = images.shape
     if min(n, h, w, c) == 0:
-        raise ValueError(f"images from {source} are empty: shape {images.shape}; "
+        raise InputError(f"images from {source} are empty: shape {images.shape}; "
                          "expected N, H, W and C all >= 1")
     if c > 4 and images.shape[1] in (1, 3, 4):
-        raise ValueError(f"images from {source} have shape {images.shape}, which looks "
+        raise InputError(f"images from {source} have shape {images.shape}, which looks "
                          "channels-first (N, C, H, W); expected channels-last (N, H, W, C): "
                          "use images.transpose(0, 2, 3, 1)")
     if images.dtype == np.uint8:
@@ -56,10 +58,10 @@ def validate_images(images: Any, *, source: str) -> np.ndarray:
     if np.issubdtype(images.dtype, np.integer):
         lo, hi = int(images.min()), int(images.max())
         if lo < 0 or hi > 255:
-            raise ValueError(f"integer images from {source} hold values in [{lo}, {hi}]; "
+            raise InputError(f"integer images from {source} hold values in [{lo}, {hi}]; "
                              "expected 0..255 (scale them to 8 bits, or to floats in [0, 1])")
         return images.astype(np.uint8)
-    raise ValueError(f"images from {source} have dtype {images.dtype}; "
+    raise InputError(f"images from {source} have dtype {images.dtype}; "
                      "expected uint8 (0..255) or a float type (in [0, 1])")
 
 
@@ -68,13 +70,13 @@ def _validate_float_images(images: np.ndarray, source: str) -> np.ndarray:
     if not finite.all():
         bad = np.argwhere(~finite)
         first = tuple(int(i) for i in bad[0])
-        raise ValueError(f"images from {source} contain {len(bad)} non-finite values (NaN or inf); "
+        raise InputError(f"images from {source} contain {len(bad)} non-finite values (NaN or inf); "
                          f"the first is at index {first} (image {first[0]})")
     lo, hi = float(images.min()), float(images.max())
     if lo < 0.0 or hi > 1.0:
         hint = ("divide by 255 if they are 0..255 pixel values" if lo >= 0.0 and hi <= 255.0
                 else "rescale them into [0, 1]")
-        raise ValueError(f"float images from {source} hold values in [{lo:g}, {hi:g}]; "
+        raise InputError(f"float images from {source} hold values in [{lo:g}, {hi:g}]; "
                          f"expected [0, 1]: {hint}")
     return images.astype(np.float32, copy=False)
 
@@ -83,16 +85,16 @@ def validate_labels(labels: Any, num_images: int, *, source: str) -> np.ndarray:
     """Checks class labels against `num_images` and returns them as int32 (N,)."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels from {source} have shape {labels.shape}; expected 1-D "
+        raise InputError(f"labels from {source} have shape {labels.shape}; expected 1-D "
                          f"({num_images},) class indices")
     if len(labels) != num_images:
-        raise ValueError(f"labels from {source} number {len(labels)} but there are "
+        raise InputError(f"labels from {source} number {len(labels)} but there are "
                          f"{num_images} images; expected one label per image")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels from {source} have dtype {labels.dtype}; expected integer "
+        raise InputError(f"labels from {source} have dtype {labels.dtype}; expected integer "
                          "class indices")
     if len(labels) and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"labels from {source} hold values in [{labels.min()}, {labels.max()}]; "
+        raise InputError(f"labels from {source} hold values in [{labels.min()}, {labels.max()}]; "
                          "expected class indices >= 0")
     return labels.astype(np.int32, copy=False)
 
@@ -148,7 +150,7 @@ class Dataset:
         indices = np.asarray(indices)
         if indices.dtype != bool and not np.issubdtype(indices.dtype, np.integer):
             if indices.size:
-                raise ValueError(f"subset indices must be integers or a boolean mask, "
+                raise InputError(f"subset indices must be integers or a boolean mask, "
                                  f"got dtype {indices.dtype}")
             indices = indices.astype(np.int64)
         return Dataset(
@@ -178,10 +180,10 @@ def load_dataset(spec: str) -> Dataset:
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("npz", "folder", "cifar10", "cifar10-test"):
         if not rest:
-            raise ValueError(f"data spec {spec!r} has no path; expected {kind}:PATH")
+            raise InputError(f"data spec {spec!r} has no path; expected {kind}:PATH")
         path = pathlib.Path(rest).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"data spec {spec!r}: no such path {str(path)!r}")
+            raise MissingFileError(f"data spec {spec!r}: no such path {str(path)!r}")
         if kind.startswith("cifar10"):
             return _load_cifar10(path, spec, test=kind == "cifar10-test")
         return _load_npz(path, spec) if kind == "npz" else _load_folder(path, spec)
@@ -191,11 +193,11 @@ def load_dataset(spec: str) -> Dataset:
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path, spec)
-        raise ValueError(f"data spec {spec!r} is a file but not a .npz archive; expected "
+        raise InputError(f"data spec {spec!r} is a file but not a .npz archive; expected "
                          f"{_SPEC_FORMS}")
     if _looks_like_path(spec):
-        raise FileNotFoundError(f"data spec {spec!r}: no such path {str(path)!r}")
-    raise ValueError(f"unknown data spec {spec!r}; expected {_SPEC_FORMS}")
+        raise MissingFileError(f"data spec {spec!r}: no such path {str(path)!r}")
+    raise InputError(f"unknown data spec {spec!r}; expected {_SPEC_FORMS}")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -206,7 +208,7 @@ def _looks_like_path(spec: str) -> bool:
 def _load_cifar10(path: pathlib.Path, spec: str, *, test: bool) -> Dataset:
     from auxtl import cifar
     if not path.is_dir():
-        raise ValueError(f"data spec {spec!r}: {str(path)!r} is not a folder of CIFAR-10 batches")
+        raise InputError(f"data spec {spec!r}: {str(path)!r} is not a folder of CIFAR-10 batches")
     images, labels = cifar.read_split(path, test=test)
     return Dataset(name=spec, images=images, labels=labels, class_names=cifar.class_names(path))
 
@@ -219,12 +221,12 @@ def _load_embedded(name: str) -> Dataset:
 
 def _load_npz(path: pathlib.Path, spec: str) -> Dataset:
     if not path.is_file():
-        raise ValueError(f"data spec {spec!r}: {str(path)!r} is not a file")
+        raise InputError(f"data spec {spec!r}: {str(path)!r} is not a file")
     with np.load(path, allow_pickle=False) as archive:
         keys = set(archive.files)
         image_key = next((k for k in ("images", "x") if k in keys), None)
         if image_key is None:
-            raise ValueError(f"{str(path)!r} holds arrays {sorted(keys)}; expected one named "
+            raise InputError(f"{str(path)!r} holds arrays {sorted(keys)}; expected one named "
                              "'images' or 'x' (and optionally 'labels' or 'y')")
         label_key = next((k for k in ("labels", "y") if k in keys), None)
         images = archive[image_key]
@@ -241,12 +243,12 @@ def _image_files(folder: pathlib.Path, *, recursive: bool) -> list[pathlib.Path]
 
 def _load_folder(path: pathlib.Path, spec: str) -> Dataset:
     if not path.is_dir():
-        raise ValueError(f"data spec {spec!r}: {str(path)!r} is not a directory")
+        raise InputError(f"data spec {spec!r}: {str(path)!r} is not a directory")
     class_dirs = sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
                         key=lambda p: p.name)
     flat_files = _image_files(path, recursive=False)
     if class_dirs and flat_files:
-        raise ValueError(f"{str(path)!r} holds both image files ({flat_files[0].name}, ...) and "
+        raise InputError(f"{str(path)!r} holds both image files ({flat_files[0].name}, ...) and "
                          f"sub-folders ({class_dirs[0].name}, ...); expected either one "
                          "sub-folder per class or a flat folder of images")
     if class_dirs:
@@ -254,7 +256,7 @@ def _load_folder(path: pathlib.Path, spec: str) -> Dataset:
         for label, class_dir in enumerate(class_dirs):
             class_files = _image_files(class_dir, recursive=True)
             if not class_files:
-                raise ValueError(f"class folder {str(class_dir)!r} holds no image files "
+                raise InputError(f"class folder {str(class_dir)!r} holds no image files "
                                  f"({', '.join(IMAGE_EXTENSIONS)})")
             files += class_files
             labels += [label] * len(class_files)
@@ -262,7 +264,7 @@ def _load_folder(path: pathlib.Path, spec: str) -> Dataset:
         return Dataset(name=spec, images=_read_images(files), labels=np.asarray(labels, np.int32),
                        class_names=class_names)
     if not flat_files:
-        raise ValueError(f"{str(path)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"{str(path)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return Dataset(name=spec, images=_read_images(flat_files), labels=None)
 
 
@@ -276,13 +278,13 @@ def _read_images(files: Sequence[pathlib.Path]) -> np.ndarray:
     for file in files:
         with Image.open(file) as im:
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                raise ValueError(f"{str(file)!r} has {im.mode!r} pixels (16-bit or float); "
+                raise InputError(f"{str(file)!r} has {im.mode!r} pixels (16-bit or float); "
                                  "expected 8-bit grey or RGB images")
             im = im.convert("L" if im.mode in ("1", "L", "LA", "La") else "RGB")
             array = np.asarray(im, dtype=np.uint8)
         array = array[..., None] if array.ndim == 2 else array
         if arrays and array.shape[:2] != arrays[0].shape[:2]:
-            raise ValueError(f"{str(file)!r} is {array.shape[1]}x{array.shape[0]} (WxH) but "
+            raise InputError(f"{str(file)!r} is {array.shape[1]}x{array.shape[0]} (WxH) but "
                              f"{str(files[0])!r} is {arrays[0].shape[1]}x{arrays[0].shape[0]}; "
                              "all images must share one size")
         arrays.append(array)
@@ -301,7 +303,7 @@ def train_test_split(ds: Dataset, *, test_fraction: float = 0.1,
     its examples in test. Both sets keep the original example order.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     if ds.labels is None:
         groups = [np.arange(len(ds))]
@@ -313,7 +315,7 @@ def train_test_split(ds: Dataset, *, test_fraction: float = 0.1,
         test.append(rng.permutation(group)[:n_test])
     test = np.sort(np.concatenate(test))
     if len(test) == 0 or len(test) == len(ds):
-        raise ValueError(f"splitting {len(ds)} examples of {ds.name!r} with test_fraction="
+        raise InputError(f"splitting {len(ds)} examples of {ds.name!r} with test_fraction="
                          f"{test_fraction} leaves {len(test)} for test and "
                          f"{len(ds) - len(test)} for train; both must be non-empty")
     train = np.setdiff1d(np.arange(len(ds)), test, assume_unique=True)
@@ -328,15 +330,15 @@ def labeled_subset(ds: Dataset, *, per_class: int, seed: int) -> Dataset:
     whole set, so for a fixed seed a smaller subset is contained in a larger one.
     """
     if ds.labels is None:
-        raise ValueError(f"labeled_subset needs labels, but {ds.name!r} is unlabeled")
+        raise InputError(f"labeled_subset needs labels, but {ds.name!r} is unlabeled")
     if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+        raise InputError(f"per_class must be >= 1, got {per_class}")
     order = np.random.default_rng(seed).permutation(len(ds))
     chosen = []
     for c in np.unique(ds.labels):
         members = order[ds.labels[order] == c]
         if len(members) < per_class:
-            raise ValueError(f"class {int(c)} of {ds.name!r} has {len(members)} examples, "
+            raise InputError(f"class {int(c)} of {ds.name!r} has {len(members)} examples, "
                              f"fewer than per_class={per_class}")
         chosen.append(members[:per_class])
     return ds.subset(np.sort(np.concatenate(chosen)),
@@ -356,10 +358,10 @@ class Normalization:
         mean = tuple(float(m) for m in self.mean)
         std = tuple(float(s) for s in self.std)
         if not mean or len(mean) != len(std):
-            raise ValueError(f"Normalization needs one mean and one std per channel, got "
+            raise InputError(f"Normalization needs one mean and one std per channel, got "
                              f"mean={mean}, std={std}")
         if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
-            raise ValueError(f"Normalization needs finite means and positive finite stds, "
+            raise InputError(f"Normalization needs finite means and positive finite stds, "
                              f"got mean={mean}, std={std}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
@@ -401,7 +403,7 @@ def normalize(images: jax.Array | np.ndarray, norm: Normalization) -> jax.Array:
     """
     images = jnp.asarray(images)
     if images.shape[-1] != len(norm.mean):
-        raise ValueError(f"images have {images.shape[-1]} channels (shape {images.shape}) but "
+        raise InputError(f"images have {images.shape[-1]} channels (shape {images.shape}) but "
                          f"the normalization has {len(norm.mean)}")
     x = images.astype(jnp.float32)
     if jnp.issubdtype(images.dtype, jnp.integer):
@@ -421,12 +423,12 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -
     epoch and resuming at any step continues the exact sequence.
     """
     if batch_size < 1 or num_examples < 1:
-        raise ValueError(f"batch_size and num_examples must be >= 1, got {batch_size} and "
+        raise InputError(f"batch_size and num_examples must be >= 1, got {batch_size} and "
                          f"{num_examples}")
     if batch_size > num_examples:
-        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples")
+        raise InputError(f"batch_size {batch_size} exceeds the {num_examples} examples")
     if step < 0 or seed < 0:
-        raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+        raise InputError(f"step and seed must be >= 0, got step={step}, seed={seed}")
     steps_per_epoch = num_examples // batch_size
     epoch, position = divmod(step, steps_per_epoch)
     perm = _epoch_permutation(num_examples, seed, epoch)

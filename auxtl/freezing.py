@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from auxtl.errors import InputError
+
 FROZEN = "frozen"
 
 
@@ -39,7 +41,7 @@ def label_by_rules(params, rules: Sequence[tuple[str, str]]):
         for regex, group in compiled:
             if regex.search(text):
                 return group
-        raise ValueError(f"no freezing rule covers parameter {text!r}; rules: "
+        raise InputError(f"no freezing rule covers parameter {text!r}; rules: "
                          f"{[p for p, _ in rules]}")
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -68,9 +70,9 @@ class Phase:
 
     def __post_init__(self):
         if self.epochs <= 0:
-            raise ValueError(f"a phase needs a positive number of epochs, got {self.epochs}")
+            raise InputError(f"a phase needs a positive number of epochs, got {self.epochs}")
         if self.lr_scale <= 0:
-            raise ValueError(f"lr_scale must be positive, got {self.lr_scale}")
+            raise InputError(f"lr_scale must be positive, got {self.lr_scale}")
         trainable_reused_layers(self.train, ("probe",))  # validates the spec
 
     def to_json(self) -> dict[str, Any]:
@@ -83,16 +85,16 @@ def parse_phases(text: str) -> tuple[Phase, ...]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         spec, sep, rest = part.rpartition(":")
         if not sep:
-            raise ValueError(f"phase {part!r} must look like TRAIN:EPOCHS[@LR_SCALE], "
+            raise InputError(f"phase {part!r} must look like TRAIN:EPOCHS[@LR_SCALE], "
                              f"e.g. head:5 or head+top2:10@0.1")
         epochs, _, scale = rest.partition("@")
         try:
             phases.append(Phase(epochs=int(epochs), train=spec,
                                 lr_scale=float(scale) if scale else 1.0))
         except ValueError as error:
-            raise ValueError(f"phase {part!r}: {error}") from error
+            raise InputError(f"phase {part!r}: {error}") from error
     if not phases:
-        raise ValueError(f"no phases in {text!r}")
+        raise InputError(f"no phases in {text!r}")
     return tuple(phases)
 
 
@@ -104,7 +106,7 @@ def trainable_reused_layers(train: str, reused: Sequence[str]) -> tuple[str, ...
         return ()
     head, plus, extra = train.partition("+")
     if head != "head" or not plus:
-        raise ValueError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
+        raise InputError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
                          f"'head+re:REGEX'")
     if extra.startswith("top") and extra[3:].isdigit():
         count = int(extra[3:])
@@ -112,7 +114,7 @@ def trainable_reused_layers(train: str, reused: Sequence[str]) -> tuple[str, ...
     if extra.startswith("re:"):
         regex = re.compile(extra[3:])
         return tuple(name for name in reused if regex.search(name))
-    raise ValueError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
+    raise InputError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
                      f"'head+re:REGEX'")
 
 
@@ -195,7 +197,7 @@ def make_group_optimizer(learning_rate: float, weight_decay: float, *,
     if name == "sgd":
         return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernel_mask),
                            optax.sgd(learning_rate, momentum=0.9, nesterov=True))
-    raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
+    raise InputError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
 
 
 def partitioned_optimizer(labels, group_learning_rates: Mapping[str, float], *,
@@ -205,7 +207,7 @@ def partitioned_optimizer(labels, group_learning_rates: Mapping[str, float], *,
     used = set(jax.tree.leaves(labels))
     missing = used - set(group_learning_rates) - {FROZEN}
     if missing:
-        raise ValueError(f"no learning rate for parameter group(s) {sorted(missing)}")
+        raise InputError(f"no learning rate for parameter group(s) {sorted(missing)}")
     transforms = {group: make_group_optimizer(rate, weight_decay, name=name)
                   for group, rate in group_learning_rates.items() if group in used}
     transforms[FROZEN] = optax.set_to_zero()

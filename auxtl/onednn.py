@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from auxtl import native_build
+from auxtl.errors import InputError
 
 ENV_VAR = "AUXTL_ONEDNN"
 SOURCE = native_build.SOURCES / "onednn_conv.cc"
@@ -147,7 +148,7 @@ def _attr(config: str, name: str) -> tuple[int, ...]:
     array = re.search(name + r" = array<i64:([^>]*)>", config)
     if array:
         return _ints(array.group(1))
-    raise ValueError(f"no {name} in the oneDNN call's backend_config {{{config}}}")
+    raise InputError(f"no {name} in the oneDNN call's backend_config {{{config}}}")
 
 
 def taps(size: int, out: int, kernel: int, stride: int, pad_low: int) -> int:

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import optax
 
+from auxtl.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -30,7 +32,7 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
         return optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)) if warmup \
             else optax.constant_schedule(config.learning_rate)
     if config.schedule != "cosine":
-        raise ValueError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
+        raise InputError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
                                               max(total_steps, warmup + 1))
 
@@ -43,4 +45,4 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
             optax.sgd(schedule, momentum=config.momentum, nesterov=True))
     if config.name == "adamw":
         return optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernel_mask)
-    raise ValueError(f"unknown optimizer {config.name!r}; use 'sgd' or 'adamw'")
+    raise InputError(f"unknown optimizer {config.name!r}; use 'sgd' or 'adamw'")

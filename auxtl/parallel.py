@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from auxtl.errors import InputError
+
 
 def data_mesh(devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
@@ -27,7 +29,7 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     devices = mesh.devices.size
     if global_batch % devices:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {devices} "
+        raise InputError(f"batch size {global_batch} is not divisible by the {devices} "
                          f"devices of the mesh; use a multiple of {devices}")
 
 

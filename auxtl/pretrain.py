@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from auxtl import checkpoints, parallel
 from auxtl.data import (Dataset, compute_normalization, load_dataset, batch_indices,
                         train_test_split)
+from auxtl.errors import InputError
 from auxtl.models import config_to_json, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
@@ -96,7 +97,7 @@ def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
     saved, current = json.loads(saved_path.read_text()), config.to_json()
     changed = [k for k in _RESUME_FIELDS if saved.get(k) != current.get(k)]
     if changed:
-        raise ValueError(f"cannot resume {str(out)!r}: {changed} differ from the saved "
+        raise InputError(f"cannot resume {str(out)!r}: {changed} differ from the saved "
                          f"config.json; resume needs the same run settings")
 
 
@@ -120,7 +121,7 @@ def _postfix(metrics: dict[str, float]) -> dict[str, str]:
 def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> PretrainResult:
     """Trains the trunk as `config` says; writes outputs under `config.out` if set."""
     if config.steps <= 0:
-        raise ValueError(f"steps must be positive, got {config.steps}")
+        raise InputError(f"steps must be positive, got {config.steps}")
     dataset = load_dataset(config.data) if dataset is None else dataset
     train_set, test_set = train_test_split(dataset, test_fraction=config.test_fraction,
                                            seed=SPLIT_SEED)
@@ -128,7 +129,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     tasks = [WeightedTask(t.name, get_task(t.name, **t.params), float(t.weight))
              for t in config.tasks]
     if config.batch_size > len(train_set):
-        raise ValueError(f"batch size {config.batch_size} exceeds the {len(train_set)} "
+        raise InputError(f"batch size {config.batch_size} exceeds the {len(train_set)} "
                          f"training images of {config.data!r}")
     input_shape = train_set.image_shape
     model_config = make_config(config.model, input_shape, **config.model_overrides)

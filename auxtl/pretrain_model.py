@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from auxtl.errors import InputError
 from auxtl.models import Trunk, build_trunk
 from auxtl.registry import Task
 
@@ -34,7 +35,7 @@ class PretrainModel(nnx.Module):
     def __init__(self, trunk: Trunk, heads: Mapping[str, nnx.Module], *,
                  loss_weighting: str = "fixed"):
         if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss weighting {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
+            raise InputError(f"loss weighting {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
         self.trunk = trunk
         self.heads = nnx.Dict(dict(heads))
         self.log_vars = (nnx.Dict({name: nnx.Param(jnp.zeros((), jnp.float32)) for name in heads})
@@ -47,11 +48,14 @@ def build_pretrain_model(model_name: str, model_config, tasks: Sequence[Weighted
     """Trunk from (name, config) plus each task's head; validates each task's input needs."""
     names = [t.name for t in tasks]
     if not tasks:
-        raise ValueError("at least one task is needed")
+        raise InputError("at least one task is needed")
     if len(set(names)) != len(names):
-        raise ValueError(f"each task may appear once in a mix, got {names}")
+        raise InputError(f"each task may appear once in a mix, got {names}")
     for weighted in tasks:
-        weighted.task.validate(tuple(input_shape))
+        try:  # a task (built-in or a user's file) says why it cannot take these images
+            weighted.task.validate(tuple(input_shape))
+        except ValueError as error:
+            raise InputError(f"task {weighted.name!r}: {error}") from error
     rngs = nnx.Rngs(seed)
     trunk = build_trunk(model_name, model_config, rngs=rngs, input_shape=tuple(input_shape))
     heads = {t.name: t.task.make_head(trunk.feature_dim, image_shape=tuple(input_shape),
@@ -78,8 +82,8 @@ def check_task_fits(model: PretrainModel, weighted: WeightedTask,
     try:
         jax.eval_shape(forward)
     except ValueError as error:
-        raise ValueError(f"task {weighted.name!r} on {input_shape[0]}x{input_shape[1]} "
-                         f"images: {error}") from None
+        raise InputError(f"task {weighted.name!r} on {input_shape[0]}x{input_shape[1]} "
+                         f"images: {error}") from error
 
 
 def task_json(tasks: Sequence[WeightedTask]) -> list[dict[str, Any]]:

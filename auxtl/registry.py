@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import pathlib
 import pkgutil
 import sys
@@ -22,6 +23,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 from flax import nnx
+
+from auxtl.errors import BadParameterError, InputError, MissingFileError, UnknownNameError
 
 ENTRY_POINT_GROUP = "auxtl.tasks"
 
@@ -77,12 +80,12 @@ class TaskBase:
 def register_task(name: str):
     """Class decorator registering a task under `name`; a second, different class raises."""
     if not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"task name must be a non-empty identifier, got {name!r}")
+        raise InputError(f"task name must be a non-empty identifier, got {name!r}")
 
     def decorator(cls: type) -> type:
         existing = _REGISTRY.get(name)
         if existing is not None and _origin(existing) != _origin(cls):
-            raise ValueError(f"task {name!r} is already registered by {_origin(existing)}; "
+            raise InputError(f"task {name!r} is already registered by {_origin(existing)}; "
                              f"cannot register {_origin(cls)} under the same name")
         cls.name = name
         _REGISTRY[name] = cls
@@ -116,7 +119,7 @@ def load_task_module(path: str | pathlib.Path) -> None:
     """Imports a user's task file so its `@register_task` classes register."""
     path = pathlib.Path(path).resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"task module {str(path)!r} does not exist")
+        raise MissingFileError(f"task module {str(path)!r} does not exist")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     module_name = f"auxtl_user_tasks.{path.stem}_{digest}"
     if module_name in sys.modules:
@@ -139,14 +142,15 @@ def list_tasks() -> list[str]:
 def task_class(name: str) -> type:
     _load_plugins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownNameError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def get_task(name: str, **params: Any) -> Task:
     """Instantiates the task `name` with `params`; unknown names list the known ones."""
     cls = task_class(name)
-    try:
-        return cls(**params)
+    try:  # check the call against the signature, so a TypeError inside the task stays a bug
+        inspect.signature(cls).bind(**params)
     except TypeError as error:
-        raise TypeError(f"bad parameters {params} for task {name!r}: {error}") from error
+        raise BadParameterError(f"bad parameters {params} for task {name!r}: {error}") from None
+    return cls(**params)

@@ -21,6 +21,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl.errors import InputError
+
 __all__ = ["flatten", "unflatten", "layer_index", "Rule", "lower_layers_rules",
            "regex_rules", "ReportEntry", "SurgeryReport", "plan", "transplant",
            "adapt_input_channels"]
@@ -53,11 +55,11 @@ def flatten(tree: Mapping) -> dict[str, Any]:
         for key in sorted(node, key=_key_order):
             name = str(key)
             if "/" in name or name == "":
-                raise ValueError(f"key {key!r} under {prefix or '<root>'!r} cannot be "
+                raise InputError(f"key {key!r} under {prefix or '<root>'!r} cannot be "
                                  "part of a '/'-joined path")
             path = f"{prefix}/{name}" if prefix else name
             if path in flat:
-                raise ValueError(f"two keys map to the path {path!r}")
+                raise InputError(f"two keys map to the path {path!r}")
             value = node[key]
             if isinstance(value, Mapping):
                 visit(value, path)
@@ -77,10 +79,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
         for depth, key in enumerate(keys[:-1]):
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{path!r} goes below the leaf "
+                raise InputError(f"{path!r} goes below the leaf "
                                  f"{'/'.join(map(str, keys[:depth + 1]))!r}")
         if keys[-1] in node:
-            raise ValueError(f"{path!r} is both a leaf and a subtree")
+            raise InputError(f"{path!r} is both a leaf and a subtree")
         node[keys[-1]] = leaf
     return tree
 
@@ -122,7 +124,7 @@ class Rule:
                                       ("on_missing", self.on_missing, ON_MISSING),
                                       ("on_mismatch", self.on_mismatch, ON_MISMATCH)):
             if value not in allowed:
-                raise ValueError(f"Rule {field} must be one of {allowed}, got {value!r}")
+                raise InputError(f"Rule {field} must be one of {allowed}, got {value!r}")
         re.compile(self.pattern)
 
     @property
@@ -149,7 +151,7 @@ def lower_layers_rules(k: int, **copy_options: str) -> list[Rule]:
     `copy_options` (on_missing, on_mismatch) go to the copy rule.
     """
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise InputError(f"k must be >= 0, got {k}")
     rules = ([Rule(_layers_below(k), "copy", label=f"layer < {k}", **copy_options)]
              if k else [])
     return rules + [Rule(".*", "keep", label="rest")]
@@ -310,7 +312,7 @@ def _decide(source: Mapping, target: Mapping, rules: Sequence[Rule]
                                 f"rule {rule.name}: {rule.action}")
         entries.append(entry)
     if errors:
-        raise ValueError("surgery failed:\n  " + "\n  ".join(errors)
+        raise InputError("surgery failed:\n  " + "\n  ".join(errors)
                          if len(errors) > 1 else errors[0])
     for path, leaf in src_flat.items():
         if path not in used and path not in tgt_flat:
@@ -372,9 +374,9 @@ def adapt_input_channels(kernel, new_channels: int):
     image replicated over C channels. Numpy in, numpy out; jax in, jax out.
     """
     if np.ndim(kernel) != 4:
-        raise ValueError(f"expected an HWIO conv kernel (rank 4), got shape {_shape(kernel)}")
+        raise InputError(f"expected an HWIO conv kernel (rank 4), got shape {_shape(kernel)}")
     if new_channels < 1:
-        raise ValueError(f"new_channels must be >= 1, got {new_channels}")
+        raise InputError(f"new_channels must be >= 1, got {new_channels}")
     xp = np if isinstance(kernel, np.ndarray) else jnp
     dtype = kernel.dtype
     acc = xp.promote_types(dtype, xp.float32)  # sum bf16/f16 kernels in float32

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from auxtl.data import Normalization, normalize
+from auxtl.errors import InputError
 from auxtl.pretrain_model import WeightedTask
 
 
@@ -109,7 +110,7 @@ def evaluate(eval_step: Callable, params, batch_stats, images, *, batch_size: in
              seed: int = 0) -> dict[str, float]:
     """Example-weighted mean of each metric over `images` in batches (host numpy in)."""
     if len(images) == 0:
-        raise ValueError("cannot evaluate on an empty set of images")
+        raise InputError("cannot evaluate on an empty set of images")
     key = jax.random.key(seed)
     starts = range(0, len(images), batch_size)
     per_chunk = jax.device_get([  # dispatch every chunk, then one transfer to the host

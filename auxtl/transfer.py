@@ -19,6 +19,7 @@ from flax import nnx
 from auxtl import checkpoints, surgery
 from auxtl.data import (Dataset, Normalization, compute_normalization, load_dataset,
                         train_test_split)
+from auxtl.errors import InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
 from auxtl.freezing import Phase
 from auxtl.models import config_to_json, make_config
@@ -62,7 +63,7 @@ def per_class_indices(labels: np.ndarray, counts: tuple[int, ...], *,
     for label in np.unique(labels):
         members = order[labels[order] == label]
         if len(members) < sum(counts):
-            raise ValueError(f"class {int(label)} has {len(members)} examples, fewer than the "
+            raise InputError(f"class {int(label)} has {len(members)} examples, fewer than the "
                              f"{sum(counts)} needed ({' + '.join(map(str, counts))} per class)")
         offset = 0
         for j, count in enumerate(counts):
@@ -79,7 +80,7 @@ def labeled_splits(dataset: Dataset, *, labels_per_class: int, val_per_class: in
     seen, labeled or not, and it never takes part in model selection.
     """
     if dataset.labels is None:
-        raise ValueError(f"transfer needs labeled data; {dataset.name!r} has no labels")
+        raise InputError(f"transfer needs labeled data; {dataset.name!r} has no labels")
     pool, test = train_test_split(dataset, test_fraction=0.1, seed=SPLIT_SEED)
     train_index, val_index = per_class_indices(pool.labels, (labels_per_class, val_per_class),
                                                seed=seed)
@@ -176,7 +177,7 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
     source_params, source_stats, _ = checkpoints.load_trunk_state(config.trunk)
     dataset = load_dataset(config.data) if dataset is None else dataset
     if dataset.labels is None:
-        raise ValueError(f"transfer needs labeled data; {config.data!r} has no labels")
+        raise InputError(f"transfer needs labeled data; {config.data!r} has no labels")
     num_classes = dataset.num_classes
     val_per_class = config.val_per_class or max(config.labels_per_class, 5)
     cache = StepCache()

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from auxtl import native_build
+from auxtl.errors import InputError
 
 ENV_VAR = "AUXTL_WINOGRAD"
 SOURCE = native_build.SOURCES / "winograd_conv.cc"
@@ -180,7 +181,7 @@ _WEIGHT_GRAD_CALL = re.compile(
 def _int_attr(config: str, name: str) -> int:
     match = re.search(name + r" = (-?\d+) : i64", config)
     if not match:
-        raise ValueError(f"no {name} in the Winograd call's backend_config {{{config}}}")
+        raise InputError(f"no {name} in the Winograd call's backend_config {{{config}}}")
     return int(match.group(1))
 
 

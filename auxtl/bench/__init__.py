@@ -9,6 +9,9 @@ torch_reference: the paired PyTorch comparison of `throughput --compare-torch`.
 """
 
 
-class BenchError(ValueError):
+from auxtl.errors import InputError
+
+
+class BenchError(InputError):
     """A benchmark that cannot run as asked (bad flags or data, missing interpreter, ...);
-    a ValueError so `auxtl` prints it as a usage error."""
+    an auxtl InputError, so `auxtl` prints it as a one-line usage error."""

@@ -25,6 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from auxtl.errors import InputError
+
 F32_PEAK_MODES = ("auto", "tensor", "fp32")
 _FULL_F32_PRECISIONS = {"highest", "float32", "f32_f32_f32"}
 _THREE_PASS_PRECISIONS = {"high", "bfloat16_3x", "tensorfloat32"}
@@ -152,7 +154,7 @@ def lookup_peak(device_kind: str, dtype, *, f32_peak: str = "auto") -> Peak | No
         float32) or "auto" (follows jax_default_matmul_precision).
     """
     if f32_peak not in F32_PEAK_MODES:
-        raise ValueError(f"f32_peak must be one of {F32_PEAK_MODES}, got {f32_peak!r}")
+        raise InputError(f"f32_peak must be one of {F32_PEAK_MODES}, got {f32_peak!r}")
     entry = find_entry(device_kind)
     if entry is None:
         return None
@@ -161,7 +163,7 @@ def lookup_peak(device_kind: str, dtype, *, f32_peak: str = "auto") -> Peak | No
     if name in ("bfloat16", "float16"):
         return Peak(entry.bf16, "table", f"{entry.name}: {entry.source}", "bf16")
     if name != "float32":
-        raise ValueError(f"no peak for compute dtype {name!r}; use float32 or bfloat16")
+        raise InputError(f"no peak for compute dtype {name!r}; use float32 or bfloat16")
     mode = f32_peak
     if mode == "auto":
         requested = _full_f32_requested()

@@ -12,6 +12,7 @@ from typing import Any
 
 from flax import nnx
 
+from auxtl.errors import InputError
 from auxtl.models.nin import NINConfig, build_nin
 from auxtl.models.resnet import ResNet50Config, ResNetConfig, build_resnet, build_resnet50
 from auxtl.models.small_cnn import SmallCNNConfig, build_small_cnn
@@ -40,12 +41,12 @@ def make_config(name: str, input_shape: tuple[int, int, int] | None = None,
     Unknown names or fields raise ValueError naming them and the valid choices.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     config_cls, _ = MODELS[name]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown} for model {name!r}; "
+        raise InputError(f"unknown config field(s) {unknown} for model {name!r}; "
                          f"valid fields: {sorted(fields)}")
     fitted: dict[str, Any] = {}
     if input_shape is not None:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from auxtl.errors import InputError
 from auxtl.models.layers import ConvBlock
 from auxtl.models.trunk import Trunk
 
@@ -55,7 +56,7 @@ class NINBlock(nnx.Module):
 
 def build_nin(config: NINConfig, *, rngs: nnx.Rngs) -> Trunk:
     if config.num_blocks < 1:
-        raise ValueError(f"nin needs at least one block, got num_blocks={config.num_blocks}")
+        raise InputError(f"nin needs at least one block, got num_blocks={config.num_blocks}")
     dtype = jnp.dtype(config.dtype)
     scaled = lambda c: max(1, round(c * config.width / 192))
     specs = [((192, 160, 96), 5, "max"), ((192, 192, 192), 5, "avg")]

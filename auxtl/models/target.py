@@ -12,6 +12,7 @@ from typing import Any
 
 from flax import nnx
 
+from auxtl.errors import InputError
 from auxtl.models import build_trunk
 from auxtl.models.layers import DenseBlock
 from auxtl.models.trunk import Trunk, global_avg_pool
@@ -44,7 +45,7 @@ def num_reused(spec: TargetSpec, source_layers: int) -> int:
     if spec.reuse is None:
         return source_layers
     if not 0 <= spec.reuse <= source_layers:
-        raise ValueError(f"reuse={spec.reuse} is outside 0..{source_layers}, the source "
+        raise InputError(f"reuse={spec.reuse} is outside 0..{source_layers}, the source "
                          f"trunk's number of layers")
     return spec.reuse
 
@@ -52,18 +53,18 @@ def num_reused(spec: TargetSpec, source_layers: int) -> int:
 def build_target_trunk(model: str, config, spec: TargetSpec, *, rngs: nnx.Rngs) -> Trunk:
     """The source architecture cut and extended as `spec` says (fresh weights)."""
     if spec.top not in ("drop", "replace"):
-        raise ValueError(f"top must be 'drop' or 'replace', got {spec.top!r}")
+        raise InputError(f"top must be 'drop' or 'replace', got {spec.top!r}")
     base = build_trunk(model, config, rngs=rngs)
     k = num_reused(spec, len(base.layers))
     count = k if spec.top == "drop" else len(base.layers)
     layers = list(base.layers)[:count]
     names = list(base.layer_names)[:count]
     if not layers and not spec.add:
-        raise ValueError("the target trunk would have no layers: reuse at least one or add some")
+        raise InputError("the target trunk would have no layers: reuse at least one or add some")
     dim = layers[-1].out_dim if layers else None
     for index, width in enumerate(spec.add, start=1):
         if dim is None:
-            raise ValueError("added dense layers need at least one layer below them")
+            raise InputError("added dense layers need at least one layer below them")
         layers.append(DenseBlock(dim, width, rngs=rngs))
         names.append(f"added{index}")
         dim = width

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from auxtl.errors import InputError
+
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over the spatial axes of an NHWC array; (N, D) passes through."""
@@ -26,9 +28,9 @@ class Trunk(nnx.Module):
     def __init__(self, layers: Sequence[nnx.Module], layer_names: Sequence[str],
                  *, feature_dim: int, model_name: str, in_channels: int):
         if len(layers) != len(layer_names):
-            raise ValueError(f"{len(layers)} layers but {len(layer_names)} names")
+            raise InputError(f"{len(layers)} layers but {len(layer_names)} names")
         if len(set(layer_names)) != len(layer_names):
-            raise ValueError(f"layer names must be unique, got {list(layer_names)}")
+            raise InputError(f"layer names must be unique, got {list(layer_names)}")
         self.layers = nnx.List(list(layers))
         self.layer_names = tuple(layer_names)
         self.feature_dim = feature_dim
@@ -44,7 +46,7 @@ class Trunk(nnx.Module):
             name = self.layer_names[index]
             x = self.layers[index](x, train=train and name not in frozen)
             if x.ndim == 4 and 0 in x.shape[1:3]:  # static shapes: checked while tracing
-                raise ValueError(
+                raise InputError(
                     f"{self.model_name}: a {size[0]}x{size[1]} px input is too small; layer "
                     f"{name!r} leaves {x.shape[1]}x{x.shape[2]} px")
         return x
@@ -52,7 +54,7 @@ class Trunk(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool = False,
                  frozen: Collection[str] = ()) -> jax.Array:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"{self.model_name} expects NHWC input with {self.in_channels} channel(s), "
                 f"got shape {tuple(x.shape)}")
         return global_avg_pool(self.apply_layers(x, train=train, frozen=frozen))
