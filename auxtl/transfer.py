@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import pathlib
 import re
 from collections.abc import Sequence
@@ -42,6 +43,27 @@ class TransferConfig:
     baseline: bool = True
     out: str | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        seeds = tuple(self.seeds)
+        if not seeds:
+            raise InputError("seeds (--seeds) must name at least one seed, got none")
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral)
+               or s < 0]
+        if bad:
+            raise InputError(f"seeds (--seed) must be whole numbers >= 0, got {bad[0]!r}")
+        if len(set(seeds)) != len(seeds):
+            raise InputError(f"seeds must differ, got {list(seeds)}")
+        object.__setattr__(self, "seeds", seeds)
+        for field, flag, value in (("labels_per_class", "--labels-per-class",
+                                    self.labels_per_class),
+                                   ("val_per_class", "--val-per-class", self.val_per_class)):
+            if value is None and field == "val_per_class":
+                continue  # the default
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{field} ({flag}) must be a whole number >= 1"
+                                 f"{' or None for the default' if field == 'val_per_class' else ''}"
+                                 f", got {value!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {"trunk": self.trunk, "data": self.data, "labels_per_class": self.labels_per_class,

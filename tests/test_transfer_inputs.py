@@ -1,12 +1,14 @@
 """Transfer inputs: channel adaptation for every trunk, and bad flags refused early."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import auxtl
-from auxtl import checkpoints, surgery
+from auxtl import checkpoints, cli, surgery
 from auxtl.data import Normalization
 from auxtl.models import config_to_json, make_config
 from auxtl.models.target import TargetSpec
@@ -83,3 +85,105 @@ def test_partial_reuse_adapts_only_reused_layers():
     rules = rules_for(metadata, TargetSpec(reuse=1), 3)
     assert rules[0].on_mismatch == "adapt_channels"
     assert rules[0].source_path(FIRST_CONV["nin"]) == FIRST_CONV["nin"]
+
+
+# ------------------------------------------------------------------ the command line
+
+def save_source(path, model: str, channels: int):
+    trunk, metadata = source_trunk(model, channels)
+    tree = variables(trunk)
+    checkpoints.save_trunk(path, trunk_params=tree["params"],
+                           trunk_batch_stats=tree["batch_stats"], metadata=metadata)
+    return path
+
+
+def save_images(path, channels: int, classes: int = 3, per_class: int = 40):
+    rng = np.random.default_rng(channels)
+    images = rng.integers(0, 256, (classes * per_class, SIZE, SIZE, channels), np.uint8)
+    np.savez(path, images=images, labels=np.repeat(np.arange(classes), per_class))
+    return f"npz:{path}"
+
+
+@pytest.fixture(scope="module")
+def grey(tmp_path_factory):
+    """A grey small_cnn trunk (6 layers) and grey labeled data for it."""
+    folder = tmp_path_factory.mktemp("grey")
+    return (str(save_source(folder / "trunk", "small_cnn", 1)),
+            save_images(folder / "grey.npz", 1))
+
+
+def transfer(grey, tmp_path, *flags):
+    trunk, data = grey
+    return cli.main(["transfer", "--trunk", trunk, "--data", data, "--out",
+                     str(tmp_path / "out"), "--no-progress", "--labels-per-class", "2",
+                     "--val-per-class", "2", "--seeds", "1", "--no-baseline",
+                     "--batch-size", "4", "--phases", "head:1", *flags])
+
+
+def refused(capsys, tmp_path, *fragments):
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("auxtl: error: "), printed.err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert printed.out == ""   # refused before the plan printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_top_n_beyond_the_reused_layers(grey, tmp_path, capsys):
+    code = transfer(grey, tmp_path, "--reuse", "3", "--phases", "head:1,head+top4:1")
+    assert code == 2
+    refused(capsys, tmp_path, "--phases", "'head+top4'", "top 4", "only 3 layer(s) are reused",
+            "conv1, conv2, conv3", "use 'all' or head+top3")
+
+
+@pytest.mark.parametrize("flags,fragments", [
+    (["--batch-size", "0"], ["--batch-size", "0"]),
+    (["--seeds", "0"], ["--seeds", "0"]),
+    (["--val-per-class", "0"], ["--val-per-class", "0"]),
+    (["--labels-per-class", "0"], ["--labels-per-class", "0"]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--reuse", "two"], ["--reuse", "'two'"]),
+    (["--add", "64,wide"], ["--add", "'64,wide'"]),
+    (["--lr", "0"], ["--lr", "0"]),
+    (["--phases", "head:1,tail:2"], ["--phases", "unknown phase spec 'head:1,tail'"]),
+    (["--phases", "head:1,head+re:(conv:2"], ["--phases", "bad regex"]),
+])
+def test_cli_names_the_bad_flag_before_anything_runs(grey, tmp_path, capsys, flags,
+                                                     fragments):
+    assert transfer(grey, tmp_path, *flags) == 2
+    refused(capsys, tmp_path, *fragments)
+
+
+def test_cli_dry_run_refuses_bad_flags_before_the_plan(grey, tmp_path, capsys):
+    assert transfer(grey, tmp_path, "--dry-run", "--batch-size", "0") == 2
+    refused(capsys, tmp_path, "--batch-size")
+
+
+def test_cli_phase_regex_may_hold_commas(grey, tmp_path, capsys):
+    trunk, data = grey
+    flags = ["transfer", "--trunk", trunk, "--phases",
+             "head:1,head+re:(conv1|conv2){1,2}:2@0.5,all:1"]
+    config = cli.transfer_config_from_args(cli.build_parser().parse_args(flags))
+    assert [(p.train, p.epochs, p.lr_scale) for p in config.finetune.phases] == [
+        ("head", 1, 1.0), ("head+re:(conv1|conv2){1,2}", 2, 0.5), ("all", 1, 1.0)]
+    assert cli.main(flags + ["--data", data, "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    assert "copied" in capsys.readouterr().out and not (tmp_path / "o").exists()
+
+
+def test_cli_grey_nin_trunk_onto_rgb_data(tmp_path, capsys):
+    trunk = save_source(tmp_path / "nin", "nin", 1)
+    data = save_images(tmp_path / "rgb.npz", 3)
+    common = ["transfer", "--trunk", str(trunk), "--data", data, "--no-progress"]
+    assert cli.main(common + ["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    row = next(line for line in plan.splitlines()
+               if line.startswith("params/layers/0/convs/0/conv/kernel"))
+    assert "adapted" in row and "input channels 1 -> 3" in row
+    out = tmp_path / "run"
+    assert cli.main(common + ["--labels-per-class", "2", "--val-per-class", "2", "--seeds", "1",
+                              "--no-baseline", "--batch-size", "4", "--phases",
+                              "head:1,head+top1:1", "--out", str(out)]) == 0
+    summary = json.loads((out / "transfer.json").read_text())
+    assert summary["surgery"]["adapted"] == 1
+    assert 0 <= summary["transfer"]["mean"] <= 1
