@@ -148,7 +148,7 @@ def test_cli_refuses_top_n_beyond_the_reused_layers(grey, tmp_path, capsys):
     (["--lr", "0"], ["--lr", "0"]),
     (["--phases", "head:1,tail:2"], ["--phases", "unknown phase spec 'head:1,tail'"]),
     (["--phases", "head:1,head+re:(conv:2"], ["--phases", "bad regex"]),
-])
+], ids=lambda value: " ".join(value) if value and value[0].startswith("--") else "")
 def test_cli_names_the_bad_flag_before_anything_runs(grey, tmp_path, capsys, flags,
                                                      fragments):
     assert transfer(grey, tmp_path, *flags) == 2
