@@ -187,3 +187,13 @@ def test_cli_grey_nin_trunk_onto_rgb_data(tmp_path, capsys):
     summary = json.loads((out / "transfer.json").read_text())
     assert summary["surgery"]["adapted"] == 1
     assert 0 <= summary["transfer"]["mean"] <= 1
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("seeds", (), "--seeds"), ("seeds", (0, 0), "seeds must differ"),
+    ("val_per_class", 0, "--val-per-class"), ("labels_per_class", 0, "--labels-per-class")])
+def test_transfer_config_refuses_bad_fields(field, value, fragment):
+    from auxtl.transfer import TransferConfig
+    with pytest.raises(ValueError, match=fragment):
+        TransferConfig(trunk="t", **{field: value})
+    assert TransferConfig(trunk="t", val_per_class=None).val_per_class is None
