@@ -84,11 +84,12 @@ PHASES_GRAMMAR = (
     "layers only), 'head+topN' (plus the top N reused layers), 'all', or 'head+re:REGEX' "
     "(plus the reused layers whose name REGEX searches); a comma starts a new phase only "
     "where 'head' or 'all' follows it, outside brackets, so a REGEX may hold commas "
-    "(head+re:conv[12],conv3 or head+re:(a|b){1,2}) and colons (the last ':' ends TRAIN)")
+    "(head+re:^conv[0-9]{1,2}$:5) and colons (the last ':' ends TRAIN); "
+    "e.g. head:40,head+top2:40@0.1")
 
 # After a comma: the start of a phase ('head...' or 'all...'), or nothing (an empty part).
 _PHASE_START = re.compile(r"\s*(?:(?:head|all)\b|,|$)")
-_OPENING = {"(": ")", "[": "]", "{": "}"}
+_OPENING = {"(": ")", "{": "}"}   # '[' opens a character class, handled apart
 
 
 def split_phases(text: str) -> list[str]:
