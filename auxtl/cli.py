@@ -10,6 +10,7 @@ from typing import Any
 
 from auxtl import host_memory
 from auxtl.errors import AuxtlError, InputError
+from auxtl.freezing import PHASES_GRAMMAR
 from auxtl.optim import OptimizerConfig
 from auxtl.pretrain import PretrainConfig, TaskConfig
 
@@ -119,15 +120,50 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(flag: str, value, low, what: str = "a whole number"):
+    if value is not None and value < low:
+        raise InputError(f"{flag} must be {what} >= {low}, got {value}")
+    return value
+
+
 def transfer_config_from_args(args: argparse.Namespace):
+    """The TransferConfig the flags describe; a bad flag raises InputError naming it."""
     from auxtl.finetune import FinetuneConfig
     from auxtl.freezing import parse_phases
     from auxtl.models.target import TargetSpec
     from auxtl.transfer import TransferConfig
-    reuse = None if args.reuse == "all" else int(args.reuse)
-    target = TargetSpec(reuse=reuse, top=args.top,
-                        add=tuple(int(w) for w in args.add.split(",") if w) if args.add else ())
-    finetune = FinetuneConfig(phases=parse_phases(args.phases), learning_rate=args.lr,
+    if args.reuse == "all":
+        reuse = None
+    else:
+        try:
+            reuse = int(args.reuse)
+        except ValueError:
+            raise InputError(f"--reuse must be 'all' or a number of layers, got "
+                             f"{args.reuse!r}") from None
+        _at_least("--reuse", reuse, 0, "'all' or a number of layers")
+    try:
+        add = tuple(int(w) for w in args.add.split(",") if w.strip()) if args.add else ()
+    except ValueError:
+        raise InputError(f"--add must be comma-separated layer widths like 256,128, got "
+                         f"{args.add!r}") from None
+    if any(w < 1 for w in add):
+        raise InputError(f"--add widths must be >= 1, got {args.add!r}")
+    _at_least("--labels-per-class", args.labels_per_class, 1)
+    _at_least("--val-per-class", args.val_per_class, 1, "omitted (the default) or a whole "
+                                                         "number")
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--seed", args.seed, 0)
+    _at_least("--seeds", args.seeds, 1, "a number of seeds")
+    if not args.lr > 0:
+        raise InputError(f"--lr must be positive, got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    try:
+        phases = parse_phases(args.phases)
+    except InputError as error:
+        raise InputError(f"--phases: {error}") from None
+    target = TargetSpec(reuse=reuse, top=args.top, add=add)
+    finetune = FinetuneConfig(phases=phases, learning_rate=args.lr,
                               weight_decay=args.weight_decay, optimizer=args.optimizer,
                               batch_size=args.batch_size,
                               cache_features=not args.no_feature_cache)
@@ -140,9 +176,18 @@ def transfer_config_from_args(args: argparse.Namespace):
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
+    from auxtl.checkpoints import read_metadata
     from auxtl.data import load_dataset
+    from auxtl.freezing import check_phases
+    from auxtl.models.target import num_reused
     from auxtl.transfer import plan_transfer, run_transfer
-    config = transfer_config_from_args(args)
+    config = transfer_config_from_args(args)   # flags checked before anything loads
+    metadata = read_metadata(config.trunk)
+    reused = metadata["layer_names"][:num_reused(config.target, len(metadata["layer_names"]))]
+    try:  # before the plan prints or anything trains (or an output folder appears)
+        check_phases(config.finetune.phases, reused)
+    except InputError as error:
+        raise InputError(f"--phases: {error}") from None
     dataset = load_dataset(config.data)
     if dataset.labels is None:
         raise InputError(f"transfer needs labeled data; {config.data!r} has no labels")
@@ -242,16 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the layers above --reuse, or keep them freshly initialised")
     t.add_argument("--add", default="", metavar="W1,W2", help="dense layers to add on top")
     t.add_argument("--data", default="mnist5k")
-    t.add_argument("--labels-per-class", type=int, default=10)
-    t.add_argument("--val-per-class", type=int, default=None)
+    t.add_argument("--labels-per-class", type=int, default=10,
+                   help="labeled training examples per class (>= 1)")
+    t.add_argument("--val-per-class", type=int, default=None,
+                   help="validation examples per class (>= 1; default: --labels-per-class, "
+                        "at least 5)")
     t.add_argument("--phases", default="head:40,head+top2:40@0.1",
-                   help="TRAIN:EPOCHS[@LR_SCALE],...; TRAIN is head, head+topN, all, head+re:REGEX")
+                   help="fine-tuning phases, in order: " + PHASES_GRAMMAR.replace("%", "%%")
+                   + "; N may not exceed the number of reused layers")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seed", type=int, default=0, help="first seed")
-    t.add_argument("--seeds", type=int, default=5, help="number of seeds")
+    t.add_argument("--batch-size", type=int, default=32, help=">= 1")
+    t.add_argument("--seed", type=int, default=0, help="first seed (>= 0)")
+    t.add_argument("--seeds", type=int, default=5, help="number of seeds (>= 1)")
     t.add_argument("--no-baseline", action="store_true", help="skip the scratch baseline")
     t.add_argument("--no-feature-cache", action="store_true")
     t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")

@@ -14,7 +14,8 @@ validation improves").
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from auxtl import freezing
 from auxtl.data import Normalization, batch_indices, normalize
+from auxtl.errors import InputError
 from auxtl.freezing import Phase
 from auxtl.losses import classification
 from auxtl.train import TrainState
@@ -41,6 +43,26 @@ class FinetuneConfig:
     cache_features: bool = True
     layer_decay: float | None = None   # discriminative fine-tuning of unfrozen reused layers
     seed: int = 0
+
+    def __post_init__(self):
+        phases = tuple(self.phases)
+        if not phases:
+            raise InputError("fine-tuning needs at least one phase (--phases), got none")
+        bad = [p for p in phases if not isinstance(p, Phase)]
+        if bad:
+            raise InputError(f"phases must be auxtl.Phase objects, got {bad[0]!r}")
+        object.__setattr__(self, "phases", phases)
+        if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, numbers.Integral)
+                or self.batch_size < 1):
+            raise InputError(f"batch size (--batch-size) must be a whole number >= 1, "
+                             f"got {self.batch_size!r}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning rate (--lr) must be positive, got {self.learning_rate!r}")
+        if not self.weight_decay >= 0:
+            raise InputError(f"weight decay (--weight-decay) must be >= 0, "
+                             f"got {self.weight_decay!r}")
+        if self.layer_decay is not None and not self.layer_decay > 0:
+            raise InputError(f"layer_decay must be positive or None, got {self.layer_decay!r}")
 
     def to_json(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
@@ -59,7 +81,12 @@ class FinetuneResult:
 
 
 class StepCache:
-    """Compiled steps keyed by everything they close over, reused across phases and seeds."""
+    """Compiled steps keyed by everything they close over, reused across phases and seeds.
+
+    `finetune` builds its steps without a normalization and passes the statistics as a
+    traced argument (`norm_stats`), so one cache serves targets with different
+    normalizations (every seed's own, channel counts included) with no stale closure.
+    """
 
     def __init__(self):
         self._steps: dict[tuple, Any] = {}
@@ -70,21 +97,48 @@ class StepCache:
         return self._steps[key]
 
 
+class NormStats(NamedTuple):
+    """A normalization's per-channel mean and std as arrays: a pytree jit traces, so
+    compiled functions take it as an argument instead of closing over its values."""
+
+    mean: Any
+    std: Any
+
+
+def norm_stats(normalization: Normalization | NormStats) -> NormStats:
+    if isinstance(normalization, NormStats):
+        return normalization
+    return NormStats(np.asarray(normalization.mean, np.float32),
+                     np.asarray(normalization.std, np.float32))
+
+
+def _pick_norm(closed: Normalization | None, passed):
+    """The normalization a compiled function uses: the one passed at the call, else the
+    one it was built with."""
+    if passed is not None:
+        return passed
+    if closed is None:
+        raise TypeError("this function was built without a normalization; pass one "
+                        "(norm_stats(normalization)) as its last argument")
+    return closed
+
+
 def make_finetune_step(graphdef, mask, frozen: tuple[str, ...], optimizer, start: int,
-                       normalization: Normalization):
-    """Jitted (state, inputs, labels) -> (state, metrics); grads for trainable leaves only."""
+                       normalization: Normalization | None = None):
+    """Jitted (state, inputs, labels[, norm]) -> (state, metrics); grads for trainable
+    leaves only. `norm` (`norm_stats`) is traced; without it the step uses `normalization`."""
     return jax.jit(finetune_step_fn(graphdef, mask, frozen, optimizer, start, normalization),
                    donate_argnums=0)
 
 
 def finetune_step_fn(graphdef, mask, frozen: tuple[str, ...], optimizer, start: int,
-                     normalization: Normalization):
+                     normalization: Normalization | None = None):
     """The pure (unjitted) fine-tuning step, for callers that vmap or scan it over seeds."""
     treedef = jax.tree.structure(mask)
 
-    def step(state: TrainState, inputs, labels):
+    def step(state: TrainState, inputs, labels, norm: NormStats | None = None):
         trainable, frozen_leaves = freezing.split_trainable(state.params, mask)
-        x = inputs if start else normalize(inputs, normalization)
+        x = inputs if start else normalize(inputs, _pick_norm(normalization, norm))
 
         def loss_fn(trainable_leaves):
             params = freezing.merge_trainable(treedef, mask, trainable_leaves, frozen_leaves)
@@ -105,22 +159,25 @@ def finetune_step_fn(graphdef, mask, frozen: tuple[str, ...], optimizer, start: 
     return step
 
 
-def make_logits_fn(graphdef, start: int, normalization: Normalization):
-    """Jitted inference logits from layer `start` (BatchNorm in inference mode)."""
+def make_logits_fn(graphdef, start: int, normalization: Normalization | None = None):
+    """Jitted inference logits (params, batch_stats, inputs[, norm]) from layer `start`
+    (BatchNorm in inference mode); `norm` as in `make_finetune_step`."""
 
-    def logits(params, batch_stats, inputs):
-        x = inputs if start else normalize(inputs, normalization)
+    def logits(params, batch_stats, inputs, norm: NormStats | None = None):
+        x = inputs if start else normalize(inputs, _pick_norm(normalization, norm))
         return nnx.merge(graphdef, params, batch_stats).logits(x, start=start)
 
     return jax.jit(logits)
 
 
-def make_prefix_fn(graphdef, stop: int, normalization: Normalization):
-    """Jitted output of the lowest `stop` layers in inference mode: the cacheable features."""
+def make_prefix_fn(graphdef, stop: int, normalization: Normalization | None = None):
+    """Jitted output (params, batch_stats, images[, norm]) of the lowest `stop` layers in
+    inference mode: the cacheable features; `norm` as in `make_finetune_step`."""
 
-    def prefix(params, batch_stats, images):
+    def prefix(params, batch_stats, images, norm: NormStats | None = None):
         model = nnx.merge(graphdef, params, batch_stats)
-        return model.trunk.apply_layers(normalize(images, normalization), stop=stop)
+        return model.trunk.apply_layers(normalize(images, _pick_norm(normalization, norm)),
+                                        stop=stop)
 
     return jax.jit(prefix)
 
@@ -129,8 +186,11 @@ def in_chunks(fn, inputs, chunk: int = 500):
     return jnp.concatenate([fn(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
 
 
-def accuracy(logits_fn, params, batch_stats, inputs, labels) -> float:
-    logits = in_chunks(lambda x: logits_fn(params, batch_stats, x), inputs)
+def accuracy(logits_fn, params, batch_stats, inputs, labels, norm: NormStats | None = None
+             ) -> float:
+    """Accuracy of `logits_fn`'s predictions; `norm` is passed on when given."""
+    extra = () if norm is None else (norm,)
+    logits = in_chunks(lambda x: logits_fn(params, batch_stats, x, *extra), inputs)
     return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))
 
 
@@ -146,9 +206,11 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
     `model` is a TransferModel; its lowest `num_reused` trunk layers are the reused ones.
     """
     cache = cache or StepCache()
+    norm = norm_stats(normalization)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
     layer_names = model.trunk.layer_names
+    freezing.check_phases(config.phases, layer_names[:num_reused])
     train_images, train_labels = train
     count = len(train_images)
     batch = min(config.batch_size, count)
@@ -175,14 +237,16 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
         start = freezing.frozen_prefix_length(layer_names, frozen) if config.cache_features else 0
         key = (graphdef, tuple(jax.tree.leaves(labels)), frozen, start, tuple(rates.items()),
                config.optimizer, config.weight_decay)
+        # Built without a normalization: it is passed (traced) at every call.
         step = cache.get(("step",) + key, lambda: make_finetune_step(
-            graphdef, mask, frozen, optimizer, start, normalization))
+            graphdef, mask, frozen, optimizer, start))
         logits_fn = cache.get(("logits", graphdef, start),
-                              lambda: make_logits_fn(graphdef, start, normalization))
+                              lambda: make_logits_fn(graphdef, start))
         if start:
             prefix = cache.get(("prefix", graphdef, start),
-                               lambda: make_prefix_fn(graphdef, start, normalization))
-            features = lambda images: in_chunks(lambda x: prefix(params, batch_stats, x), images)
+                               lambda: make_prefix_fn(graphdef, start))
+            features = lambda images: in_chunks(
+                lambda x: prefix(params, batch_stats, x, norm), images)
             train_inputs, val_inputs = features(train_images), features(val[0])
         else:
             train_inputs, val_inputs = train_images, val[0]
@@ -193,11 +257,11 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
             pending = []
             for _ in range(steps_per_epoch):
                 index = batch_indices(count, batch, seed=config.seed, step=global_step)
-                state, metrics = step(state, train_inputs[index], train_labels[index])
+                state, metrics = step(state, train_inputs[index], train_labels[index], norm)
                 pending.append(metrics)
                 global_step += 1
             val_accuracy = accuracy(logits_fn, state.params, state.batch_stats, val_inputs,
-                                    val[1])
+                                    val[1], norm)
             train_metrics = jax.device_get(pending)
             record = {"phase": phase_index, "train": phase.train, "epoch": epoch + 1,
                       "step": global_step, "val_accuracy": val_accuracy,
@@ -219,9 +283,8 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
     bar.close()
     test_accuracy = None
     if test is not None:
-        logits_fn = cache.get(("logits", graphdef, 0),
-                              lambda: make_logits_fn(graphdef, 0, normalization))
-        test_accuracy = accuracy(logits_fn, best["params"], best["batch_stats"], *test)
+        logits_fn = cache.get(("logits", graphdef, 0), lambda: make_logits_fn(graphdef, 0))
+        test_accuracy = accuracy(logits_fn, best["params"], best["batch_stats"], *test, norm)
     return FinetuneResult(best["params"], best["batch_stats"], best["accuracy"], test_accuracy,
                           history, global_step)
 
@@ -231,6 +294,6 @@ def score(model, result: FinetuneResult, images, labels, *,
     """Accuracy of a fine-tuned result's parameters on any labeled images."""
     graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
     cache = cache or StepCache()
-    logits_fn = cache.get(("logits", graphdef, 0),
-                          lambda: make_logits_fn(graphdef, 0, normalization))
-    return accuracy(logits_fn, result.params, result.batch_stats, images, labels)
+    logits_fn = cache.get(("logits", graphdef, 0), lambda: make_logits_fn(graphdef, 0))
+    return accuracy(logits_fn, result.params, result.batch_stats, images, labels,
+                    norm_stats(normalization))

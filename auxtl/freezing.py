@@ -73,24 +73,80 @@ class Phase:
             raise InputError(f"a phase needs a positive number of epochs, got {self.epochs}")
         if self.lr_scale <= 0:
             raise InputError(f"lr_scale must be positive, got {self.lr_scale}")
-        trainable_reused_layers(self.train, ("probe",))  # validates the spec
+        _parse_train(self.train)  # validates the spec; counts are checked against a target
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+PHASES_GRAMMAR = (
+    "PHASE[,PHASE...] where PHASE is TRAIN:EPOCHS[@LR_SCALE] and TRAIN is 'head' (new "
+    "layers only), 'head+topN' (plus the top N reused layers), 'all', or 'head+re:REGEX' "
+    "(plus the reused layers whose name REGEX searches); a comma starts a new phase only "
+    "where 'head' or 'all' follows it, outside brackets, so a REGEX may hold commas "
+    "(head+re:^conv[0-9]{1,2}$:5) and colons (the last ':' ends TRAIN); "
+    "e.g. head:40,head+top2:40@0.1")
+
+# After a comma: the start of a phase ('head...' or 'all...'), or nothing (an empty part).
+_PHASE_START = re.compile(r"\s*(?:(?:head|all)\b|,|$)")
+_OPENING = {"(": ")", "{": "}"}   # '[' opens a character class, handled apart
+
+
+def split_phases(text: str) -> list[str]:
+    """`text` cut at the commas that begin a new phase (see `PHASES_GRAMMAR`).
+
+    A comma cuts only outside (), [] and {} (backslash escapes and character classes
+    honoured) and only where 'head' or 'all' (the start of a phase) or nothing follows.
+    """
+    parts, start, stack, index, in_class = [], 0, [], 0, False
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if in_class:
+            if char == "]":
+                in_class = False
+        elif char == "[":
+            in_class = True
+            # a ']' right after '[' or '[^' is a literal member of the class
+            if text.startswith("]", index + 1):
+                index += 1
+            elif text.startswith("^]", index + 1):
+                index += 2
+        elif char in _OPENING:
+            stack.append(_OPENING[char])
+        elif stack and char == stack[-1]:
+            stack.pop()
+        elif char == "," and not stack and _PHASE_START.match(text, index + 1):
+            parts.append(text[start:index])
+            start = index + 1
+        index += 1
+    parts.append(text[start:])
+    return parts
+
+
 def parse_phases(text: str) -> tuple[Phase, ...]:
-    """'head:5,head+top2:10@0.1' -> phases (TRAIN:EPOCHS[@LR_SCALE], comma separated)."""
+    """'head:5,head+top2:10@0.1' -> phases; the grammar is `PHASES_GRAMMAR`."""
     phases = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in filter(None, (p.strip() for p in split_phases(text))):
         spec, sep, rest = part.rpartition(":")
-        if not sep:
+        if not sep or not spec:
             raise InputError(f"phase {part!r} must look like TRAIN:EPOCHS[@LR_SCALE], "
                              f"e.g. head:5 or head+top2:10@0.1")
         epochs, _, scale = rest.partition("@")
         try:
-            phases.append(Phase(epochs=int(epochs), train=spec,
-                                lr_scale=float(scale) if scale else 1.0))
+            epochs = int(epochs)
+        except ValueError:
+            raise InputError(f"phase {part!r}: EPOCHS {epochs!r} is not a whole number "
+                             f"(TRAIN:EPOCHS[@LR_SCALE])") from None
+        try:
+            lr_scale = float(scale) if scale else 1.0
+        except ValueError:
+            raise InputError(f"phase {part!r}: LR_SCALE {scale!r} is not a number "
+                             f"(TRAIN:EPOCHS[@LR_SCALE])") from None
+        try:
+            phases.append(Phase(epochs=epochs, train=spec.strip(), lr_scale=lr_scale))
         except ValueError as error:
             raise InputError(f"phase {part!r}: {error}") from error
     if not phases:
@@ -98,24 +154,56 @@ def parse_phases(text: str) -> tuple[Phase, ...]:
     return tuple(phases)
 
 
-def trainable_reused_layers(train: str, reused: Sequence[str]) -> tuple[str, ...]:
-    """Names of the reused layers that `train` unfreezes (the rest of the reused stay frozen)."""
-    if train == "all":
-        return tuple(reused)
-    if train == "head":
-        return ()
+def _unknown_spec(train: str) -> InputError:
+    hint = (" (a comma starts a new phase only where 'head' or 'all' follows it)"
+            if "," in train else "")
+    return InputError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
+                      f"'head+re:REGEX'{hint}")
+
+
+def _parse_train(train: str) -> tuple[str, Any]:
+    """('all' | 'head' | 'top' | 're', N or compiled regex or None) of a TRAIN spec."""
+    if train in ("all", "head"):
+        return train, None
     head, plus, extra = train.partition("+")
     if head != "head" or not plus:
-        raise InputError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
-                         f"'head+re:REGEX'")
+        raise _unknown_spec(train)
     if extra.startswith("top") and extra[3:].isdigit():
-        count = int(extra[3:])
-        return tuple(reused[len(reused) - count:]) if count else ()
+        return "top", int(extra[3:])
     if extra.startswith("re:"):
-        regex = re.compile(extra[3:])
-        return tuple(name for name in reused if regex.search(name))
-    raise InputError(f"unknown phase spec {train!r}; use 'head', 'head+topN', 'all' or "
-                     f"'head+re:REGEX'")
+        try:
+            return "re", re.compile(extra[3:])
+        except re.error as error:
+            raise InputError(f"phase spec {train!r}: bad regex {extra[3:]!r}: {error}") from None
+    raise _unknown_spec(train)
+
+
+def trainable_reused_layers(train: str, reused: Sequence[str]) -> tuple[str, ...]:
+    """Names of the reused layers that `train` unfreezes (the rest of the reused stay frozen).
+
+    'head+topN' with N larger than the number of reused layers is refused: asking for
+    more layers than there are is most likely a mistake ('all' unfreezes every one).
+    """
+    kind, value = _parse_train(train)
+    if kind == "all":
+        return tuple(reused)
+    if kind == "head":
+        return ()
+    if kind == "top":
+        if value > len(reused):
+            raise InputError(
+                f"phase {train!r} unfreezes the top {value} reused layers, but only "
+                f"{len(reused)} layer(s) are reused ({', '.join(reused) or 'none'}); "
+                f"use 'all' or head+top{len(reused)}")
+        return tuple(reused[len(reused) - value:]) if value else ()
+    return tuple(name for name in reused if value.search(name))
+
+
+def check_phases(phases: Sequence[Phase], reused: Sequence[str]) -> None:
+    """Refuses phases that do not fit the reused layers (e.g. head+top4 of 3), before
+    anything trains; raises InputError naming the phase and the reused layers."""
+    for phase in phases:
+        trainable_reused_layers(phase.train, reused)
 
 
 def phase_layer_groups(layer_names: Sequence[str], num_reused: int,

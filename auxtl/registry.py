@@ -77,8 +77,74 @@ class TaskBase:
         return {}
 
 
+# The task contract: method -> (positional, keyword) arguments auxtl calls it with
+# (besides self). `TaskBase` provides validate and forward.
+_CONTRACT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "make_examples": (("key", "images"), ()),
+    "make_head": (("feature_dim",), ("image_shape", "rngs")),
+    "loss_and_metrics": (("outputs", "targets"), ()),
+    "forward": (("trunk", "head", "inputs"), ("train",)),
+    "validate": (("image_shape",), ()),
+}
+
+
+def _method_signature(cls: type, method: str) -> inspect.Signature | None:
+    """The signature `instance.method` has (self bound), or None where it cannot be
+    told cheaply (builtins, callable objects)."""
+    raw = inspect.getattr_static(cls, method)
+    try:
+        if isinstance(raw, staticmethod):
+            return inspect.signature(raw.__func__)
+        if isinstance(raw, classmethod):
+            return inspect.signature(getattr(cls, method))
+        if inspect.isfunction(raw):
+            parameters = list(inspect.signature(raw).parameters.values())
+            if not parameters or parameters[0].kind not in (
+                    inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    inspect.Parameter.VAR_POSITIONAL):
+                return inspect.Signature([])  # cannot take self: refused below
+            if parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+                return inspect.Signature(parameters)
+            return inspect.Signature(parameters[1:])
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def check_task_class(cls, name: str = "") -> None:
+    """Refuses a class that does not provide the task contract (`Task`): callables
+    make_examples, make_head, loss_and_metrics, forward and validate (`TaskBase` gives
+    the last two) that accept the arguments auxtl passes. Every problem is named."""
+    label = f"task {name!r}" if name else "a task"
+    if not isinstance(cls, type):
+        raise BadParameterError(f"register_task registers classes; {label} got {cls!r}")
+    missing = [m for m in _CONTRACT if not callable(getattr(cls, m, None))]
+    if missing:
+        defaults = [m for m in missing if m in ("validate", "forward")]
+        hint = (f" (subclass auxtl.TaskBase for the default {' and '.join(defaults)})"
+                if defaults else "")
+        raise BadParameterError(
+            f"{label} class {_origin(cls)} lacks the method(s) {', '.join(missing)}{hint}; "
+            f"a task provides make_examples, make_head, loss_and_metrics, forward and "
+            f"validate")
+    problems = []
+    for method, (positional, keywords) in _CONTRACT.items():
+        signature = _method_signature(cls, method)
+        if signature is None:
+            continue
+        try:
+            signature.bind(*positional, **dict.fromkeys(keywords))
+        except TypeError as error:
+            call = ", ".join([*positional, *(f"{k}=..." for k in keywords)])
+            problems.append(f"{method}{signature} cannot be called as {method}({call}): "
+                            f"{error}")
+    if problems:
+        raise BadParameterError(f"{label} class {_origin(cls)}: " + "; ".join(problems))
+
+
 def register_task(name: str):
-    """Class decorator registering a task under `name`; a second, different class raises."""
+    """Class decorator registering a task under `name`; a second, different class raises,
+    and so does a class lacking a method of the task contract (`check_task_class`)."""
     if not name or not name.replace("_", "").isalnum():
         raise InputError(f"task name must be a non-empty identifier, got {name!r}")
 
@@ -87,6 +153,7 @@ def register_task(name: str):
         if existing is not None and _origin(existing) != _origin(cls):
             raise InputError(f"task {name!r} is already registered by {_origin(existing)}; "
                              f"cannot register {_origin(cls)} under the same name")
+        check_task_class(cls, name)
         cls.name = name
         _REGISTRY[name] = cls
         return cls

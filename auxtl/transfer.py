@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import pathlib
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
-from auxtl import checkpoints, surgery
+from auxtl import checkpoints, freezing, surgery
 from auxtl.data import (Dataset, Normalization, compute_normalization, load_dataset,
                         train_test_split)
 from auxtl.errors import InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
 from auxtl.freezing import Phase
-from auxtl.models import config_to_json, make_config
+from auxtl.models import build_trunk, config_to_json, make_config
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
 from auxtl.pretrain import SPLIT_SEED
 from auxtl.stats import mean_interval, paired_difference
@@ -40,6 +43,27 @@ class TransferConfig:
     baseline: bool = True
     out: str | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        seeds = tuple(self.seeds)
+        if not seeds:
+            raise InputError("seeds (--seeds) must name at least one seed, got none")
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral)
+               or s < 0]
+        if bad:
+            raise InputError(f"seeds (--seed) must be whole numbers >= 0, got {bad[0]!r}")
+        if len(set(seeds)) != len(seeds):
+            raise InputError(f"seeds must differ, got {list(seeds)}")
+        object.__setattr__(self, "seeds", seeds)
+        for field, flag, value in (("labels_per_class", "--labels-per-class",
+                                    self.labels_per_class),
+                                   ("val_per_class", "--val-per-class", self.val_per_class)):
+            if value is None and field == "val_per_class":
+                continue  # the default
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{field} ({flag}) must be a whole number >= 1"
+                                 f"{' or None for the default' if field == 'val_per_class' else ''}"
+                                 f", got {value!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {"trunk": self.trunk, "data": self.data, "labels_per_class": self.labels_per_class,
@@ -87,11 +111,13 @@ def labeled_splits(dataset: Dataset, *, labels_per_class: int, val_per_class: in
     return LabeledSplits(pool.subset(train_index), pool.subset(val_index), test)
 
 
-def transfer_rules(k: int, adapt_channels: bool) -> list[surgery.Rule]:
+def transfer_rules(k: int, adapt_paths: Sequence[str] = ()) -> list[surgery.Rule]:
+    """Copy the lowest k layers; the leaves at `adapt_paths` (the kernels that read the
+    input, see `input_channel_paths`) are copied with their input channels adapted."""
     rules = surgery.lower_layers_rules(k)
-    if adapt_channels and k > 0:
-        rules = [surgery.Rule(r"(^|/)layers/0/[^/]*conv[^/]*/kernel$", "copy",
-                              on_mismatch="adapt_channels")] + rules
+    if k > 0 and adapt_paths:
+        rules = [surgery.Rule(f"^{re.escape(path)}$", "copy", on_mismatch="adapt_channels",
+                              label=f"input channels of {path}") for path in adapt_paths] + rules
     return rules
 
 
@@ -116,9 +142,40 @@ def variables(module) -> dict[str, Any]:
             "batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))}
 
 
+def _trunk_shapes(metadata: dict[str, Any], in_channels: int) -> dict[str, tuple]:
+    """Path -> shape of the source architecture's variables for `in_channels` (nothing
+    is allocated)."""
+    trunk = nnx.eval_shape(lambda: build_trunk(metadata["model"],
+                                               target_config(metadata, in_channels),
+                                               rngs=nnx.Rngs(0)))
+    return {path: tuple(leaf.shape) for path, leaf in surgery.flatten(variables(trunk)).items()}
+
+
+def input_channel_paths(metadata: dict[str, Any], in_channels: int) -> tuple[str, ...]:
+    """The paths whose shape depends on the input channel count: the kernel(s) of the
+    convolution(s) reading the image, found for any registered trunk by building its
+    architecture (shapes only) for the source's and the target's channel count and
+    comparing. Empty when the counts agree."""
+    source_channels = int(metadata["input_shape"][-1])
+    if in_channels == source_channels:
+        return ()
+    source, target = _trunk_shapes(metadata, source_channels), _trunk_shapes(metadata,
+                                                                             in_channels)
+    return tuple(path for path, shape in target.items()
+                 if path in source and source[path] != shape)
+
+
 def rules_for(metadata: dict[str, Any], spec: TargetSpec, in_channels: int):
     k = num_reused(spec, len(metadata["layer_names"]))
-    return transfer_rules(k, adapt_channels=in_channels != metadata["input_shape"][-1])
+    adapt = tuple(path for path in (input_channel_paths(metadata, in_channels) if k else ())
+                  if (surgery.layer_index(path) is not None and surgery.layer_index(path) < k))
+    return transfer_rules(k, adapt)
+
+
+def check_phases(metadata: dict[str, Any], spec: TargetSpec, phases) -> None:
+    """Refuses phases that do not fit the reused layers (e.g. head+top4 with 3 reused)."""
+    k = num_reused(spec, len(metadata["layer_names"]))
+    freezing.check_phases(phases, metadata["layer_names"][:k])
 
 
 def build_transfer_model(metadata: dict[str, Any], source_params, source_stats,
@@ -139,9 +196,12 @@ def build_transfer_model(metadata: dict[str, Any], source_params, source_stats,
     return model, report
 
 
-def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int):
-    """The dry run: the surgery report, nothing trained and no weights loaded."""
+def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int,
+                  phases: Sequence[Phase] = ()):
+    """The dry run: the surgery report, nothing trained and no weights loaded; `phases`
+    are checked against the reused layers first."""
     metadata = checkpoints.read_metadata(trunk_path)
+    check_phases(metadata, spec, phases)
     source = nnx.eval_shape(lambda: checkpoints.build_checkpoint_trunk(metadata))
     target = nnx.eval_shape(lambda: new_transfer_model(
         metadata, spec, num_classes=num_classes, in_channels=in_channels, seed=0))

@@ -92,3 +92,40 @@ def test_scratch_baseline_has_the_same_budget():
     from auxtl.transfer import scratch_config
     scratch = scratch_config(config)
     assert scratch.phases == (Phase(7, "all"),)
+
+
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_a_shared_step_cache_uses_each_calls_own_normalization(data, cache_features):
+    """Seeds share one StepCache; a later call with another normalization must not run
+    with the first call's statistics (they were closed over in the cached steps)."""
+    from auxtl.data import Normalization
+    config = ft.FinetuneConfig(phases=(Phase(1, "head"), Phase(1, "head+top2", 0.1)),
+                               batch_size=20, cache_features=cache_features)
+    first, second = Normalization((0.1,), (0.3,)), Normalization((0.6,), (0.05,))
+    data = {k: v for k, v in data.items() if k != "normalization"}
+    shared = ft.StepCache()
+    ft.finetune(small_model(), 6, config, normalization=first, cache=shared, **data)
+    reused = ft.finetune(small_model(), 6, config, normalization=second, cache=shared, **data)
+    alone = ft.finetune(small_model(), 6, config, normalization=second, cache=ft.StepCache(),
+                        **data)
+    for a, b in zip(jax.tree.leaves(reused.params), jax.tree.leaves(alone.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert reused.best_val_accuracy == alone.best_val_accuracy
+    assert reused.test_accuracy == alone.test_accuracy
+    assert ft.score(small_model(), alone, *data["test"], normalization=second,
+                    cache=shared) == alone.test_accuracy
+
+
+def test_phases_that_do_not_fit_the_reused_layers_fail_before_training(data):
+    config = ft.FinetuneConfig(phases=(Phase(1, "head"), Phase(1, "head+top4")))
+    with pytest.raises(ValueError, match=r"'head\+top4'.*only 3 layer\(s\) are reused "
+                                         r"\(conv1, conv2, conv3\).*'all' or head\+top3"):
+        ft.finetune(small_model(), 3, config, **data)
+
+
+@pytest.mark.parametrize("field,value,flag", [("batch_size", 0, "--batch-size"),
+                                              ("phases", (), "--phases"),
+                                              ("learning_rate", 0.0, "--lr")])
+def test_bad_finetune_config_fields_are_named(field, value, flag):
+    with pytest.raises(ValueError, match=f"{flag}.*{value!r}" if value != () else flag):
+        ft.FinetuneConfig(**{field: value})

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,43 @@ def test_parse_phases():
         freezing.parse_phases("head")
     with pytest.raises(ValueError, match="unknown phase spec 'tail'"):
         freezing.parse_phases("tail:3")
+
+
+@pytest.mark.parametrize("text,phases", [
+    ("head+re:conv[12],conv3:2", (Phase(2, "head+re:conv[12],conv3"),)),
+    ("head:1,head+re:(conv1|fc){1,2}:2@0.5,all:3",
+     (Phase(1, "head"), Phase(2, "head+re:(conv1|fc){1,2}", 0.5), Phase(3, "all"))),
+    ("head:1,head+re:(conv,all):2", (Phase(1, "head"), Phase(2, "head+re:(conv,all)"))),
+    ("head+re:[,(]x:2, all:1,", (Phase(2, "head+re:[,(]x"), Phase(1, "all"))),
+    ("head+re:^conv[0-9]{1,3}$:4", (Phase(4, "head+re:^conv[0-9]{1,3}$"),)),
+])
+def test_commas_inside_a_phase_regex_survive(text, phases):
+    assert freezing.parse_phases(text) == phases
+
+
+@pytest.mark.parametrize("text,message", [
+    ("head:x", "EPOCHS 'x' is not a whole number"),
+    ("head:1@fast", "LR_SCALE 'fast' is not a number"),
+    ("head+re:(:1", "bad regex"),
+    ("head:1,tail:3", "a comma starts a new phase only where 'head' or 'all' follows"),
+    ("", "no phases"),
+])
+def test_bad_phase_text_is_named(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        freezing.parse_phases(text)
+
+
+def test_top_n_beyond_the_reused_layers_is_refused():
+    reused = ("conv1", "conv2", "conv3")
+    assert freezing.trainable_reused_layers("head+top3", reused) == reused
+    with pytest.raises(ValueError, match=re.escape(
+            "phase 'head+top4' unfreezes the top 4 reused layers, but only 3 layer(s) are "
+            "reused (conv1, conv2, conv3); use 'all' or head+top3")):
+        freezing.trainable_reused_layers("head+top4", reused)
+    with pytest.raises(ValueError, match="'head\\+top4'"):
+        freezing.check_phases(freezing.parse_phases("head:1,head+top4:1"), reused)
+    freezing.check_phases(freezing.parse_phases("head:1,head+top3:1,all:1"), reused)
+    assert Phase(1, "head+top9").train == "head+top9"  # checked against a target later
 
 
 @pytest.mark.parametrize("train,unfrozen", [

@@ -108,3 +108,67 @@ def test_entry_point_plugin_from_an_installed_package(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "held-out hflip_ep accuracy" in trained.stdout
     assert (out / "trunk" / "metadata").exists()
+
+
+def test_a_task_class_missing_a_method_is_refused_at_registration():
+    with pytest.raises(auxtl.errors.BadParameterError) as caught:
+        @auxtl.register_task("no_loss")
+        class NoLoss(auxtl.TaskBase):
+            def make_examples(self, key, images):
+                return images, images
+
+            def make_head(self, feature_dim, *, image_shape, rngs):
+                return None
+    message = str(caught.value)
+    assert "no_loss" in message and "NoLoss" in message and "loss_and_metrics" in message
+    assert "no_loss" not in auxtl.list_tasks()
+
+
+def test_without_task_base_every_missing_method_is_named():
+    with pytest.raises(TypeError) as caught:
+        @auxtl.register_task("bare_task")
+        class Bare:
+            def make_examples(self, key, images):
+                return images, images
+    message = str(caught.value)
+    for method in ("make_head", "loss_and_metrics", "forward", "validate"):
+        assert method in message
+    assert "Bare" in message and "auxtl.TaskBase" in message
+
+
+def test_a_method_that_cannot_take_auxtls_arguments_is_named():
+    with pytest.raises(TypeError, match=r"make_examples\(images\) cannot be called as "
+                                        r"make_examples\(key, images\)"):
+        @auxtl.register_task("one_arg")
+        class OneArg(auxtl.TaskBase):
+            def make_examples(self, images):
+                return images, images
+
+            def make_head(self, feature_dim, *, image_shape, rngs):
+                return None
+
+            def loss_and_metrics(self, outputs, targets):
+                return 0.0, {}
+
+
+def test_a_complete_task_without_task_base_is_accepted():
+    @auxtl.register_task("standalone_flip")
+    class Standalone:
+        def validate(self, image_shape):
+            pass
+
+        def make_examples(self, key, images):
+            return images, images
+
+        def make_head(self, feature_dim, *, image_shape, rngs):
+            return None
+
+        def forward(self, trunk, head, inputs, *, train, frozen=()):
+            return inputs
+
+        @staticmethod
+        def loss_and_metrics(outputs, targets):
+            return 0.0, {}
+
+    assert auxtl.task_class("standalone_flip") is Standalone
+    assert isinstance(auxtl.get_task("standalone_flip"), auxtl.Task)
