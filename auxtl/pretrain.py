@@ -295,6 +295,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         _check_out_folder(out, config)
         if config.resume:
             _check_resume_config(out, config)
+        if jax.process_count() > 1:  # every process has looked before any writes there
+            multihost_utils.sync_global_devices(f"auxtl-pretrain-checked-{out}")
     dataset = load_dataset(config.data) if dataset is None else dataset
     train_set, test_set = train_test_split(dataset, test_fraction=config.test_fraction,
                                            seed=SPLIT_SEED)
