@@ -97,7 +97,7 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         test_fraction=args.test_fraction, log_every=args.log_every,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         eval_batch_size=defaults.eval_batch_size, out=args.out, resume=args.resume,
-        progress=not args.no_progress)
+        overwrite=args.overwrite, keep=args.keep, progress=not args.no_progress)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pretrain", help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out and start afresh")
+    p.add_argument("--keep", type=int, default=defaults.keep, metavar="N",
+                   help="step checkpoints to keep in --out/checkpoints (the latest N)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="multi-process run: the coordinator's address (jax.distributed)")
@@ -323,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except AuxtlError as error:  # raised on purpose about the input: one line; bugs keep tracebacks
         if os.environ.get("AUXTL_DEBUG"):
             raise
-        print(f"auxtl: error: {error}", file=sys.stderr)
-        return 2
+        code = getattr(error, "exit_code", 2)  # Preempted: 143, as for SIGTERM
+        print(f"auxtl: {'error: ' if code == 2 else ''}{error}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ class InputError(AuxtlError, ValueError):
     """A value, flag, shape or configuration auxtl cannot use."""
 
 
+class NonFiniteLossError(AuxtlError, FloatingPointError):
+    """Training produced a NaN or infinite loss (or state); the run stopped before saving it."""
+
+
+class Preempted(AuxtlError):
+    """The run was asked to stop (SIGTERM) and saved a checkpoint to resume from."""
+
+    exit_code = 143  # 128 + SIGTERM, what a scheduler expects from a terminated job
+
+
 class MissingFileError(AuxtlError, FileNotFoundError):
     """A path the user named does not exist (or lacks a file a checkpoint needs)."""
 

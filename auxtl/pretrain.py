@@ -3,32 +3,44 @@
 data -> held-out split -> normalisation -> trunk + heads -> jitted steps (metrics
 pulled to the host every `log_every` steps) -> evaluation -> self-describing
 trunk checkpoint, metrics.jsonl, metrics.png, summary.json.
+
+Reliability: the config is checked before anything is built or written; a fresh
+run refuses a folder holding another run (--resume continues it, --overwrite
+replaces it); a run stops at the first NaN/Inf loss without checkpointing it; and
+SIGTERM saves a checkpoint and stops (Preempted) so --resume continues exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import pathlib
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from auxtl import checkpoints, parallel
 from auxtl.data import (Dataset, compute_normalization, load_dataset, batch_indices,
                         train_test_split)
-from auxtl.errors import InputError
+from auxtl.errors import InputError, NonFiniteLossError, Preempted
 from auxtl.models import config_to_json, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
 from auxtl.registry import get_task
-from auxtl.reporting import MetricsLog, plot_metrics, read_metrics
-from auxtl.train import (TrainState, evaluate, init_state, make_eval_step, make_train_step,
-                         split_model)
+from auxtl.reporting import MetricsLog, keep_metrics, plot_metrics, read_metrics
+from auxtl.train import (HEALTH, TrainState, evaluate, init_state, make_eval_step,
+                         make_train_step, split_model)
 
 SPLIT_SEED = 0  # the held-out split is the same for every training seed
 
@@ -58,7 +70,32 @@ class PretrainConfig:
     eval_batch_size: int = 250
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False      # a fresh run into `out` first removes the old run there
+    keep: int = 2                # step checkpoints kept in out/checkpoints
     progress: bool = True
+
+    def validate(self) -> None:
+        """Raises InputError naming the first setting that cannot run (before any work)."""
+        def refuse(field: str, rule: str) -> None:
+            raise InputError(f"{field} (--{field.replace('_', '-')}) must be {rule}, "
+                             f"got {getattr(self, field)!r}")
+
+        for field in ("steps", "batch_size", "log_every", "eval_batch_size", "keep"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                refuse(field, "a positive integer")
+        for field in ("eval_every", "checkpoint_every"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 0:
+                refuse(field, "0 (off) or a positive integer")
+        if not (isinstance(self.test_fraction, (int, float))
+                and 0.0 < self.test_fraction < 1.0):
+            refuse("test_fraction", "between 0 and 1 (exclusive)")
+        if not self.tasks:
+            raise InputError("tasks: at least one task is needed")
+        if self.resume and self.overwrite:
+            raise InputError("--resume continues the run in --out and --overwrite deletes "
+                             "it; give one of them")
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -101,6 +138,131 @@ def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
                          f"config.json; resume needs the same run settings")
 
 
+# What a run writes into its folder; --overwrite removes these and nothing else.
+_RUN_OUTPUTS = ("checkpoints", "trunk", "config.json", "metrics.jsonl", "metrics.png",
+                "summary.json")
+_RUN_LEFTOVERS = (".trunk.", ".metrics.jsonl.")  # an interrupted atomic save's temporaries
+
+
+def _is_run_output(name: str) -> bool:
+    return name in _RUN_OUTPUTS or name.startswith(_RUN_LEFTOVERS)
+
+
+def _checkpoint_steps(folder: pathlib.Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _describe_folder(out: pathlib.Path, names: Sequence[str]) -> str:
+    parts = []
+    for name in names:
+        steps = _checkpoint_steps(out / name) if name == "checkpoints" else []
+        parts.append(f"checkpoints at steps {steps}" if steps else name)
+    return ", ".join(parts)
+
+
+def _check_out_folder(out: pathlib.Path, config: PretrainConfig) -> None:
+    """Refuses a fresh run into a folder that holds something (another run's outputs).
+
+    Orbax skips saving a step at or below the latest step already in the folder, so a
+    fresh run there would silently keep the old run's checkpoints under its own
+    config.json, and a later --resume would continue the wrong weights.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a folder")
+    if config.resume or not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    if config.overwrite:
+        foreign = [name for name in names if not _is_run_output(name)]
+        if foreign:
+            raise InputError(f"--overwrite removes only a run's outputs "
+                             f"({', '.join(_RUN_OUTPUTS)}), and {str(out)!r} also holds "
+                             f"{foreign}; move them away or choose another --out")
+        return
+    raise InputError(f"run folder {str(out)!r} is not empty: it holds "
+                     f"{_describe_folder(out, names)}; add --resume to continue that run, "
+                     f"--overwrite to delete it and start afresh, or choose another --out")
+
+
+def _remove_run_outputs(out: pathlib.Path) -> None:
+    for path in sorted(out.iterdir()):
+        if _is_run_output(path.name):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _kept_on_resume(record: dict[str, Any], start: int, final: int) -> bool:
+    """Whether a metrics record stays when a run resumes at step `start`.
+
+    Records past the restored step are rewritten by the resumed run, and so are the
+    eval records it writes at `start` itself: the untrained baseline (start 0) and
+    the final evaluation (start == final).
+    """
+    step = record.get("step")
+    if not isinstance(step, int) or step > start:
+        return False
+    return not (step == start and record.get("split") == "eval" and start in (0, final))
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
+    """An event SIGTERM sets while the block runs; the previous handler comes back after.
+
+    Signal handlers can only be installed from the main thread; elsewhere (or when
+    not `enabled`) the event is never set and SIGTERM keeps its old meaning.
+    """
+    requested = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _first_nonfinite(unchecked: list[tuple[int, Any]],
+                     task_names: Sequence[str]) -> tuple[int, str | None, float] | None:
+    """(step, task or None for the state, value) of the first non-finite step, if any."""
+    host = jax.device_get([health for _, health in unchecked])
+    for (done, _), health in zip(unchecked, host):
+        for name in task_names:
+            value = float(health["losses"][name])
+            if not math.isfinite(value):
+                return done, name, value
+        if not bool(health["state_finite"]):
+            return done, None, math.nan
+    return None
+
+
+def _nonfinite_error(found: tuple[int, str | None, float], window: tuple[int, int],
+                     manager, out: pathlib.Path | None,
+                     config: PretrainConfig) -> NonFiniteLossError:
+    done, task, value = found
+    if task is None:
+        what = (f"the training state (parameters, batch statistics or optimizer state) "
+                f"became NaN/Inf at step {done} while every task's loss was finite")
+    else:
+        kind = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+        what = f"loss of task {task!r} is {kind} at step {done}"
+    what += f" (first seen between steps {window[0]} and {window[1]})"
+    if manager is None:
+        saved = "no checkpoint (no --out)"
+    else:
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        saved = ("no checkpoint was saved before it" if last is None else
+                 f"last good checkpoint: step {last} at {out / 'checkpoints' / str(last)}")
+    opt = config.optimizer
+    return NonFiniteLossError(
+        f"{what}; stopped without saving it; {saved}; try a lower --lr (now "
+        f"{opt.learning_rate:g}) or more --warmup-steps (now {opt.warmup_steps})")
+
+
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
     host = jax.device_get(pending)
     return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
@@ -119,9 +281,22 @@ def _postfix(metrics: dict[str, float]) -> dict[str, str]:
 
 
 def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> PretrainResult:
-    """Trains the trunk as `config` says; writes outputs under `config.out` if set."""
-    if config.steps <= 0:
-        raise InputError(f"steps must be positive, got {config.steps}")
+    """Trains the trunk as `config` says; writes outputs under `config.out` if set.
+
+    Raises:
+      InputError: a setting that cannot run, or an --out holding another run.
+      NonFiniteLossError: a task's loss (or the state) became NaN/Inf; nothing from
+        that step on is checkpointed.
+      Preempted: SIGTERM arrived; a checkpoint of the step reached was saved.
+    """
+    config.validate()
+    out = pathlib.Path(config.out).absolute() if config.out else None
+    if out is not None:
+        _check_out_folder(out, config)
+        if config.resume:
+            _check_resume_config(out, config)
+        if jax.process_count() > 1:  # every process has looked before any writes there
+            multihost_utils.sync_global_devices(f"auxtl-pretrain-checked-{out}")
     dataset = load_dataset(config.data) if dataset is None else dataset
     train_set, test_set = train_test_split(dataset, test_fraction=config.test_fraction,
                                            seed=SPLIT_SEED)
@@ -141,15 +316,16 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     parallel.check_batch_size(config.batch_size, mesh)
     state = parallel.replicate(init_state(params, batch_stats, optimizer, config.seed), mesh)
 
-    out = pathlib.Path(config.out).absolute() if config.out else None
     manager = None
     is_main = jax.process_index() == 0
     if out is not None:
+        if config.overwrite and out.is_dir() and is_main:
+            _remove_run_outputs(out)
+        if jax.process_count() > 1:  # the others wait until process 0 has cleared it
+            multihost_utils.sync_global_devices(f"auxtl-pretrain-out-{out}")
         out.mkdir(parents=True, exist_ok=True)
-        if config.resume:
-            _check_resume_config(out, config)
-        manager = ocp.CheckpointManager(
-            out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        manager = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep, create=True, cleanup_tmp_directories=True))
         if config.resume and manager.latest_step() is not None:
             restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
                 jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))))
@@ -157,7 +333,12 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         if is_main:
             (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
     start_step = int(jax.device_get(state.step))
-    log = MetricsLog(out / "metrics.jsonl", append=config.resume) if (out and is_main) else None
+    log = None
+    if out is not None and is_main:
+        if config.resume:  # drop what the run wrote past its checkpoint: it is redone
+            keep_metrics(out / "metrics.jsonl",
+                         lambda r: _kept_on_resume(r, start_step, config.steps))
+        log = MetricsLog(out / "metrics.jsonl", append=config.resume)
 
     train_step = make_train_step(graphdef, tasks, optimizer, normalization)
     eval_step = make_eval_step(graphdef, tasks, normalization)
@@ -169,32 +350,59 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and is_main),
                desc="pretrain", unit="step", dynamic_ncols=True)
     pending: list[dict[str, jax.Array]] = []
+    unchecked: list[tuple[int, Any]] = []  # (step, device-side health) since the last check
+    task_names = [t.name for t in tasks]
+
+    def check_finite() -> None:
+        """At a point that syncs anyway: stop at the first non-finite step since the last."""
+        if unchecked:
+            found = _first_nonfinite(unchecked, task_names)
+            if found is not None:
+                raise _nonfinite_error(found, (unchecked[0][0], unchecked[-1][0]), manager,
+                                       out, config)
+            unchecked.clear()
+
     last_time, last_step = time.perf_counter(), start_step
-    for step in range(start_step, config.steps):
-        indices = parallel.process_slice(
-            batch_indices(len(train_set), config.batch_size, seed=config.seed, step=step))
-        images = parallel.put_batch(train_set.images[indices], mesh)
-        state, metrics = train_step(state, images)
-        pending.append(metrics)
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            averaged = _mean_metrics(pending)
-            pending.clear()
-            now = time.perf_counter()
-            record = {"step": done, "split": "train", **averaged,
-                      "steps_per_s": (done - last_step) / max(now - last_time, 1e-9)}
-            last_time, last_step = now, done
-            if log:
-                log.write(record)
-            bar.set_postfix(_postfix(averaged), refresh=False)
-            bar.update(done - bar.n)
-        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-            record = {"step": done, "split": "eval", **run_eval()}
-            if log:
-                log.write(record)
-        if manager and config.checkpoint_every and done % config.checkpoint_every == 0:
-            manager.save(done, args=ocp.args.StandardSave(_state_tree(state)))
-    bar.close()
+    with _stop_requests(manager is not None) as stop, contextlib.closing(bar):
+        for step in range(start_step, config.steps):
+            indices = parallel.process_slice(
+                batch_indices(len(train_set), config.batch_size, seed=config.seed, step=step))
+            images = parallel.put_batch(train_set.images[indices], mesh)
+            state, metrics = train_step(state, images)
+            done = step + 1
+            unchecked.append((done, metrics.pop(HEALTH)))
+            pending.append(metrics)
+            if done % config.log_every == 0 or done == config.steps:
+                check_finite()
+                averaged = _mean_metrics(pending)
+                pending.clear()
+                now = time.perf_counter()
+                record = {"step": done, "split": "train", **averaged,
+                          "steps_per_s": (done - last_step) / max(now - last_time, 1e-9)}
+                last_time, last_step = now, done
+                if log:
+                    log.write(record)
+                bar.set_postfix(_postfix(averaged), refresh=False)
+                bar.update(done - bar.n)
+            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+                check_finite()
+                record = {"step": done, "split": "eval", **run_eval()}
+                if log:
+                    log.write(record)
+            saved = False
+            if manager and config.checkpoint_every and done % config.checkpoint_every == 0:
+                check_finite()  # never checkpoint a non-finite state
+                manager.save(done, args=ocp.args.StandardSave(_state_tree(state)))
+                saved = True
+            if stop.is_set() and done < config.steps:
+                check_finite()
+                if not saved:
+                    manager.save(done, args=ocp.args.StandardSave(_state_tree(state)),
+                                 force=True)
+                manager.wait_until_finished()
+                raise Preempted(f"preempted at step {done} of {config.steps}; checkpoint "
+                                f"saved at {out / 'checkpoints' / str(done)}; rerun with "
+                                f"--resume to continue")
 
     eval_metrics = run_eval()
     trunk_path = None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 
@@ -23,6 +25,33 @@ class MetricsLog:
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
+def keep_metrics(path: str | pathlib.Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrites the JSON Lines file at `path` with only the records `keep` accepts.
+
+    A line that does not parse (one cut short when a run was killed mid-write) is
+    dropped. The new file replaces the old by rename, so a crash here leaves one or
+    the other whole. Returns the number of records kept; a missing file is left so.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and keep(record):
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return len(kept)
 
 
 def plot_metrics(records: list[dict[str, Any]], path: str | pathlib.Path, *,

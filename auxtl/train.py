@@ -45,11 +45,30 @@ def init_state(params, batch_stats, optimizer: optax.GradientTransformation,
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
+# The train step's metrics carry, under this key, what the host needs to stop a run
+# that diverged: each task's weighted loss term and whether the new state is finite.
+HEALTH = "_health"
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point leaf of `tree` is free of NaN and Inf."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def task_losses(model, tasks: Sequence[WeightedTask], images: jax.Array, key: jax.Array,
                 *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of task losses and per-task metrics named 'task/metric'."""
+    total, metrics, _ = _task_losses(model, tasks, images, key, train=train)
+    return total, metrics
+
+
+def _task_losses(model, tasks, images, key, *, train):
+    """task_losses, plus each task's term of the total (for the finiteness check)."""
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
+    terms: dict[str, jax.Array] = {}
     for index, weighted in enumerate(tasks):
         task_key = jax.random.fold_in(key, index)
         inputs, targets = weighted.task.make_examples(task_key, images)
@@ -61,15 +80,20 @@ def task_losses(model, tasks: Sequence[WeightedTask], images: jax.Array, key: ja
             log_var = model.log_vars[weighted.name][...]
             loss = jnp.exp(-log_var) * loss + log_var
             metrics[f"{weighted.name}/learned_weight"] = jnp.exp(-log_var)
-        total = total + weighted.weight * loss
+        terms[weighted.name] = weighted.weight * loss
+        total = total + terms[weighted.name]
     metrics["loss"] = total
-    return total, metrics
+    return total, metrics, terms
 
 
 def make_train_step(graphdef, tasks: Sequence[WeightedTask],
                     optimizer: optax.GradientTransformation,
                     normalization: Normalization) -> Callable:
-    """The jitted step (state, images) -> (state, metrics); the state's buffers are donated."""
+    """The jitted step (state, images) -> (state, metrics); the state's buffers are donated.
+
+    metrics[HEALTH] holds {"losses": {task: its weighted loss term}, "state_finite":
+    bool}, computed on device so the host can check finiteness when it next syncs.
+    """
     tasks = tuple(tasks)
 
     def step(state: TrainState, images: jax.Array):
@@ -78,15 +102,17 @@ def make_train_step(graphdef, tasks: Sequence[WeightedTask],
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.batch_stats)
-            loss, metrics = task_losses(model, tasks, x, key, train=True)
+            loss, metrics, terms = _task_losses(model, tasks, x, key, train=True)
             new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-            return loss, (metrics, new_stats)
+            return loss, (metrics, terms, new_stats)
 
-        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, (metrics, terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=batch_stats, opt_state=opt_state)
+        metrics[HEALTH] = {"losses": terms,
+                           "state_finite": all_finite((params, batch_stats, opt_state))}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)

@@ -1,11 +1,17 @@
 import dataclasses
+import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 import auxtl
+from auxtl.errors import InputError, NonFiniteLossError
+from auxtl.reporting import keep_metrics, read_metrics
 from auxtl.train import init_state, make_train_step, split_model
 from conftest import leaves_equal, tiny_config
 
@@ -57,16 +63,155 @@ def test_training_lowers_the_rotation_loss(mnist_small):
 
 def test_resume_continues_exactly(tmp_path, mnist_small):
     out = tmp_path / "run"
-    config = tiny_config(steps=8, checkpoint_every=4, out=str(out))
+    config = tiny_config(steps=8, checkpoint_every=4, log_every=2, eval_every=4, out=str(out))
     full = auxtl.run_pretraining(config, mnist_small)
+    written = read_metrics(out / "metrics.jsonl")
     # Simulate a run interrupted after the step-4 checkpoint.
     shutil.rmtree(out / "checkpoints" / "8")
     shutil.rmtree(out / "trunk")
     resumed = auxtl.run_pretraining(dataclasses.replace(config, resume=True), mnist_small)
     assert leaves_equal(full.state.params, resumed.state.params)
     assert leaves_equal(full.state.opt_state, resumed.state.opt_state)
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert sum('"split": "train"' in line for line in lines) >= 2
+    # The records past step 4 were redone, not repeated: the same list as the first run.
+    records = read_metrics(out / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in records] == [
+        (0, "eval"), (2, "train"), (4, "train"), (4, "eval"), (6, "train"), (8, "train"),
+        (8, "eval")]
+    same = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rs]
+    assert same(records) == same(written)
+
+
+def test_keep_metrics_rewrites_atomically_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert keep_metrics(path, lambda r: r["step"] <= 2) == 2
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp left
+    assert keep_metrics(tmp_path / "absent.jsonl", lambda r: True) == 0
+
+
+def checkpoint_steps(out):
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def restore_checkpoint(out, step, like):
+    """The state tree saved at `step`, restored into the structure of TrainState `like`."""
+    from auxtl.pretrain import _state_tree
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(like))
+    return ocp.StandardCheckpointer().restore(out / "checkpoints" / str(step) / "default",
+                                              target)
+
+
+def test_fresh_run_into_another_run_is_refused_and_overwrite_replaces_it(tmp_path,
+                                                                         mnist_small):
+    out = tmp_path / "run"
+    config = tiny_config(steps=4, checkpoint_every=2, out=str(out))
+    first = auxtl.run_pretraining(config, mnist_small)
+    other = dataclasses.replace(config, seed=1)
+    with pytest.raises(InputError) as refused:
+        auxtl.run_pretraining(other, mnist_small)
+    message = str(refused.value)
+    assert str(out) in message and "checkpoints at steps [2, 4]" in message
+    assert "--resume" in message and "--overwrite" in message
+    assert json.loads((out / "config.json").read_text())["seed"] == 0  # left untouched
+
+    second = auxtl.run_pretraining(dataclasses.replace(other, overwrite=True), mnist_small)
+    assert checkpoint_steps(out) == [2, 4]
+    saved = restore_checkpoint(out, 4, second.state)
+    assert leaves_equal(saved["params"], second.state.params)
+    assert not leaves_equal(saved["params"], first.state.params)
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+
+
+def test_overwrite_leaves_files_it_did_not_write(tmp_path, mnist_small):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"also holds \['notes.txt'\]"):
+        auxtl.run_pretraining(tiny_config(out=str(out), overwrite=True), mnist_small)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("batch_size", 0), ("batch_size", -1), ("steps", 0), ("log_every", 0),
+    ("eval_every", -1), ("checkpoint_every", -1), ("test_fraction", 0.0),
+    ("test_fraction", 1.0), ("keep", 0), ("eval_batch_size", 0)])
+def test_bad_config_is_named_before_anything_is_built(tmp_path, field, value):
+    out = tmp_path / "run"
+    config = tiny_config(out=str(out), data="no-such-data", **{field: value})
+    with pytest.raises(InputError, match=rf"^{field} \(--.*\) must be .*got {value}$"):
+        auxtl.run_pretraining(config)  # the data is not even loaded
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("keep, expected", [(3, [4, 5, 6]), (1, [6])])
+def test_keep_is_the_number_of_step_checkpoints_kept(tmp_path, mnist_small, keep, expected):
+    out = tmp_path / "run"
+    auxtl.run_pretraining(tiny_config(steps=6, checkpoint_every=1, keep=keep, out=str(out)),
+                          mnist_small)
+    assert checkpoint_steps(out) == expected
+
+
+class Counter(nnx.Module):
+    def __init__(self):
+        self.value = nnx.Param(jnp.zeros((), jnp.float32))
+
+    def __call__(self, features):
+        return self.value[...]
+
+
+@auxtl.register_task("nan_past_half")
+@dataclasses.dataclass(frozen=True)
+class NaNPastHalf(auxtl.TaskBase):
+    """Loss -c for a parameter c that plain SGD raises by the learning rate each step;
+    NaN once c > 0.45: with lr 0.1 the loss of step 6 (c = 0.5) is the first NaN."""
+
+    def make_examples(self, key, images):
+        return images, jnp.zeros(())
+
+    def make_head(self, feature_dim, *, image_shape, rngs):
+        return Counter()
+
+    def loss_and_metrics(self, c, targets):
+        loss = -c + jnp.where(c > 0.45, jnp.nan, 0.0)
+        return loss, {"loss": loss}
+
+
+def test_nan_loss_stops_the_run_naming_task_and_step_and_keeps_good_checkpoints(
+        tmp_path, mnist_small):
+    out = tmp_path / "run"
+    config = tiny_config(
+        tasks=(auxtl.TaskConfig("rotation"), auxtl.TaskConfig("nan_past_half")), steps=10,
+        log_every=4, checkpoint_every=2, keep=5, out=str(out),
+        optimizer=auxtl.OptimizerConfig(learning_rate=0.1, momentum=0.0, weight_decay=0.0,
+                                        warmup_steps=0, schedule="constant"))
+    with pytest.raises(NonFiniteLossError) as stopped:
+        auxtl.run_pretraining(config, mnist_small)
+    like = auxtl.run_pretraining(dataclasses.replace(config, steps=1, out=None),
+                                 mnist_small).state
+    message = str(stopped.value)
+    assert message.startswith("loss of task 'nan_past_half' is NaN at step 6 "
+                              "(first seen between steps 5 and 6)")
+    assert f"last good checkpoint: step 4 at {out / 'checkpoints' / '4'}" in message
+    assert "--lr" in message
+    assert checkpoint_steps(out) == [2, 4]  # none at or after step 6
+    for step in (2, 4):
+        saved = restore_checkpoint(out, step, like)
+        assert int(saved["step"]) == step and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved)
+                   if np.issubdtype(np.asarray(x).dtype, np.inexact))
+    assert not (out / "trunk").exists() and not (out / "summary.json").exists()
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 4
+
+
+def test_non_finite_state_with_finite_losses_is_named():
+    from auxtl.pretrain import _first_nonfinite
+    ok = {"losses": {"a": np.float32(0.5), "b": np.float32(1.0)}, "state_finite": np.True_}
+    bad_state = {**ok, "state_finite": np.False_}
+    inf_loss = {"losses": {"a": np.float32(0.5), "b": np.float32(np.inf)},
+                "state_finite": np.False_}
+    assert _first_nonfinite([(1, ok), (2, ok)], ["a", "b"]) is None
+    assert _first_nonfinite([(1, ok), (2, bad_state), (3, inf_loss)], ["a", "b"])[:2] == (2, None)
+    assert _first_nonfinite([(1, ok), (2, inf_loss)], ["a", "b"]) == (2, "b", np.inf)
 
 
 def test_resume_refuses_a_changed_config(tmp_path, mnist_small):

@@ -191,7 +191,7 @@ def pretrain_config(config: TransferBenchConfig, name: str, out: pathlib.Path):
                           out=str(out), progress=config.progress)
 
 
-_IDENTITY_IGNORED = ("out", "progress", "resume", "log_every")
+_IDENTITY_IGNORED = ("out", "progress", "resume", "overwrite", "keep", "log_every")
 
 
 def _same_run(saved: dict, current: dict) -> bool:
