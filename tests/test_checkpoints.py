@@ -1,10 +1,13 @@
 
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 import auxtl
-from auxtl import checkpoints
+from auxtl import checkpoints, cli
 from conftest import leaves_equal, tiny_config
 
 
@@ -52,7 +55,8 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(trained, tmp_path, monkeyp
                                metadata=metadata)
     restored, _, _ = checkpoints.load_trunk_state(path)
     assert leaves_equal(restored, params)
-    assert [p.name for p in tmp_path.iterdir()] == ["trunk"]
+    version = os.readlink(path)  # the checkpoint path links to its current version
+    assert sorted(p.name for p in tmp_path.iterdir()) == [version, "trunk"]
 
 
 def test_not_a_checkpoint_is_named(tmp_path):
@@ -69,3 +73,88 @@ def test_unknown_model_in_metadata_is_refused(trained, tmp_path):
                            metadata={**metadata, "model": "evil_model"})
     with pytest.raises(ValueError, match="evil_model"):
         auxtl.load_trunk(tmp_path / "t")
+
+
+# --------------------------------------------------------------------------- interrupted saves
+
+class Crash(BaseException):
+    """The process dying at a file-system step (BaseException: nothing may swallow it)."""
+
+
+def save_crashing_at(path, params, stats, metadata, step: int, monkeypatch) -> bool:
+    """save_trunk, dying at the `step`-th rename/replace/symlink/rmtree after orbax has
+    written the new data; True if it died (False: the save has fewer steps and completed)."""
+    calls = {"n": 0}
+
+    def crashing(real):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise Crash(f"step {step}: {real.__name__}{args}")
+            return real(*args, **kwargs)
+        return call
+
+    real_checkpointer = checkpoints._composite_checkpointer
+
+    class CrashAfterWriting:
+        def save(self, *args, **kwargs):
+            real_checkpointer().save(*args, **kwargs)  # the real orbax save, complete
+            for module, name in ((os, "rename"), (os, "replace"), (os, "symlink"),
+                                 (shutil, "rmtree")):
+                monkeypatch.setattr(module, name, crashing(getattr(module, name)))
+
+    monkeypatch.setattr(checkpoints, "_composite_checkpointer", CrashAfterWriting)
+    try:
+        checkpoints.save_trunk(path, trunk_params=params, trunk_batch_stats=stats,
+                               metadata=metadata)
+        return False
+    except Crash:
+        return True
+    finally:
+        monkeypatch.undo()
+
+
+def scaled(tree, factor):
+    return jax.tree.map(lambda x: np.asarray(x) * factor, tree)
+
+
+@pytest.mark.parametrize("existing", ["link", "folder"])
+def test_a_save_interrupted_at_any_step_leaves_the_old_or_the_new_checkpoint(
+        trained, tmp_path, monkeypatch, existing):
+    params, stats, metadata = checkpoints.load_trunk_state(trained.trunk_path)
+    new = scaled(params, 2.0)
+    crashes = 0
+    for step in range(1, 20):
+        path = tmp_path / f"step{step}" / "trunk"
+        checkpoints.save_trunk(path, trunk_params=params, trunk_batch_stats=stats,
+                               metadata=metadata)
+        if existing == "folder":  # as an older auxtl left it: a plain folder at the path
+            real = path.resolve()
+            if real != path:
+                path.unlink()
+                shutil.move(real, path)
+        crashed = save_crashing_at(path, new, stats, metadata, step, monkeypatch)
+        restored, _, _ = checkpoints.load_trunk_state(path)
+        assert leaves_equal(restored, params) or leaves_equal(restored, new), step
+        assert auxtl.load_trunk(path).layer_names == tuple(metadata["layer_names"])
+        if not crashed:
+            assert leaves_equal(restored, new)
+            break
+        crashes += 1
+    assert crashes >= 3  # every file-system step after the data is written was a crash point
+
+
+def test_saving_again_replaces_the_version_and_leaves_no_debris(trained, tmp_path):
+    params, stats, metadata = checkpoints.load_trunk_state(trained.trunk_path)
+    folder = tmp_path / "run"
+    for factor in (1.0, 3.0):
+        checkpoints.save_trunk(folder / "trunk", trunk_params=scaled(params, factor),
+                               trunk_batch_stats=stats, metadata=metadata)
+    path = folder / "trunk"
+    assert path.is_symlink() and not os.path.isabs(os.readlink(path))
+    assert sorted(p.name for p in folder.iterdir()) == [os.readlink(path), "trunk"]
+    restored, _, _ = checkpoints.load_trunk_state(path)
+    assert leaves_equal(restored, scaled(params, 3.0))
+    shutil.move(folder, tmp_path / "moved")  # the relative link moves with its folder
+    restored, _, _ = checkpoints.load_trunk_state(tmp_path / "moved" / "trunk")
+    assert leaves_equal(restored, scaled(params, 3.0))
