@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -294,9 +295,28 @@ def _restore(folder: pathlib.Path, shown, **items) -> dict[str, Any]:
     except AuxtlError:
         raise
     except (ValueError, OSError, KeyError, RuntimeError) as e:
+        _drop_late_callbacks_into_closed_loops()
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise InputError(f"checkpoint {str(pathlib.Path(shown).absolute())!r} is damaged: "
                          f"{detail}") from e
+
+
+def _drop_late_callbacks_into_closed_loops() -> None:
+    """After a failed restore, reads that orbax still had in flight finish and call back into
+    its event loop, which orbax has closed; asyncio reports each as an unraisable
+    "RuntimeError: Event loop is closed" traceback, possibly at exit. That is noise after the
+    error auxtl raised: from now on exactly that report is dropped, all others pass on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "auxtl_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.auxtl_drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 def read_metadata(path) -> dict[str, Any]:
