@@ -225,11 +225,11 @@ def test_damage_only_restore_finds_is_one_named_error(trained, tmp_path, capsys)
     shutil.copytree(trained.trunk_path.resolve(), damaged)
     data = largest(damaged / "trunk" / "ocdbt.process_0" / "d")
     data.write_bytes(b"\0" * data.stat().st_size)
-    checkpoints.validate_checkpoint(damaged)
     with pytest.raises(ValueError, match=f"checkpoint {str(damaged)!r} is damaged: ") as caught:
         checkpoints.load_trunk_state(damaged)
     assert isinstance(caught.value, auxtl.errors.InputError)
     assert caught.value.__cause__ is not None
+    checkpoints.validate_checkpoint(damaged)  # every file is there, at its full length
     assert cli.main(["transfer", "--trunk", str(damaged), "--seeds", "1", "--no-baseline",
                      "--phases", "head:1", "--no-progress", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
