@@ -85,6 +85,8 @@ def _point_at(path: pathlib.Path, version: pathlib.Path, token: str) -> None:
     os.replace(link, path)
     if previous is not None and previous != version:
         shutil.rmtree(previous, ignore_errors=True)
+    for aside in path.parent.glob(f".{glob.escape(path.name)}.old-*"):  # an earlier crash's
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_save(path: str | os.PathLike, write) -> pathlib.Path:
@@ -214,7 +216,7 @@ def _check_ocdbt(folder: pathlib.Path, item: str) -> None:
     if manifest_file.stat().st_size == 0:
         raise _Damage(f"{item}/manifest.ocdbt", "is empty")
     try:
-        store = ts.KvStore.open(f"file://{folder / item}/").result()
+        store = ts.KvStore.open({"driver": "file", "path": f"{folder / item}/"}).result()
         manifest = ts.ocdbt.dump(store).result()
     except (ValueError, RuntimeError, OSError) as e:
         raise _Damage(f"{item}/manifest.ocdbt", f"cannot be read ({e})") from e

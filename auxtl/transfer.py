@@ -81,7 +81,7 @@ class SplitWarning(AuxtlWarning):
 
 
 def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None, *,
-               trunk: str | None = None) -> tuple[SplitRecord, str]:
+                   trunk: str | None = None) -> tuple[SplitRecord, str]:
     """The held-out split transfer tests on, and a line saying which and why.
 
     The target data is the trunk's pretraining data (same content hash): that
@@ -99,15 +99,17 @@ def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None,
         reason = recorded.mismatch(target)
         if reason is None:
             return dataclasses.replace(recorded, data=data), (
-                f"test split: the {recorded.test_fraction:g} held out from pretraining "
-                f"{name} on {recorded.data!r} (seed {recorded.seed}, same data by content "
-                f"hash); pretraining never trained on it")
+                f"test split: the {recorded.test_fraction * 100:g}% that pretraining {name} "
+                f"held out of {recorded.data!r} (seed {recorded.seed}; same data by content "
+                f"hash), so pretraining never trained on a test image")
         if recorded.data_hash == target.data_hash:
             warnings.warn(SplitWarning(
                 f"{name} was pretrained on these images ({recorded.data!r}) but {reason}: its "
                 f"held-out split cannot be recomputed, so the default test split may hold "
                 f"images pretraining trained on and overstate test accuracy"), stacklevel=2)
-        return target, f"{default}; the trunk was pretrained on other data ({recorded.data!r})"
+            return target, f"{default}; pretraining's split could not be recomputed"
+        return target, (f"{default}; the trunk was pretrained on other data "
+                        f"({recorded.data!r}, another content hash)")
     source = metadata.get("data")
     if source is None or source == data:
         seen = "on unknown data" if source is None else f"on {source!r} too"

@@ -214,3 +214,16 @@ def test_the_cli_prints_the_split_warning_as_one_line(digits_trunk, tmp_path, ca
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if "records no pretraining split" in l]
     assert len(lines) == 1 and lines[0].startswith("auxtl: warning: trunk ")
+
+
+def test_same_images_with_other_labels_cannot_honour_a_stratified_split(digits_trunk):
+    digits = auxtl.load_dataset("digits")
+    relabeled = auxtl.Dataset("digits", digits.images, (digits.labels + 1) % 10)
+    metadata = auxtl.read_metadata(digits_trunk)
+    with pytest.warns(transfer.SplitWarning, match="the labels differ"):
+        split, note = transfer.held_out_split(metadata, relabeled, "digits")
+    assert split.test_fraction == 0.1 and "could not be recomputed" in note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split, note = transfer.held_out_split(metadata, digits, "digits")
+    assert split.test_fraction == 0.05 and "held out of 'digits'" in note
