@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -267,29 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_auxtl_warnings(show):
-    """showwarning that prints auxtl's own warnings as one line each, the rest as `show` does."""
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, AuxtlWarning):
-            print(f"auxtl: warning: {message}", file=sys.stderr, flush=True)
-        else:
-            show(message, category, filename, lineno, file, line)
-    return show_warning
+@contextlib.contextmanager
+def auxtl_warnings_as_lines():
+    """Prints each of auxtl's own warnings as one line on stderr (every time it occurs);
+    other warnings show as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AuxtlWarning)
+        show = warnings.showwarning
+
+        def show_warning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, AuxtlWarning):
+                print(f"auxtl: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_warning
+        yield
 
 
+@auxtl_warnings_as_lines()
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()   # before the first JAX computation starts XLA's threads
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", AuxtlWarning)
-        warnings.showwarning = _print_auxtl_warnings(warnings.showwarning)
-        try:
-            return args.func(args)
-        except AuxtlError as error:  # on purpose, about the input: one line; bugs keep tracebacks
-            if os.environ.get("AUXTL_DEBUG"):
-                raise
-            print(f"auxtl: error: {error}", file=sys.stderr)
-            return 2
+    try:
+        return args.func(args)
+    except AuxtlError as error:  # raised on purpose about the input: one line; bugs keep tracebacks
+        if os.environ.get("AUXTL_DEBUG"):
+            raise
+        print(f"auxtl: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
