@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 from auxtl import host_memory
-from auxtl.errors import AuxtlError, InputError
+from auxtl.errors import AuxtlError, AuxtlWarning, InputError
 from auxtl.freezing import PHASES_GRAMMAR
 from auxtl.optim import OptimizerConfig
 from auxtl.pretrain import PretrainConfig, TaskConfig
@@ -319,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def auxtl_warnings_as_lines():
+    """Prints each of auxtl's own warnings as one line on stderr (every time it occurs);
+    other warnings show as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AuxtlWarning)
+        show = warnings.showwarning
+
+        def show_warning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, AuxtlWarning):
+                print(f"auxtl: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_warning
+        yield
+
+
+@auxtl_warnings_as_lines()
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()   # before the first JAX computation starts XLA's threads
     args = build_parser().parse_args(argv)

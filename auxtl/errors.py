@@ -46,3 +46,8 @@ class BadParameterError(AuxtlError, TypeError):
 
 class UnsafeFileError(AuxtlError, pickle.UnpicklingError):
     """A file refused because loading it would run code or trust an unsafe location."""
+
+
+class AuxtlWarning(UserWarning):
+    """A result auxtl can still produce but that may mislead; the command line prints it
+    as one line."""

@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from auxtl import checkpoints, parallel
-from auxtl.data import (Dataset, compute_normalization, load_dataset, batch_indices,
-                        train_test_split)
+from auxtl.data import (Dataset, SplitRecord, compute_normalization, load_dataset,
+                        batch_indices, train_test_split)
 from auxtl.errors import InputError, NonFiniteLossError, Preempted
 from auxtl.models import config_to_json, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
@@ -414,7 +414,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
             log.write({"step": config.steps, "split": "eval", **eval_metrics})
         trunk_path = save_pretrained_trunk(out / "trunk", state, model.trunk, config,
                                            model_config, input_shape, normalization, tasks,
-                                           eval_metrics)
+                                           eval_metrics, dataset=dataset)
         if is_main:
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "metrics.png",
                          title=f"pretrain {'+'.join(t.name for t in tasks)} on {config.data}")
@@ -425,12 +425,18 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
 
 
 def save_pretrained_trunk(path, state: TrainState, trunk, config: PretrainConfig, model_config,
-                          input_shape, normalization, tasks, eval_metrics) -> pathlib.Path:
+                          input_shape, normalization, tasks, eval_metrics, *,
+                          dataset: Dataset) -> pathlib.Path:
+    """The trunk checkpoint; its metadata records the held-out split of `dataset` (the data
+    pretraining split, content-hashed) so that transfer can keep those images for test."""
+    split = SplitRecord.of(dataset, data=config.data, test_fraction=config.test_fraction,
+                           seed=SPLIT_SEED)
     metadata = checkpoints.trunk_metadata(
         trunk, config_json=config_to_json(model_config), input_shape=input_shape,
         normalization=normalization, tasks=task_json(tasks),
-        extra={"data": config.data, "steps": config.steps, "seed": config.seed,
-               "loss_weighting": config.loss_weighting, "eval": eval_metrics})
+        extra={"data": config.data, "split": split.to_json(), "steps": config.steps,
+               "seed": config.seed, "loss_weighting": config.loss_weighting,
+               "eval": eval_metrics})
     params = jax.device_get(state.params)
     return checkpoints.save_trunk(
         path, trunk_params=params["trunk"],

@@ -13,6 +13,7 @@ import json
 import numbers
 import pathlib
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from auxtl import checkpoints, freezing, surgery
-from auxtl.data import (Dataset, Normalization, compute_normalization, load_dataset,
-                        train_test_split)
-from auxtl.errors import InputError
+from auxtl.data import (Dataset, Normalization, SplitRecord, compute_normalization,
+                        load_dataset, train_test_split)
+from auxtl.errors import AuxtlWarning, InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
 from auxtl.freezing import Phase
 from auxtl.models import build_trunk, config_to_json, make_config
@@ -96,16 +97,71 @@ def per_class_indices(labels: np.ndarray, counts: tuple[int, ...], *,
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in picked]
 
 
+DEFAULT_TEST_FRACTION = 0.1  # the test split of data the trunk was not pretrained on
+
+
+class SplitWarning(AuxtlWarning):
+    """The test split may hold images the trunk was pretrained on (test accuracy inflated)."""
+
+
+def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None, *,
+                   trunk: str | None = None) -> tuple[SplitRecord, str]:
+    """The held-out split transfer tests on, and a line saying which and why.
+
+    The target data is the trunk's pretraining data (same content hash): that
+    run's own held-out split (fraction and seed), so no test image was in
+    pretraining's training split. Other data: the default 10% (SPLIT_SEED).
+    A trunk that records no split (older auxtl, imported) whose data may be the
+    target's (same data spec, or unknown): the default split and a SplitWarning.
+    """
+    target = SplitRecord.of(dataset, data=data, test_fraction=DEFAULT_TEST_FRACTION,
+                            seed=SPLIT_SEED)
+    default = (f"test split: {DEFAULT_TEST_FRACTION:.0%} of {data!r} (seed {SPLIT_SEED})")
+    name = f"trunk {trunk!r}" if trunk else "the trunk"
+    if metadata.get("split") is not None:
+        recorded = SplitRecord.from_json(metadata["split"])
+        reason = recorded.mismatch(target)
+        if reason is None:
+            return dataclasses.replace(recorded, data=data), (
+                f"test split: the {recorded.test_fraction * 100:g}% that pretraining {name} "
+                f"held out of {recorded.data!r} (seed {recorded.seed}; same data by content "
+                f"hash), so pretraining never trained on a test image")
+        if recorded.data_hash == target.data_hash:
+            warnings.warn(SplitWarning(
+                f"{name} was pretrained on these images ({recorded.data!r}) but {reason}: its "
+                f"held-out split cannot be recomputed, so the default test split may hold "
+                f"images pretraining trained on and overstate test accuracy"), stacklevel=2)
+            return target, f"{default}; pretraining's split could not be recomputed"
+        return target, (f"{default}; the trunk was pretrained on other data "
+                        f"({recorded.data!r}, another content hash)")
+    source = metadata.get("data")
+    if source is None or source == data:
+        seen = "on unknown data" if source is None else f"on {source!r} too"
+        warnings.warn(SplitWarning(
+            f"{name} records no pretraining split (it was pretrained {seen}; older auxtl or "
+            f"imported), so transfer cannot keep pretraining's held-out images for test: the "
+            f"default test split of {data!r} may hold images pretraining trained on and "
+            f"overstate test accuracy. Pretrain again with this auxtl to record the split"),
+            stacklevel=2)
+        return target, f"{default}; pretraining's split unknown (not honoured)"
+    return target, f"{default}; the trunk was pretrained on other data ({source!r})"
+
+
 def labeled_splits(dataset: Dataset, *, labels_per_class: int, val_per_class: int,
-                   seed: int) -> LabeledSplits:
+                   seed: int, split: SplitRecord | None = None) -> LabeledSplits:
     """N labels per class to train, V per class to validate (disjoint), the fixed test split.
 
-    The test split is the pretraining held-out split, so no test image was ever
-    seen, labeled or not, and it never takes part in model selection.
+    The test split is `split` (see `held_out_split`: the pretraining held-out split
+    when this is the pretraining data), else the default 10% with SPLIT_SEED. It
+    is the same for every seed and never takes part in model selection.
     """
     if dataset.labels is None:
         raise InputError(f"transfer needs labeled data; {dataset.name!r} has no labels")
-    pool, test = train_test_split(dataset, test_fraction=0.1, seed=SPLIT_SEED)
+    if split is None:
+        pool, test = train_test_split(dataset, test_fraction=DEFAULT_TEST_FRACTION,
+                                      seed=SPLIT_SEED)
+    else:
+        pool, test = split.split(dataset)
     train_index, val_index = per_class_indices(pool.labels, (labels_per_class, val_per_class),
                                                seed=seed)
     return LabeledSplits(pool.subset(train_index), pool.subset(val_index), test)
@@ -238,6 +294,8 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
     dataset = load_dataset(config.data) if dataset is None else dataset
     if dataset.labels is None:
         raise InputError(f"transfer needs labeled data; {config.data!r} has no labels")
+    split, note = held_out_split(metadata, dataset, config.data, trunk=config.trunk)
+    log(note)
     num_classes = dataset.num_classes
     val_per_class = config.val_per_class or max(config.labels_per_class, 5)
     cache = StepCache()
@@ -245,7 +303,7 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
     report = None
     for seed in config.seeds:
         splits = labeled_splits(dataset, labels_per_class=config.labels_per_class,
-                                val_per_class=val_per_class, seed=seed)
+                                val_per_class=val_per_class, seed=seed, split=split)
         normalization = target_normalization(metadata, splits.train)
         in_channels = splits.train.image_shape[-1]
         data = dict(train=(splits.train.images, splits.train.labels),
@@ -275,8 +333,9 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
         if seed == config.seeds[0] and config.out:
             save_transfer_model(pathlib.Path(config.out) / "model", model, transferred,
                                 metadata, config, report, normalization,
-                                splits.train.image_shape)
+                                splits.train.image_shape, split=split)
     summary = summarize(results, config, report)
+    summary["split"] = {**split.to_json(), "test_examples": len(splits.test), "note": note}
     if config.out:
         out = pathlib.Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -308,8 +367,10 @@ def summarize(results: list[SeedResult], config: TransferConfig, report) -> dict
 
 
 def save_transfer_model(path, model, result: FinetuneResult, source_metadata, config,
-                        report, normalization, input_shape) -> pathlib.Path:
-    """The fine-tuned target model as a self-describing checkpoint (report included)."""
+                        report, normalization, input_shape, *,
+                        split: SplitRecord | None = None) -> pathlib.Path:
+    """The fine-tuned target model as a self-describing checkpoint (report included, and
+    the test split it was evaluated on, which a later transfer from it honours)."""
     trunk = model.trunk
     params, stats = result.params, result.batch_stats
     metadata = checkpoints.trunk_metadata(
@@ -321,7 +382,8 @@ def save_transfer_model(path, model, result: FinetuneResult, source_metadata, co
                "source": {"path": str(config.trunk), "model": source_metadata["model"],
                           "tasks": source_metadata["tasks"]},
                "finetune": config.finetune.to_json(),
-               "test_accuracy": result.test_accuracy})
+               "test_accuracy": result.test_accuracy,
+               **({"split": split.to_json()} if split else {})})
     return checkpoints.save_trunk(path, trunk_params=params["trunk"],
                                   trunk_batch_stats=stats["trunk"],
                                   head_params={"classifier": params["head"]},

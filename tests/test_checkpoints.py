@@ -1,10 +1,15 @@
 
+import os
+import shutil
+import sys
+import types
+
 import jax
 import numpy as np
 import pytest
 
 import auxtl
-from auxtl import checkpoints
+from auxtl import checkpoints, cli
 from conftest import leaves_equal, tiny_config
 
 
@@ -52,7 +57,8 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(trained, tmp_path, monkeyp
                                metadata=metadata)
     restored, _, _ = checkpoints.load_trunk_state(path)
     assert leaves_equal(restored, params)
-    assert [p.name for p in tmp_path.iterdir()] == ["trunk"]
+    version = os.readlink(path)  # the checkpoint path links to its current version
+    assert sorted(p.name for p in tmp_path.iterdir()) == [version, "trunk"]
 
 
 def test_not_a_checkpoint_is_named(tmp_path):
@@ -69,3 +75,184 @@ def test_unknown_model_in_metadata_is_refused(trained, tmp_path):
                            metadata={**metadata, "model": "evil_model"})
     with pytest.raises(ValueError, match="evil_model"):
         auxtl.load_trunk(tmp_path / "t")
+
+
+# --------------------------------------------------------------------------- interrupted saves
+
+class Crash(BaseException):
+    """The process dying at a file-system step (BaseException: nothing may swallow it)."""
+
+
+def save_crashing_at(path, params, stats, metadata, step: int, monkeypatch) -> bool:
+    """save_trunk, dying at the `step`-th rename/replace/symlink/rmtree after orbax has
+    written the new data; True if it died (False: the save has fewer steps and completed)."""
+    calls = {"n": 0}
+
+    def crashing(real):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise Crash(f"step {step}: {real.__name__}{args}")
+            return real(*args, **kwargs)
+        return call
+
+    real_checkpointer = checkpoints._composite_checkpointer
+
+    class CrashAfterWriting:
+        def save(self, *args, **kwargs):
+            real_checkpointer().save(*args, **kwargs)  # the real orbax save, complete
+            for module, name in ((os, "rename"), (os, "replace"), (os, "symlink"),
+                                 (shutil, "rmtree")):
+                monkeypatch.setattr(module, name, crashing(getattr(module, name)))
+
+    monkeypatch.setattr(checkpoints, "_composite_checkpointer", CrashAfterWriting)
+    try:
+        checkpoints.save_trunk(path, trunk_params=params, trunk_batch_stats=stats,
+                               metadata=metadata)
+        return False
+    except Crash:
+        return True
+    finally:
+        monkeypatch.undo()
+
+
+def scaled(tree, factor):
+    return jax.tree.map(lambda x: np.asarray(x) * factor, tree)
+
+
+@pytest.mark.parametrize("existing", ["link", "folder"])
+def test_a_save_interrupted_at_any_step_leaves_the_old_or_the_new_checkpoint(
+        trained, tmp_path, monkeypatch, existing):
+    params, stats, metadata = checkpoints.load_trunk_state(trained.trunk_path)
+    new = scaled(params, 2.0)
+    crashes = 0
+    for step in range(1, 20):
+        path = tmp_path / f"step{step}" / "trunk"
+        checkpoints.save_trunk(path, trunk_params=params, trunk_batch_stats=stats,
+                               metadata=metadata)
+        if existing == "folder":  # as an older auxtl left it: a plain folder at the path
+            real = path.resolve()
+            if real != path:
+                path.unlink()
+                shutil.move(real, path)
+        crashed = save_crashing_at(path, new, stats, metadata, step, monkeypatch)
+        restored, _, _ = checkpoints.load_trunk_state(path)
+        assert leaves_equal(restored, params) or leaves_equal(restored, new), step
+        assert auxtl.load_trunk(path).layer_names == tuple(metadata["layer_names"])
+        if not crashed:
+            assert leaves_equal(restored, new)
+            break
+        crashes += 1
+    assert crashes >= 3  # every file-system step after the data is written was a crash point
+
+
+def test_saving_again_replaces_the_version_and_leaves_no_debris(trained, tmp_path):
+    params, stats, metadata = checkpoints.load_trunk_state(trained.trunk_path)
+    folder = tmp_path / "run"
+    for factor in (1.0, 3.0):
+        checkpoints.save_trunk(folder / "trunk", trunk_params=scaled(params, factor),
+                               trunk_batch_stats=stats, metadata=metadata)
+    path = folder / "trunk"
+    assert path.is_symlink() and not os.path.isabs(os.readlink(path))
+    assert sorted(p.name for p in folder.iterdir()) == [os.readlink(path), "trunk"]
+    restored, _, _ = checkpoints.load_trunk_state(path)
+    assert leaves_equal(restored, scaled(params, 3.0))
+    shutil.move(folder, tmp_path / "moved")  # the relative link moves with its folder
+    restored, _, _ = checkpoints.load_trunk_state(tmp_path / "moved" / "trunk")
+    assert leaves_equal(restored, scaled(params, 3.0))
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+def largest(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+DAMAGE = {  # name: (what to do to a copy of the checkpoint folder, the file the error names)
+    "array data file deleted": (lambda f: largest(f / "trunk" / "ocdbt.process_0" / "d").unlink(),
+                                "trunk/ocdbt.process_0/d/"),
+    "array data file truncated": (
+        lambda f: os.truncate(largest(f / "trunk" / "ocdbt.process_0" / "d"), 100),
+        "trunk/ocdbt.process_0/d/"),
+    "B-tree node deleted": (lambda f: next((f / "trunk" / "d").iterdir()).unlink(), "trunk/d/"),
+    "OCDBT manifest deleted": (lambda f: (f / "trunk" / "manifest.ocdbt").unlink(),
+                               "trunk/manifest.ocdbt"),
+    "OCDBT manifest garbled": (lambda f: (f / "trunk" / "manifest.ocdbt").write_bytes(b"junk"),
+                               "trunk/manifest.ocdbt"),
+    "tree metadata deleted": (lambda f: (f / "trunk" / "_METADATA").unlink(), "trunk/_METADATA"),
+    "trunk item deleted": (lambda f: shutil.rmtree(f / "trunk"), "trunk/"),
+    "heads B-tree node deleted": (lambda f: next((f / "heads" / "d").iterdir()).unlink(),
+                                  "heads/d/"),
+    "checkpoint metadata deleted": (lambda f: (f / "_CHECKPOINT_METADATA").unlink(),
+                                    "_CHECKPOINT_METADATA"),
+    "metadata JSON corrupted": (
+        lambda f: (f / "metadata" / "metadata").write_text('{"format": "auxtl.tr'),
+        "metadata/metadata"),
+    "metadata JSON deleted": (lambda f: (f / "metadata" / "metadata").unlink(),
+                              "metadata/metadata"),
+}
+
+
+@pytest.fixture(scope="module")
+def heads_checkpoint(trained):
+    assert (trained.trunk_path / "heads").is_dir()  # pretraining saves the heads too
+    return trained.trunk_path
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_before_any_plan(
+        heads_checkpoint, tmp_path, capsys, damage, dry_run):
+    damaged = tmp_path / "trunk"
+    shutil.copytree(heads_checkpoint.resolve(), damaged)
+    spoil, file = DAMAGE[damage]
+    spoil(damaged)
+    args = ["transfer", "--trunk", str(damaged), "--reuse", "2", "--seeds", "1",
+            "--no-baseline", "--phases", "head:1", "--no-progress", "--out", str(tmp_path / "o")]
+    assert cli.main(args + (["--dry-run"] if dry_run else [])) == 2
+    out, err = capsys.readouterr()
+    assert out == ""                                 # no surgery plan, nothing trained
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"auxtl: error: checkpoint {str(damaged)!r} is ")
+    assert file in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_damage_only_restore_finds_is_one_named_error(trained, tmp_path, capsys):
+    """Bytes garbled in place (sizes intact): validation passes, tensorstore fails in the
+    restore, and that becomes one InputError naming the checkpoint, the cause chained."""
+    damaged = tmp_path / "trunk"
+    shutil.copytree(trained.trunk_path.resolve(), damaged)
+    data = largest(damaged / "trunk" / "ocdbt.process_0" / "d")
+    data.write_bytes(b"\0" * data.stat().st_size)
+    with pytest.raises(ValueError, match=f"checkpoint {str(damaged)!r} is damaged: ") as caught:
+        checkpoints.load_trunk_state(damaged)
+    assert isinstance(caught.value, auxtl.errors.InputError)
+    assert caught.value.__cause__ is not None
+    checkpoints.validate_checkpoint(damaged)  # every file is there, at its full length
+    assert cli.main(["transfer", "--trunk", str(damaged), "--seeds", "1", "--no-baseline",
+                     "--phases", "head:1", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is damaged" in err, err
+
+
+def test_inspect_validates_too(trained, tmp_path, capsys):
+    damaged = tmp_path / "trunk"
+    shutil.copytree(trained.trunk_path.resolve(), damaged)
+    (damaged / "trunk" / "_METADATA").unlink()
+    assert cli.main(["inspect", str(damaged)]) == 2
+    assert "trunk/_METADATA is missing" in capsys.readouterr().err
+
+
+def test_after_a_failed_restore_only_closed_loop_callbacks_are_silenced(monkeypatch):
+    """Reads still in flight when a restore fails call back into orbax's closed event loop;
+    those unraisable reports are dropped (no traceback after the one-line error), others
+    still reach the previous hook."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    checkpoints._drop_late_callbacks_into_closed_loops()
+    checkpoints._drop_late_callbacks_into_closed_loops()  # installed once
+    report = lambda error: sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+    report(RuntimeError("Event loop is closed"))
+    report(RuntimeError("something else"))
+    assert [str(r.exc_value) for r in reported] == ["something else"]

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from auxtl import data
-from auxtl.data import (Dataset, Normalization, batch_indices, compute_normalization,
-                        labeled_subset, load_dataset, normalize, train_test_split,
-                        validate_images, validate_labels)
+from auxtl.data import (Dataset, Normalization, SplitRecord, batch_indices,
+                        compute_normalization, content_hash, labeled_subset, load_dataset,
+                        normalize, train_test_split, validate_images, validate_labels)
 
 
 def _toy(n=60, classes=3, shape=(4, 4, 1), seed=0, labeled=True) -> Dataset:
@@ -225,6 +225,54 @@ def test_split_unlabeled_and_errors():
         train_test_split(_toy(n=3), test_fraction=0.1)
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
         train_test_split(_toy(), test_fraction=1.0)
+
+
+def test_content_hash_is_a_pure_function_of_dtype_shape_and_bytes():
+    images = _toy().images
+    digest = content_hash(images)
+    assert len(digest) == 64 and digest == content_hash(images.copy())
+    assert digest == content_hash(np.asfortranarray(images))  # C-order bytes, not memory order
+    assert content_hash(load_dataset("digits").images) == content_hash(
+        load_dataset("digits").images)
+    changed = images.copy()
+    changed[5, 1, 2, 0] ^= 1
+    assert content_hash(changed) != digest
+    assert content_hash(images.reshape(30, 8, 4, 1)) != digest          # same bytes, shape
+    assert content_hash(images.view(np.int8)) != digest                  # same bytes, dtype
+    assert content_hash(images[::-1]) != digest                          # same set, order
+
+
+def test_split_record_recomputes_the_split_and_names_other_data():
+    ds = _toy(n=100, classes=4)
+    record = SplitRecord.of(ds, data="toy", test_fraction=0.2, seed=3)
+    assert SplitRecord.from_json(record.to_json()) == record
+    expected = train_test_split(ds, test_fraction=0.2, seed=3)
+    for got, want in zip(record.split(ds), expected):
+        np.testing.assert_array_equal(got.images, want.images)
+    same = SplitRecord.of(Dataset("again", ds.images.copy(), ds.labels.copy()), data=None,
+                          test_fraction=0.1, seed=0)
+    assert record.mismatch(same) is None        # same content, whatever the name or fraction
+    other = _toy(n=100, classes=4, seed=1)
+    assert "images differ" in record.mismatch(SplitRecord.of(other, data="toy",
+                                                             test_fraction=0.2, seed=3))
+    relabeled = Dataset("toy", ds.images, (ds.labels + 1) % 4)
+    assert "labels differ" in record.mismatch(SplitRecord.of(relabeled, data="toy",
+                                                             test_fraction=0.2, seed=3))
+    with pytest.raises(ValueError, match="data_hash"):
+        SplitRecord.from_json({"test_fraction": 0.1, "seed": 0})
+
+
+def test_a_split_recorded_on_unlabeled_data_is_recomputed_unstratified_on_labeled_data():
+    ds = _toy(n=100, classes=4)
+    unlabeled = Dataset("toy", ds.images)
+    record = SplitRecord.of(unlabeled, data="folder:x", test_fraction=0.3, seed=2)
+    assert record.labels_hash is None
+    target = SplitRecord.of(ds, data="folder:x", test_fraction=0.1, seed=0)
+    assert record.mismatch(target) is None
+    _, test = record.split(ds)
+    _, unlabeled_test = train_test_split(unlabeled, test_fraction=0.3, seed=2)
+    np.testing.assert_array_equal(test.images, unlabeled_test.images)
+    assert test.labels is not None
 
 
 def test_labeled_subset_counts_nesting_and_errors():

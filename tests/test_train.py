@@ -68,7 +68,8 @@ def test_resume_continues_exactly(tmp_path, mnist_small):
     written = read_metrics(out / "metrics.jsonl")
     # Simulate a run interrupted after the step-4 checkpoint.
     shutil.rmtree(out / "checkpoints" / "8")
-    shutil.rmtree(out / "trunk")
+    shutil.rmtree((out / "trunk").resolve())  # the trunk path links to its version folder
+    (out / "trunk").unlink()
     resumed = auxtl.run_pretraining(dataclasses.replace(config, resume=True), mnist_small)
     assert leaves_equal(full.state.params, resumed.state.params)
     assert leaves_equal(full.state.opt_state, resumed.state.opt_state)

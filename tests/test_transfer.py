@@ -1,14 +1,17 @@
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
 
 import auxtl
-from auxtl import checkpoints, cli
+from auxtl import checkpoints, cli, transfer
 from auxtl.finetune import FinetuneConfig
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
 from auxtl.transfer import TransferConfig, labeled_splits, run_transfer
+from auxtl.pretrain import SPLIT_SEED
 from conftest import leaves_equal, tiny_config
 
 
@@ -103,3 +106,126 @@ def test_cli_transfer_prints_the_paired_difference(trunk_path, tmp_path, capsys)
 def test_reuse_beyond_the_trunk_is_named(trunk_path, tmp_path):
     with pytest.raises(ValueError, match="reuse=9 is outside 0..6"):
         run_transfer(quick(trunk_path, tmp_path / "x", target=TargetSpec(reuse=9)))
+
+
+# --------------------------------------------------------------------------- the test split
+
+@pytest.fixture(scope="module")
+def digits_trunk(tmp_path_factory):
+    """A trunk pretrained on digits holding out 5% (not transfer's default 10%)."""
+    out = tmp_path_factory.mktemp("digits05")
+    return auxtl.run_pretraining(tiny_config(data="digits", test_fraction=0.05,
+                                             out=str(out))).trunk_path
+
+
+def digits_quick(trunk, out, **overrides):
+    config = quick(trunk, out, data="digits", seeds=(0,), baseline=False,
+                   target=TargetSpec(reuse=2), **overrides)
+    return config if out else dataclasses.replace(config, out=None)  # None: write nothing
+
+
+def spy_on_test_sets(monkeypatch) -> list[np.ndarray]:
+    """Records the test images every fine-tuning run of the transfer is evaluated on."""
+    seen, real = [], transfer.finetune
+
+    def spy(*args, **kwargs):
+        seen.append(np.asarray(kwargs["test"][0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "finetune", spy)
+    return seen
+
+
+def indices_of(images: np.ndarray, dataset) -> set[int]:
+    index = {row.tobytes(): i for i, row in enumerate(dataset.images.reshape(len(dataset), -1))}
+    assert len(index) == len(dataset)  # digits has no duplicate images: content is identity
+    return {index[row.tobytes()] for row in images.reshape(len(images), -1)}
+
+
+def test_transfer_on_the_pretraining_data_tests_only_on_its_held_out_images(
+        digits_trunk, tmp_path, monkeypatch):
+    digits = auxtl.load_dataset("digits")
+    train, held_out = auxtl.train_test_split(digits, test_fraction=0.05, seed=SPLIT_SEED)
+    held_out, trained_on = indices_of(held_out.images, digits), indices_of(train.images, digits)
+    seen = spy_on_test_sets(monkeypatch)
+    summary = run_transfer(digits_quick(digits_trunk, tmp_path / "t"), log=lambda _: None)
+    assert len(seen) == 1
+    tested = indices_of(seen[0], digits)
+    assert not tested & trained_on                 # no test image was pretrained on
+    assert tested == held_out                      # the whole held-out split, nothing else
+    assert summary["split"]["test_fraction"] == 0.05
+    assert summary["split"]["test_examples"] == len(held_out)
+    # the fine-tuned model carries the split it was tested on, for a transfer from it
+    model_split = auxtl.read_metadata(tmp_path / "t" / "model")["split"]
+    assert model_split == auxtl.read_metadata(digits_trunk)["split"]
+    assert model_split["data_hash"] == auxtl.data.content_hash(digits.images)
+
+
+def test_the_trunk_records_the_pretraining_split(digits_trunk):
+    digits = auxtl.load_dataset("digits")
+    assert auxtl.read_metadata(digits_trunk)["split"] == {
+        "data": "digits", "data_hash": auxtl.data.content_hash(digits.images),
+        "labels_hash": auxtl.data.content_hash(digits.labels), "test_fraction": 0.05,
+        "seed": SPLIT_SEED}
+
+
+def test_other_data_gets_the_default_split_without_a_warning(digits_trunk, tmp_path,
+                                                              monkeypatch):
+    digits = auxtl.load_dataset("digits")
+    other = auxtl.Dataset("digits-flipped", digits.images[:, :, ::-1], digits.labels)
+    seen = spy_on_test_sets(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = run_transfer(digits_quick(digits_trunk, None), other, log=lambda _: None)
+    _, default_test = auxtl.train_test_split(other, test_fraction=0.1, seed=SPLIT_SEED)
+    np.testing.assert_array_equal(seen[0], default_test.images)
+    assert summary["split"]["test_fraction"] == 0.1
+
+
+def without_split(trunk, path, **changes):
+    params, stats, metadata = checkpoints.load_trunk_state(trunk)
+    metadata = {k: v for k, v in metadata.items() if k != "split"}
+    checkpoints.save_trunk(path, trunk_params=params, trunk_batch_stats=stats,
+                           metadata={**metadata, **changes})
+    return path
+
+
+@pytest.mark.parametrize("data", ["digits", None])
+def test_a_trunk_without_a_recorded_split_warns_that_the_split_cannot_be_honoured(
+        digits_trunk, tmp_path, data):
+    old = without_split(digits_trunk, tmp_path / "old", data=data)
+    with pytest.warns(UserWarning, match="records no pretraining split") as caught:
+        run_transfer(digits_quick(old, None), log=lambda _: None)
+    assert "may hold images pretraining trained on" in str(caught[0].message)
+
+
+def test_no_warning_when_the_old_trunk_names_other_data(digits_trunk, tmp_path):
+    old = without_split(digits_trunk, tmp_path / "old", data="mnist5k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_transfer(digits_quick(old, None), log=lambda _: None)
+
+
+def test_the_cli_prints_the_split_warning_as_one_line(digits_trunk, tmp_path, capsys):
+    old = without_split(digits_trunk, tmp_path / "old")
+    code = cli.main(["transfer", "--trunk", str(old), "--data", "digits", "--reuse", "2",
+                     "--labels-per-class", "3", "--val-per-class", "3", "--phases", "head:1",
+                     "--batch-size", "10", "--seeds", "1", "--no-baseline", "--no-progress",
+                     "--out", str(tmp_path / "run")])
+    assert code == 0
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "records no pretraining split" in l]
+    assert len(lines) == 1 and lines[0].startswith("auxtl: warning: trunk ")
+
+
+def test_same_images_with_other_labels_cannot_honour_a_stratified_split(digits_trunk):
+    digits = auxtl.load_dataset("digits")
+    relabeled = auxtl.Dataset("digits", digits.images, (digits.labels + 1) % 10)
+    metadata = auxtl.read_metadata(digits_trunk)
+    with pytest.warns(transfer.SplitWarning, match="the labels differ"):
+        split, note = transfer.held_out_split(metadata, relabeled, "digits")
+    assert split.test_fraction == 0.1 and "could not be recomputed" in note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split, note = transfer.held_out_split(metadata, digits, "digits")
+    assert split.test_fraction == 0.05 and "held out of 'digits'" in note
