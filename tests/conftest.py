@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,13 @@ def leaves_equal(a, b) -> bool:
     flat_b, tree_b = jax.tree.flatten(b)
     return tree_a == tree_b and all(np.array_equal(np.asarray(x), np.asarray(y))
                                     for x, y in zip(flat_a, flat_b))
+
+
+def assert_loaded(library) -> None:
+    """`library` (a path) is mapped into this process: dlopen'ed, not just on disk."""
+    maps = pathlib.Path("/proc/self/maps").read_text()
+    assert str(pathlib.Path(library).resolve()) in maps, f"{library} is not loaded; loaded auxtl libraries: " + ", ".join(
+        sorted({line.split()[-1] for line in maps.splitlines() if "auxtl_" in line}))
 
 
 def require_winograd() -> None:

@@ -13,7 +13,7 @@ from jax import lax
 from auxtl import native_build, onednn
 from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import relative_error
+from conftest import assert_loaded, relative_error
 
 INSTALLED = not isinstance(onednn.onednn_paths(), str)
 # Installed but not built is a failure here, not a skip: the build is what these prove.
@@ -21,10 +21,13 @@ needs_onednn = pytest.mark.skipif(not INSTALLED, reason=f"oneDNN: {onednn.onednn
 
 
 @needs_onednn
-def test_builds_and_registers():
+def test_the_library_of_this_source_compiler_and_onednn_is_built_and_loaded():
     assert onednn.status() == "available"
-    library = sorted(native_build.cache_dir().glob("auxtl_onednn_conv-*.so"))
-    assert library, native_build.cache_dir()
+    include, libdir = onednn.onednn_paths()
+    command = onednn.build_command(native_build.compiler(), include, libdir)
+    library = native_build.library_path(onednn.SOURCE, command, key_parts=onednn.key_parts())
+    assert library.is_file() and library.parent == native_build.cache_dir()
+    assert_loaded(library)
 
 
 @needs_onednn

@@ -14,7 +14,7 @@ from auxtl.models import build_trunk, fused, make_config
 from auxtl.models import conv as auxtl_conv
 from auxtl.models.layers import ConvBlock
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import relative_error, require_winograd
+from conftest import assert_loaded, relative_error, require_winograd
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +29,13 @@ def reference(x, kernel, padding, scale, shift, relu, pool):
     return fused.max_pool_2x2(y) if pool else y
 
 
-def test_builds_per_cpu_into_the_cache():
-    assert sorted(native_build.cache_dir().glob("auxtl_winograd_conv-*.so"))
-    assert "flags" in native_build.cpu_signature()
+def test_the_library_of_this_source_compiler_and_cpu_is_built_and_loaded():
+    library = native_build.library_path(winograd.SOURCE,
+                                        winograd.build_command(native_build.compiler()),
+                                        key_parts=winograd.key_parts())
+    assert native_build.cpu_signature() in winograd.key_parts()
+    assert library.is_file() and library.parent == native_build.cache_dir()
+    assert_loaded(library)
 
 
 # (batch, height, width, in, out, padding): odd sizes, channels that fill no whole
