@@ -39,6 +39,23 @@ def tiny_config(**overrides) -> auxtl.PretrainConfig:
 CONV_LAYOUT = ("NHWC", "HWIO", "NHWC")
 
 
+# Unit roundoff of float32 and float64: a correctly rounded operation returns
+# (exact result) * (1 + d) with |d| <= u (Higham, Accuracy and Stability of Numerical
+# Algorithms, 2nd ed., section 2.2).
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of a product of n
+    rounding factors (1 + d_i). A sum of products whose every term passes through at
+    most n roundings, in any order, tree or blocking (FMA only removes roundings), is
+    within gamma_n * (the same sum of the terms' absolute values) of the exact sum
+    (Higham, Lemma 3.1 and eq. 3.5)."""
+    if n * u >= 1:
+        raise ValueError(f"gamma({n}) is unbounded at u={u}")
+    return n * u / (1 - n * u)
+
+
 def relative_error(a, b) -> float:
     """||a - b|| / ||b|| in float64 (Frobenius over all elements)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
