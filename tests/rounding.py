@@ -189,10 +189,13 @@ def winograd_conv(x, kernel, padding, conv_hw, *, absolute: bool = True):
     return y, depth
 
 
-def winograd_conv_bound(x, kernel, padding, scale=None, shift=None, *, extra_depth=0):
+def winograd_conv_bound(x, kernel, padding, scale=None, shift=None, *, extra_depth=0,
+                        shift_magnitude=None):
     """(float64 reference, rounding bound) of winograd.conv(x, kernel, padding,
-    scale=scale, shift=shift) before ReLU and pooling (both 1-Lipschitz: apply `relu` /
-    `pool_bound` after). `extra_depth`: roundings already in `scale` (e.g. BatchNorm's)."""
+    scale=scale, shift=shift) before ReLU and pooling (both 1-Lipschitz: apply ReLU to the
+    reference and `pool_bound` to both after). `extra_depth`: roundings already in
+    `scale` and `shift` when they were computed in float32 (BatchNorm's folding), whose
+    absolute computation is then `shift_magnitude` (default |shift|)."""
     x, kernel = _f64(x), _f64(kernel)
     cout = kernel.shape[3]
     scale = np.ones(cout) if scale is None else _f64(scale)
@@ -200,7 +203,7 @@ def winograd_conv_bound(x, kernel, padding, scale=None, shift=None, *, extra_dep
     conv_hw = (x.shape[1] + sum(padding[0]) - 2, x.shape[2] + sum(padding[1]) - 2)
     ref = conv(x, kernel, (1, 1), padding) * scale + shift
     magnitude, depth = winograd_conv(x, kernel * scale, padding, conv_hw)
-    magnitude = magnitude + np.abs(shift)
+    magnitude = magnitude + (np.abs(shift) if shift_magnitude is None else shift_magnitude)
     depth += extra_depth
     reference_depth = 9 * x.shape[3] + 2
     return ref, (gamma(depth) + gamma(reference_depth, U64)) * magnitude

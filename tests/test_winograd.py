@@ -15,7 +15,7 @@ from auxtl.models import conv as auxtl_conv
 from auxtl.models.layers import ConvBlock
 from conftest import CONV_LAYOUT as LAYOUT
 import rounding
-from conftest import assert_loaded, relative_error, require_winograd
+from conftest import U64, assert_loaded, gamma, require_winograd
 
 
 @pytest.fixture(autouse=True)
@@ -150,8 +150,11 @@ def test_the_bounds_follow_a_winograd_algorithm():
                         (3, 3)):   # F(2x2)
             cut = x[:, :conv_hw[0] + 2 - sum(padding[0]), :conv_hw[1] + 2 - sum(padding[1])]
             signed, _ = rounding.winograd_conv(cut, kernel, padding, conv_hw, absolute=False)
+            magnitude, depth = rounding.winograd_conv(cut, kernel, padding, conv_hw)
             direct = rounding.conv(cut, kernel, (1, 1), padding)
-            np.testing.assert_allclose(signed, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
+            # both in float64: each within gamma(its depth, U64) of the exact convolution
+            bound = (gamma(depth, U64) + gamma(9 * x.shape[3], U64)) * magnitude
+            rounding.assert_within(signed, direct, bound, f"{padding} {conv_hw}")
 
 
 def test_tile_is_4_unless_the_output_is_smaller():
@@ -213,19 +216,37 @@ def _unfused(monkeypatch):
     monkeypatch.setattr(fused, "applies", lambda *args: False)
 
 
+# Roundings BatchNorm's folding adds to the kernel's path: epsilon stored as float32,
+# var + eps, rsqrt (counted as 4: correctly rounded sqrt and division are 2; a fast
+# rsqrt is within a few ulps), times scale; the shift bias - mean * s adds 2 more on its
+# own, shorter path.
+BN_FOLD = 1 + 1 + 4 + 1
+
+
+def _block_reference(block: ConvBlock, x):
+    """(float64 pool(relu(BN(conv(x)))) of a 3x3 stride-1 SAME ConvBlock in inference,
+    rounding bound of its fused Winograd call) (tests/rounding.py)."""
+    bn = block.bn
+    mean, var, gamma_, beta = (np.asarray(v[...], np.float64)
+                               for v in (bn.mean, bn.var, bn.scale, bn.bias))
+    s = gamma_ / np.sqrt(var + bn.epsilon)
+    want, bound = rounding.winograd_conv_bound(
+        x, block.conv.kernel[...], ((1, 1), (1, 1)), s, beta - mean * s,
+        extra_depth=BN_FOLD, shift_magnitude=np.abs(beta) + np.abs(mean * s))
+    want = np.maximum(want, 0)
+    if block.pool:
+        want, bound = rounding.pool_bound(want), rounding.pool_bound(bound)
+    return want, bound
+
+
 @pytest.mark.parametrize("pool", [False, True])
-def test_block_in_inference_is_one_fused_call_with_the_unfused_values(pool, monkeypatch):
+def test_block_in_inference_is_one_fused_call_with_the_unfused_values(pool):
     block = _block(pool)
     x = jax.random.normal(jax.random.key(6), (4, 10, 10, 16))
     run = nnx.jit(lambda block, x: block(x, train=False))
     text = jax.jit(lambda x: block(x, train=False)).lower(x).as_text()
     assert text.count(winograd.TARGET) == 1 and "convolution" not in text
-    got = run(block, x)
-    with monkeypatch.context() as patch:
-        _unfused(patch)
-        with jax.default_matmul_precision("highest"):
-            want = nnx.jit(lambda block, x: block(x, train=False))(block, x)
-    assert relative_error(got, want) <= 1e-5
+    rounding.assert_within(run(block, x), *_block_reference(block, x), "fused block")
 
 
 def test_gradients_through_a_block_in_inference_are_the_unfused_ones(monkeypatch):
@@ -241,21 +262,35 @@ def test_gradients_through_a_block_in_inference_are_the_unfused_ones(monkeypatch
     want = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
     flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(want)
     assert len(flat_got) == len(flat_want) == 6   # x, kernel, BN scale, bias, mean, var
+    # Differentiated, the fused block's custom_vjp runs the plain composition forward
+    # and backward: the same operations on the same values, so the same numbers.
     for a, b in zip(flat_got, flat_want):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_frozen_trunk_features_match_the_unfused_trunk(monkeypatch):
+    # Layer by layer, each fed the unfused trunk's activation: a fused block is within
+    # its own rounding bound of the float64 block (errors of earlier layers are not
+    # compounded into a bound); the layers that are not fused are the same computation.
     trunk = build_trunk("small_cnn", make_config("small_cnn", (28, 28, 1)), rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(8), (8, 28, 28, 1))
-    features = nnx.jit(lambda t, x: t(x, train=False))
     text = jax.jit(lambda x: trunk(x, train=False)).lower(x).as_text()
     assert text.count(winograd.TARGET) == 4   # conv2-conv5; conv1 has one input channel
-    got = features(trunk, x)
-    _unfused(monkeypatch)
-    with jax.default_matmul_precision("highest"):
-        want = nnx.jit(lambda t, x: t(x, train=False))(trunk, x)
-    assert relative_error(got, want) <= 1e-5
+    layer_fn = nnx.jit(lambda layer, x: layer(x, train=False))
+    fused_layers = 0
+    for layer in trunk.layers:
+        is_fused = isinstance(layer, ConvBlock) and fused.applies(layer.conv, layer.bn, x)
+        got = layer_fn(layer, x)
+        with monkeypatch.context() as patch:
+            _unfused(patch)
+            unfused_out = nnx.jit(lambda layer, x: layer(x, train=False))(layer, x)
+        if is_fused:
+            rounding.assert_within(got, *_block_reference(layer, x), f"fused {type(layer)}")
+            fused_layers += 1
+        else:
+            np.testing.assert_array_equal(got, unfused_out)
+        x = unfused_out
+    assert fused_layers == 4
 
 
 def _lowered(fn, *args, platform: str) -> str:
