@@ -57,7 +57,9 @@ def gamma(n: int, u: float = U32) -> float:
 
 
 def relative_error(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (Frobenius over all elements)."""
+    """||a - b|| / ||b|| in float64 (Frobenius over all elements). A measure, not a
+    tolerance: bound it by one derived from the computation (see tests/rounding.py,
+    which the convolution tests use to compare elementwise against float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
