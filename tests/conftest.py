@@ -79,6 +79,25 @@ def assert_loaded(library) -> None:
         sorted({line.split()[-1] for line in maps.splitlines() if "auxtl_" in line}))
 
 
+@pytest.fixture
+def one_cpu_device() -> None:
+    """Skip with several devices: auxtl's custom calls (oneDNN, Winograd) run on one CPU
+    device only (GSPMD cannot partition them), so with several
+    (XLA_FLAGS=--xla_force_host_platform_device_count) XLA's convolutions are kept by
+    design and a test that expects the calls does not apply."""
+    import jax
+    if jax.device_count() > 1:
+        pytest.skip(f"{jax.device_count()} devices: XLA's convolutions by design")
+
+
+def one_device_env() -> dict[str, str]:
+    """XLA_FLAGS without a forced host device count, for a subprocess on one device."""
+    import os
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return {"XLA_FLAGS": " ".join(flags)}
+
+
 def require_winograd() -> None:
     """Skip where auxtl's Winograd kernel cannot be built (no compiler, not Linux, turned
     off); fail where it could and was not: the build is part of what the tests prove."""

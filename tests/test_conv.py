@@ -13,8 +13,8 @@ from jax import lax
 from auxtl.models import build_trunk, list_models, make_config
 from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
-import rounding
 from conftest import gamma, require_winograd
+import rounding
 
 
 

@@ -13,8 +13,8 @@ from jax import lax
 from auxtl import native_build, onednn
 from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
+from conftest import assert_loaded, one_device_env
 import rounding
-from conftest import assert_loaded
 
 INSTALLED = not isinstance(onednn.onednn_paths(), str)
 # Installed but not built is a failure here, not a skip: the build is what these prove.
@@ -69,6 +69,7 @@ def _conv(x, kernel):
     return auxtl_conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=LAYOUT)
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 @needs_onednn
 def test_training_uses_onednn_and_inference_keeps_xla():
     x, kernel = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
@@ -122,9 +123,10 @@ def test_several_devices_keep_xla():
     # GSPMD cannot partition the custom calls: a sharded step keeps XLA's convolutions.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     assert _run(USES_ONEDNN, XLA_FLAGS=flags) == "available | False"
-    assert _run(USES_ONEDNN) == "available | True"
+    assert _run(USES_ONEDNN, **one_device_env()) == "available | True"
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 @needs_onednn
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((1, 1), (1, 1))),
                                              ((2, 1), ((1, 1), (0, 1))),
@@ -158,4 +160,5 @@ def test_a_failed_build_is_reported_and_training_falls_back(tmp_path):
             "assert g.shape == k.shape\n"
             "assert any('oneDNN convolutions unavailable' in str(w.message) for w in caught)\n"
             "print(onednn.status())\n")
-    assert _run(code, AUXTL_CACHE_DIR=str(not_a_dir)).startswith("build failed:")
+    assert _run(code, AUXTL_CACHE_DIR=str(not_a_dir), **one_device_env()).startswith(
+        "build failed:")

@@ -14,8 +14,8 @@ from auxtl.models import build_trunk, fused, make_config
 from auxtl.models import conv as auxtl_conv
 from auxtl.models.layers import ConvBlock
 from conftest import CONV_LAYOUT as LAYOUT
-import rounding
 from conftest import U64, assert_loaded, gamma, require_winograd
+import rounding
 
 
 @pytest.fixture(autouse=True)
@@ -239,6 +239,7 @@ def _block_reference(block: ConvBlock, x):
     return want, bound
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 @pytest.mark.parametrize("pool", [False, True])
 def test_block_in_inference_is_one_fused_call_with_the_unfused_values(pool):
     block = _block(pool)
@@ -268,6 +269,7 @@ def test_gradients_through_a_block_in_inference_are_the_unfused_ones(monkeypatch
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 def test_frozen_trunk_features_match_the_unfused_trunk(monkeypatch):
     # Layer by layer, each fed the unfused trunk's activation: a fused block is within
     # its own rounding bound of the float64 block (errors of earlier layers are not
@@ -297,6 +299,7 @@ def _lowered(fn, *args, platform: str) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 def test_gpu_lowering_keeps_xla_convolutions():
     block = _block(pool=True)
     x = jnp.ones((2, 8, 8, 16))
@@ -316,6 +319,7 @@ def test_gpu_lowering_keeps_xla_convolutions():
         assert "AuxtlWinograd" not in gpu and "convolution" in gpu
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 def test_not_used_below_eight_channels_strided_or_in_bfloat16():
     x8, k8 = jnp.ones((1, 6, 6, 8)), jnp.ones((3, 3, 8, 4))
     same = ((1, 1), (1, 1))
