@@ -75,8 +75,9 @@ def leaves_equal(a, b) -> bool:
 def assert_loaded(library) -> None:
     """`library` (a path) is mapped into this process: dlopen'ed, not just on disk."""
     maps = pathlib.Path("/proc/self/maps").read_text()
-    assert str(pathlib.Path(library).resolve()) in maps, f"{library} is not loaded; loaded auxtl libraries: " + ", ".join(
-        sorted({line.split()[-1] for line in maps.splitlines() if "auxtl_" in line}))
+    loaded = sorted({line.split()[-1] for line in maps.splitlines() if "auxtl_" in line})
+    assert str(pathlib.Path(library).resolve()) in maps, (
+        f"{library} is not loaded; loaded auxtl libraries: {loaded}")
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ import numpy as np
 from auxtl import winograd
 from conftest import U64, gamma
 
-# Rows of the forward pass's weight-gradient chunks (winograd_conv.cc's kChunkBlocks).
+# Blocks whose partial sums the weight gradient adds up before adding the total into dU
+# (winograd_conv.cc's kChunkBlocks).
 CHUNK_BLOCKS = 32
 
 
