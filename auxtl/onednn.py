@@ -100,12 +100,23 @@ def onednn_paths() -> tuple[pathlib.Path, pathlib.Path] | str:
     return header.parent.parent.parent, library.parent
 
 
+def build_command(compiler: str, include: pathlib.Path, libdir: pathlib.Path) -> list[str]:
+    """The compile command of the handler library ("{out}" for the output path)."""
+    return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), "-o", "{out}",
+            f"-L{libdir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
+
+
+def key_parts() -> list[str]:
+    """What besides the source and command decides the library: the oneDNN version."""
+    return [metadata.version(RUNTIME)]
+
+
 def build_library(compiler: str, include: pathlib.Path, libdir: pathlib.Path) -> pathlib.Path:
-    """The compiled handler library, built once per source, jaxlib and oneDNN version."""
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), "-o", "{out}",
-               f"-L{libdir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
-    return native_build.build_library(SOURCE, command, key_parts=[metadata.version(RUNTIME)])
+    """The compiled handler library, built once per source, compiler, jaxlib and oneDNN
+    version."""
+    return native_build.build_library(SOURCE, build_command(compiler, include, libdir),
+                                      key_parts=key_parts())
 
 
 def _call(target: str, out_shape, a, b, strides, padding):

@@ -71,12 +71,9 @@ def _set_up() -> str:
     compiler = native_build.compiler()
     if not compiler:
         return "no C++ compiler (set CXX, or install g++) to build auxtl/native/winograd_conv.cc"
-    command = [compiler, "-O3", "-march=native", "-fno-signed-zeros", "-fno-trapping-math",
-               "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", "{out}"]
     try:
-        library = native_build.build_library(SOURCE, command,
-                                             key_parts=[native_build.cpu_signature()])
+        library = native_build.build_library(SOURCE, build_command(compiler),
+                                             key_parts=key_parts())
     except (native_build.BuildError, OSError) as error:
         return _warn(f"build failed: {error}")
     try:
@@ -84,6 +81,18 @@ def _set_up() -> str:
     except (OSError, AttributeError, RuntimeError, ValueError) as error:
         return _warn(f"load failed: {library}: {error}")
     return "available"
+
+
+def build_command(compiler: str) -> list[str]:
+    """The compile command of the handler library ("{out}" for the output path)."""
+    return [compiler, "-O3", "-march=native", "-fno-signed-zeros", "-fno-trapping-math",
+            "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", "{out}"]
+
+
+def key_parts() -> list[str]:
+    """What besides the source and command decides the library: `-march=native`'s CPU."""
+    return [native_build.cpu_signature()]
 
 
 def _warn(reason: str) -> str:

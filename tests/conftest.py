@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -37,8 +39,27 @@ def tiny_config(**overrides) -> auxtl.PretrainConfig:
 CONV_LAYOUT = ("NHWC", "HWIO", "NHWC")
 
 
+# Unit roundoff of float32 and float64: a correctly rounded operation returns
+# (exact result) * (1 + d) with |d| <= u (Higham, Accuracy and Stability of Numerical
+# Algorithms, 2nd ed., section 2.2).
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of a product of n
+    rounding factors (1 + d_i). A sum of products whose every term passes through at
+    most n roundings, in any order, tree or blocking (FMA only removes roundings), is
+    within gamma_n * (the same sum of the terms' absolute values) of the exact sum
+    (Higham, Lemma 3.1 and eq. 3.5)."""
+    if n * u >= 1:
+        raise ValueError(f"gamma({n}) is unbounded at u={u}")
+    return n * u / (1 - n * u)
+
+
 def relative_error(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (Frobenius over all elements)."""
+    """||a - b|| / ||b|| in float64 (Frobenius over all elements). A measure, not a
+    tolerance: bound it by one derived from the computation (see tests/rounding.py,
+    which the convolution tests use to compare elementwise against float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -49,6 +70,33 @@ def leaves_equal(a, b) -> bool:
     flat_b, tree_b = jax.tree.flatten(b)
     return tree_a == tree_b and all(np.array_equal(np.asarray(x), np.asarray(y))
                                     for x, y in zip(flat_a, flat_b))
+
+
+def assert_loaded(library) -> None:
+    """`library` (a path) is mapped into this process: dlopen'ed, not just on disk."""
+    maps = pathlib.Path("/proc/self/maps").read_text()
+    loaded = sorted({line.split()[-1] for line in maps.splitlines() if "auxtl_" in line})
+    assert str(pathlib.Path(library).resolve()) in maps, (
+        f"{library} is not loaded; loaded auxtl libraries: {loaded}")
+
+
+@pytest.fixture
+def one_cpu_device() -> None:
+    """Skip with several devices: auxtl's custom calls (oneDNN, Winograd) run on one CPU
+    device only (GSPMD cannot partition them), so with several
+    (XLA_FLAGS=--xla_force_host_platform_device_count) XLA's convolutions are kept by
+    design and a test that expects the calls does not apply."""
+    import jax
+    if jax.device_count() > 1:
+        pytest.skip(f"{jax.device_count()} devices: XLA's convolutions by design")
+
+
+def one_device_env() -> dict[str, str]:
+    """XLA_FLAGS without a forced host device count, for a subprocess on one device."""
+    import os
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return {"XLA_FLAGS": " ".join(flags)}
 
 
 def require_winograd() -> None:

@@ -13,7 +13,8 @@ from jax import lax
 from auxtl.models import build_trunk, list_models, make_config
 from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import relative_error, require_winograd
+from conftest import gamma, require_winograd
+import rounding
 
 
 
@@ -92,12 +93,19 @@ def test_gradients_match_xla_for_every_trunk_conv(spec, cpu_path):
 
     ours = output_and_gradients(auxtl_conv.conv_general_dilated, x, kernel, strides, padding,
                                 cotangent)
-    with jax.default_matmul_precision("highest"):
-        ref = output_and_gradients(lax.conv_general_dilated, x, kernel, strides, padding,
-                                   cotangent)
-    assert relative_error(ours[0], ref[0]) <= 1e-5, "output"
-    assert relative_error(ours[1], ref[1]) <= 1e-5, "input gradient"
-    assert relative_error(ours[2], ref[2]) <= 1e-5, "kernel gradient"
+    # Against float64, within the rounding bound of the kernel that computed each value
+    # (tests/rounding.py): a direct convolution's (oneDNN, XLA), or Winograd's, whose
+    # input gradient convolves dy with the flipped kernel, padded by 2 - padding.
+    pads = tuple(lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding))
+    bounds = rounding.direct_bounds(x, kernel, cotangent, strides, pads)
+    if auxtl_conv.use_winograd(x, kernel, strides, pads):
+        bounds["output"] = rounding.winograd_conv_bound(x, kernel, pads)
+    if auxtl_conv.use_winograd(x, kernel, strides, pads, input_gradient=True):
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        bounds["input gradient"] = rounding.winograd_conv_bound(
+            cotangent, flipped, tuple((2 - low, 2 - high) for low, high in pads))
+    for what, value in zip(("output", "input gradient", "kernel gradient"), ours):
+        rounding.assert_within(value, *bounds[what], f"{cpu_path} {what}")
 
 
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((0, 0), (0, 0))),
@@ -111,13 +119,13 @@ def test_kernel_gradient_for_explicit_padding_and_uneven_strides(strides, paddin
     y_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
         x, jnp.zeros(kernel_shape), strides, padding, dimension_numbers=LAYOUT)).shape
     dy = jax.random.normal(kd, y_shape)
-    with jax.default_matmul_precision("highest"):
-        want = auxtl_conv.xla_kernel_gradient(x, dy, kernel_shape=kernel_shape, strides=strides,
-                                              padding=padding)
     got = jax.jit(lambda x, dy: auxtl_conv.sliced_kernel_gradient(
         x, dy, kernel_shape=kernel_shape, strides=strides, padding=padding))(x, dy)
     assert got.shape == kernel_shape
-    assert relative_error(got, want) <= 1e-5
+    # Slices summed are one more order of the same N OH OW products: the direct bound.
+    want, bound = rounding.direct_bounds(x, jnp.zeros(kernel_shape), dy, strides,
+                                         padding)["kernel gradient"]
+    rounding.assert_within(got, want, bound, "sliced kernel gradient")
 
 
 def test_bfloat16_gradients_keep_their_dtypes_and_values():
@@ -128,9 +136,28 @@ def test_bfloat16_gradients_keep_their_dtypes_and_values():
     weights = jnp.ones((4, 8, 8, 8), jnp.bfloat16)
     dx, dk = jax.grad(loss, argnums=(0, 1))(x, kernel, weights)
     assert dx.dtype == dk.dtype == jnp.bfloat16
-    ref = jax.grad(loss_of(lax.conv_general_dilated, (1, 1), "SAME"), argnums=1)(
-        x.astype(jnp.float32), kernel.astype(jnp.float32), weights.astype(jnp.float32))
-    assert relative_error(dk.astype(jnp.float32), ref) < 2e-2
+    # float64 of the same bfloat16 inputs: y = conv(x, k), g = 1 - tanh(y)^2 (the weights
+    # are ones), dk = sum x g. bfloat16 rounds each stored value by u_b = 2**-8 relative;
+    # XLA:CPU accumulates a bfloat16 convolution in float32 and rounds its result:
+    #   |dy| <= u_b |y| + gamma(144) conv(|x|, |k|)        (3 x 3 x 16 products)
+    #   |dt| <= |dy| + 2 u_b                               (tanh 1-Lipschitz, |t| <= 1)
+    #   |dg| <= 2 |dt| + dt^2 + 2 u_b                      (g = 1 - t t, two roundings)
+    #   |d dk| <= sum |x| |dg| + (u_b + gamma(4 8 8)) sum |x| |g|
+    pads = ((1, 1), (1, 1))
+    u_b = 2.0 ** -8
+    x64, k64 = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    y = rounding.conv(x64, k64, (1, 1), pads)
+    g = 1 - np.tanh(y) ** 2
+    dy_bound = u_b * np.abs(y) + gamma(3 * 3 * 16) * rounding.conv(np.abs(x64), np.abs(k64),
+                                                                   (1, 1), pads)
+    dt = dy_bound + 2 * u_b
+    dg = 2 * dt + dt ** 2 + 2 * u_b
+    shape = kernel.shape
+    want = rounding.weight_grad(x64, g, (1, 1), pads, shape)
+    bound = (rounding.weight_grad(np.abs(x64), dg, (1, 1), pads, shape)
+             + (u_b + gamma(4 * 8 * 8)) * rounding.weight_grad(np.abs(x64), g, (1, 1), pads,
+                                                               shape))
+    rounding.assert_within(dk.astype(jnp.float32), want, bound, "bfloat16 kernel gradient")
 
 
 def test_uncovered_convolutions_go_to_xla_unchanged():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import auxtl
-from conftest import tiny_config
+from conftest import gamma, tiny_config
 
 
 def _images(n=6, size=28, channels=2):
@@ -51,9 +51,16 @@ def test_the_loss_counts_masked_pixels_only():
     mask = np.broadcast_to(np.asarray(targets[1]), images.shape)
     predicted = np.random.default_rng(1).normal(size=images.shape).astype(np.float32)
     loss, metrics = task.loss_and_metrics(jnp.asarray(predicted), targets)
-    expected = np.mean(np.square(predicted - np.asarray(images))[mask == 1])
-    np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    assert metrics["loss"] == loss
+    # By hand in float64: the mean squared error over the masked pixels only.
+    error = np.square(predicted.astype(np.float64) - np.asarray(images, np.float64))
+    expected = np.mean(error[mask == 1])
+    # The float32 loss: subtract, square, times the 0/1 mask (exact), a sum of
+    # n = images.size nonnegative terms (n - 1 additions), a division by the mask's sum (an
+    # exact integer): at most n + 2 roundings per term and no cancellation, so a relative
+    # error of at most gamma(n + 2) (conftest.gamma; float64's own error is far below).
+    bound = gamma(images.size + 2) * expected
+    assert abs(float(loss) - expected) <= bound
+    assert abs(float(metrics["loss"]) - expected) <= bound
 
     visible_changed = np.where(mask == 0, predicted + 5.0, predicted)
     assert task.loss_and_metrics(jnp.asarray(visible_changed), targets)[0] == loss

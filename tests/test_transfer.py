@@ -47,7 +47,19 @@ def test_transfer_run_writes_summary_report_and_a_loadable_model(trunk_path, tmp
     summary = run_transfer(config, mnist, log=lambda _: None)
     assert [s["seed"] for s in summary["seeds"]] == [0, 1]
     assert set(summary["difference"]) == {"mean", "low", "high"}
-    assert 0 <= summary["transfer"]["mean"] <= 1
+    # The summary's mean and 95% t-interval, recomputed by hand from the per-seed test
+    # accuracies written to transfer.json; each accuracy counts correct test images.
+    written = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    accuracies = [s["transfer_test_accuracy"] for s in written["seeds"]]
+    n_test = len(labeled_splits(mnist, labels_per_class=3, val_per_class=3, seed=0).test)
+    # correct / n_test, stored as float32: within n_test * 2**-24 of a whole count
+    assert all(abs(a * n_test - round(a * n_test)) <= n_test * 2.0 ** -24
+               and 0 <= round(a * n_test) <= n_test for a in accuracies), accuracies
+    mean = (accuracies[0] + accuracies[1]) / 2
+    half = 12.706 * abs(accuracies[0] - accuracies[1]) / np.sqrt(2) / np.sqrt(2)  # t(0.975, 1)
+    # a few float64 roundings of numbers below 13: far under 1e-12
+    assert written["transfer"] == summary["transfer"] == pytest.approx(
+        {"mean": mean, "low": mean - half, "high": mean + half}, rel=0, abs=1e-12)
     saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert saved["surgery"]["copied"] > 0
     assert "params/layers/0/conv/kernel" in (tmp_path / "t" / "surgery_report.txt").read_text()

@@ -14,7 +14,8 @@ from auxtl.models import build_trunk, fused, make_config
 from auxtl.models import conv as auxtl_conv
 from auxtl.models.layers import ConvBlock
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import relative_error, require_winograd
+from conftest import U64, assert_loaded, gamma, require_winograd
+import rounding
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +30,13 @@ def reference(x, kernel, padding, scale, shift, relu, pool):
     return fused.max_pool_2x2(y) if pool else y
 
 
-def test_builds_per_cpu_into_the_cache():
-    assert sorted(native_build.cache_dir().glob("auxtl_winograd_conv-*.so"))
-    assert "flags" in native_build.cpu_signature()
+def test_the_library_of_this_source_compiler_and_cpu_is_built_and_loaded():
+    library = native_build.library_path(winograd.SOURCE,
+                                        winograd.build_command(native_build.compiler()),
+                                        key_parts=winograd.key_parts())
+    assert native_build.cpu_signature() in winograd.key_parts()
+    assert library.is_file() and library.parent == native_build.cache_dir()
+    assert_loaded(library)
 
 
 # (batch, height, width, in, out, padding): odd sizes, channels that fill no whole
@@ -54,11 +59,15 @@ def test_matches_xla_with_scale_shift_relu_pool(shape, relu, pool):
     kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
     scale = jax.random.uniform(ks, (cout,), minval=0.5, maxval=2.0)
     shift = jax.random.normal(kt, (cout,))
-    want = reference(x, kernel, padding, scale, shift, relu, pool)
     got = jax.jit(lambda *a: winograd.conv(*a, padding, scale=scale, shift=shift, relu=relu,
                                            pool=pool))(x, kernel)
-    assert got.shape == want.shape
-    assert relative_error(got, want) <= 1e-5
+    # float64 reference; bound from Winograd's rounding (tests/rounding.py). ReLU and
+    # max-pool are 1-Lipschitz: the error after them is at most the largest before.
+    want, bound = rounding.winograd_conv_bound(x, kernel, padding, scale, shift)
+    want = np.maximum(want, 0) if relu else want
+    if pool:
+        want, bound = rounding.pool_bound(want), rounding.pool_bound(bound)
+    rounding.assert_within(got, want, bound, "winograd.conv")
 
 
 @pytest.mark.parametrize("relu,pool", [(True, False), (True, True)])
@@ -95,23 +104,57 @@ def _weight_gradient_case(shape, seed):
     return x, dy, (3, 3, cin, cout), padding
 
 
+def _default_tiles_per_block(x, dy) -> int:
+    tile = winograd.tile_for(*dy.shape[1:3])
+    return winograd._tiles_per_block((tile + 2) ** 2, x.shape[3], -(-dy.shape[3] // 16) * 16)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
 def test_weight_gradient_matches_xla(shape):
     x, dy, kernel_shape, padding = _weight_gradient_case(shape, shape[3] * 100 + shape[4])
     got = jax.jit(lambda x, dy: winograd.weight_gradient(x, dy, padding))(x, dy)
     assert got.shape == kernel_shape
-    assert relative_error(got, xla_weight_gradient(x, dy, kernel_shape, padding)) <= 1e-5
+    want, bound = rounding.winograd_weight_grad_bound(x, dy, padding,
+                                                      _default_tiles_per_block(x, dy))
+    rounding.assert_within(got, want, bound, "winograd.weight_gradient")
+    # and the XLA gradient this stands in for is the same float64 gradient
+    xla = rounding.direct_bounds(x, jnp.zeros(kernel_shape), dy, (1, 1), padding)
+    rounding.assert_within(xla_weight_gradient(x, dy, kernel_shape, padding),
+                           *xla["kernel gradient"], "XLA weight gradient")
 
 
 def test_weight_gradient_of_a_long_sum_over_tiles_and_any_block_size():
     # 128 x 28 x 28 images: 6272 tiles summed per coefficient (in blocks, then the blocks'
-    # partial sums; one long float32 sum was 8x less accurate at 512 images).
+    # partial sums, CHUNK_BLOCKS at a time). Nonnegative data: no cancellation in the
+    # sum over 100k positions, so the bound (Winograd's transform amplification times
+    # gamma of the blocked sum's depth, tests/rounding.py) is a small fraction of the
+    # gradient itself and a lost or doubled block of tiles would exceed it.
     x, dy, kernel_shape, padding = _weight_gradient_case((128, 28, 28, 32, 32, ((1, 1),) * 2), 3)
-    want = xla_weight_gradient(x, dy, kernel_shape, padding)
+    x, dy = jnp.abs(x), jnp.abs(dy)
     for tiles_per_block in (None, 1, 100):
         got = jax.jit(lambda x, dy: winograd.weight_gradient(
             x, dy, padding, tiles_per_block=tiles_per_block))(x, dy)
-        assert relative_error(got, want) <= 5e-6, tiles_per_block
+        want, bound = rounding.winograd_weight_grad_bound(
+            x, dy, padding, tiles_per_block or _default_tiles_per_block(x, dy))
+        assert np.max(bound / want) < 0.01   # the check below has teeth
+        rounding.assert_within(got, want, bound, f"tiles_per_block={tiles_per_block}")
+
+
+def test_the_bounds_follow_a_winograd_algorithm():
+    # The transforms read from the .cc compute the convolution exactly (float64 rounding
+    # only), so the rounding bounds derived from them describe this computation.
+    x = np.random.default_rng(0).normal(size=(2, 10, 13, 5))
+    kernel = np.random.default_rng(1).normal(size=(3, 3, 5, 7))
+    for padding in (((1, 1), (1, 1)), ((2, 0), (0, 2))):
+        for conv_hw in ((x.shape[1] + sum(padding[0]) - 2, x.shape[2] + sum(padding[1]) - 2),
+                        (3, 3)):   # F(2x2)
+            cut = x[:, :conv_hw[0] + 2 - sum(padding[0]), :conv_hw[1] + 2 - sum(padding[1])]
+            signed, _ = rounding.winograd_conv(cut, kernel, padding, conv_hw, absolute=False)
+            magnitude, depth = rounding.winograd_conv(cut, kernel, padding, conv_hw)
+            direct = rounding.conv(cut, kernel, (1, 1), padding)
+            # both in float64: each within gamma(its depth, U64) of the exact convolution
+            bound = (gamma(depth, U64) + gamma(9 * x.shape[3], U64)) * magnitude
+            rounding.assert_within(signed, direct, bound, f"{padding} {conv_hw}")
 
 
 def test_tile_is_4_unless_the_output_is_smaller():
@@ -173,19 +216,38 @@ def _unfused(monkeypatch):
     monkeypatch.setattr(fused, "applies", lambda *args: False)
 
 
+# Roundings BatchNorm's folding adds to the kernel's path: epsilon stored as float32,
+# var + eps, rsqrt (counted as 4: correctly rounded sqrt and division are 2; a fast
+# rsqrt is within a few ulps), times scale; the shift bias - mean * s adds 2 more on its
+# own, shorter path.
+BN_FOLD = 1 + 1 + 4 + 1
+
+
+def _block_reference(block: ConvBlock, x):
+    """(float64 pool(relu(BN(conv(x)))) of a 3x3 stride-1 SAME ConvBlock in inference,
+    rounding bound of its fused Winograd call) (tests/rounding.py)."""
+    bn = block.bn
+    mean, var, gamma_, beta = (np.asarray(v[...], np.float64)
+                               for v in (bn.mean, bn.var, bn.scale, bn.bias))
+    s = gamma_ / np.sqrt(var + bn.epsilon)
+    want, bound = rounding.winograd_conv_bound(
+        x, block.conv.kernel[...], ((1, 1), (1, 1)), s, beta - mean * s,
+        extra_depth=BN_FOLD, shift_magnitude=np.abs(beta) + np.abs(mean * s))
+    want = np.maximum(want, 0)
+    if block.pool:
+        want, bound = rounding.pool_bound(want), rounding.pool_bound(bound)
+    return want, bound
+
+
+@pytest.mark.usefixtures("one_cpu_device")
 @pytest.mark.parametrize("pool", [False, True])
-def test_block_in_inference_is_one_fused_call_with_the_unfused_values(pool, monkeypatch):
+def test_block_in_inference_is_one_fused_call_with_the_unfused_values(pool):
     block = _block(pool)
     x = jax.random.normal(jax.random.key(6), (4, 10, 10, 16))
     run = nnx.jit(lambda block, x: block(x, train=False))
     text = jax.jit(lambda x: block(x, train=False)).lower(x).as_text()
     assert text.count(winograd.TARGET) == 1 and "convolution" not in text
-    got = run(block, x)
-    with monkeypatch.context() as patch:
-        _unfused(patch)
-        with jax.default_matmul_precision("highest"):
-            want = nnx.jit(lambda block, x: block(x, train=False))(block, x)
-    assert relative_error(got, want) <= 1e-5
+    rounding.assert_within(run(block, x), *_block_reference(block, x), "fused block")
 
 
 def test_gradients_through_a_block_in_inference_are_the_unfused_ones(monkeypatch):
@@ -201,27 +263,43 @@ def test_gradients_through_a_block_in_inference_are_the_unfused_ones(monkeypatch
     want = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
     flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(want)
     assert len(flat_got) == len(flat_want) == 6   # x, kernel, BN scale, bias, mean, var
+    # Differentiated, the fused block's custom_vjp runs the plain composition forward
+    # and backward: the same operations on the same values, so the same numbers.
     for a, b in zip(flat_got, flat_want):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 def test_frozen_trunk_features_match_the_unfused_trunk(monkeypatch):
+    # Layer by layer, each fed the unfused trunk's activation: a fused block is within
+    # its own rounding bound of the float64 block (errors of earlier layers are not
+    # compounded into a bound); the layers that are not fused are the same computation.
     trunk = build_trunk("small_cnn", make_config("small_cnn", (28, 28, 1)), rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(8), (8, 28, 28, 1))
-    features = nnx.jit(lambda t, x: t(x, train=False))
     text = jax.jit(lambda x: trunk(x, train=False)).lower(x).as_text()
     assert text.count(winograd.TARGET) == 4   # conv2-conv5; conv1 has one input channel
-    got = features(trunk, x)
-    _unfused(monkeypatch)
-    with jax.default_matmul_precision("highest"):
-        want = nnx.jit(lambda t, x: t(x, train=False))(trunk, x)
-    assert relative_error(got, want) <= 1e-5
+    layer_fn = nnx.jit(lambda layer, x: layer(x, train=False))
+    fused_layers = 0
+    for layer in trunk.layers:
+        is_fused = isinstance(layer, ConvBlock) and fused.applies(layer.conv, layer.bn, x)
+        got = layer_fn(layer, x)
+        with monkeypatch.context() as patch:
+            _unfused(patch)
+            unfused_out = nnx.jit(lambda layer, x: layer(x, train=False))(layer, x)
+        if is_fused:
+            rounding.assert_within(got, *_block_reference(layer, x), f"fused {type(layer)}")
+            fused_layers += 1
+        else:
+            np.testing.assert_array_equal(got, unfused_out)
+        x = unfused_out
+    assert fused_layers == 4
 
 
 def _lowered(fn, *args, platform: str) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 def test_gpu_lowering_keeps_xla_convolutions():
     block = _block(pool=True)
     x = jnp.ones((2, 8, 8, 16))
@@ -241,6 +319,7 @@ def test_gpu_lowering_keeps_xla_convolutions():
         assert "AuxtlWinograd" not in gpu and "convolution" in gpu
 
 
+@pytest.mark.usefixtures("one_cpu_device")
 def test_not_used_below_eight_channels_strided_or_in_bfloat16():
     x8, k8 = jnp.ones((1, 6, 6, 8)), jnp.ones((3, 3, 8, 4))
     same = ((1, 1), (1, 1))
