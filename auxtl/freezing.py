@@ -201,9 +201,15 @@ def trainable_reused_layers(train: str, reused: Sequence[str]) -> tuple[str, ...
 
 def check_phases(phases: Sequence[Phase], reused: Sequence[str]) -> None:
     """Refuses phases that do not fit the reused layers (e.g. head+top4 of 3), before
-    anything trains; raises InputError naming the phase and the reused layers."""
+    anything trains; raises InputError naming the phase and the reused layers. A
+    'head+re:REGEX' that matches no reused layer is refused too: it would silently
+    train the head alone (a typo in the regex, most likely)."""
     for phase in phases:
-        trainable_reused_layers(phase.train, reused)
+        unfrozen = trainable_reused_layers(phase.train, reused)
+        if not unfrozen and _parse_train(phase.train)[0] == "re":
+            raise InputError(f"phase {phase.train!r} matches none of the reused layers "
+                             f"({', '.join(reused) or 'none'}); use 'head' to train the "
+                             f"head alone")
 
 
 def phase_layer_groups(layer_names: Sequence[str], num_reused: int,

@@ -67,6 +67,14 @@ def test_top_n_beyond_the_reused_layers_is_refused():
     assert Phase(1, "head+top9").train == "head+top9"  # checked against a target later
 
 
+def test_a_phase_regex_matching_no_reused_layer_is_refused():
+    reused = ("conv1", "conv2", "conv3")
+    freezing.check_phases(freezing.parse_phases("head:1,head+re:conv[23]:1"), reused)
+    with pytest.raises(ValueError, match=re.escape(
+            "phase 'head+re:cnv[23]' matches none of the reused layers (conv1, conv2, conv3)")):
+        freezing.check_phases(freezing.parse_phases("head:1,head+re:cnv[23]:1"), reused)
+
+
 @pytest.mark.parametrize("train,unfrozen", [
     ("head", ()), ("head+top2", ("conv5", "fc")), ("all", NAMES),
     ("head+re:conv[34]", ("conv3", "conv4")), ("head+top0", ())])
