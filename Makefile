@@ -1,11 +1,12 @@
 # `make demo`: install into .venv and pretrain a rotation trunk on the embedded MNIST-5k.
 # `make test`: install into .venv and run the test suite.
+# `make test-threads`: the numerical tests again with one OpenMP/Eigen thread (bounds hold for any count).
 PYTHON ?= python
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.auxtl-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-threads bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"auxtl needs Python >= 3.12, $(PYTHON) is {sys.version.split()[0]}"'
@@ -19,6 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+NUMERICAL_TESTS := tests/test_winograd.py tests/test_onednn.py tests/test_conv.py \
+	tests/test_native_build.py tests/test_task_masked_inpainting.py tests/test_seeds.py
+
+test-threads: $(STAMP)
+	OMP_NUM_THREADS=1 XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_multi_thread_eigen=false" \
+		$(BIN)/python -m pytest -q $(NUMERICAL_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
