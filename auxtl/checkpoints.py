@@ -18,6 +18,7 @@ one error names the checkpoint and the file, before anything is planned or loade
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -71,18 +72,51 @@ def _linked_version(path: pathlib.Path) -> pathlib.Path | None:
     return path.parent / target
 
 
+_NO_SYMLINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _fsync_folder(folder: pathlib.Path) -> None:
+    """Makes a rename in `folder` durable (best effort: not every file system allows it)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 def _point_at(path: pathlib.Path, version: pathlib.Path, token: str) -> None:
-    """Makes `path` a link to `version` in one atomic step, then removes what it replaced."""
+    """Makes `path` a link to `version` in one atomic step, then removes what it replaced.
+
+    On a file system without symbolic links (some network and FAT mounts) the version
+    folder itself is renamed to `path`, the old one moved aside first; readers bridge
+    that moment (resolve_checkpoint).
+    """
     previous = _linked_version(path)
-    if path.is_dir() and not path.is_symlink():
-        # A folder written by an older auxtl: a folder cannot be replaced by a link in one
-        # step, so it is moved aside first; readers bridge that moment (resolve_checkpoint).
-        previous = path.parent / f".{path.name}.old-{token}"
-        os.rename(path, previous)
     link = path.parent / f".{path.name}.link-{token}"
     link.unlink(missing_ok=True)
-    os.symlink(version.name, link)  # relative: the checkpoint's parent folder can move
-    os.replace(link, path)
+    try:
+        os.symlink(version.name, link)  # relative: the checkpoint's parent folder can move
+    except OSError as error:
+        if error.errno not in _NO_SYMLINKS:
+            raise
+        link = None
+    if path.exists() or path.is_symlink():
+        if path.is_dir() and not path.is_symlink() or link is None:
+            # A folder written by an older auxtl (or no links here): a folder cannot be
+            # replaced in one step, so it is moved aside first.
+            previous = path.parent / f".{path.name}.old-{token}"
+            os.rename(path, previous)
+    if link is None:
+        os.rename(version, path)
+        version = path
+    else:
+        os.replace(link, path)
+    _fsync_folder(path.parent)
     if previous is not None and previous != version:
         shutil.rmtree(previous, ignore_errors=True)
     for aside in path.parent.glob(f".{glob.escape(path.name)}.old-*"):  # an earlier crash's
@@ -294,8 +328,8 @@ def _restore(folder: pathlib.Path, shown, **items) -> dict[str, Any]:
     checkpoint (the original chained)."""
     try:
         return _composite_checkpointer().restore(folder, ocp.args.Composite(**items))
-    except AuxtlError:
-        raise
+    except (AuxtlError, jax.errors.JaxRuntimeError, MemoryError):
+        raise  # named already, or the device's (out of memory), not the file's
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         _drop_late_callbacks_into_closed_loops()
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -35,8 +35,14 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def read_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 32, 32, 3) uint8, labels (N,) int32) of one batch file."""
-    with open(path, "rb") as handle:
-        batch = _SafeUnpickler(handle, encoding="bytes").load()
+    try:
+        with open(path, "rb") as handle:
+            batch = _SafeUnpickler(handle, encoding="bytes").load()
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise InputError(f"{str(path)!r} is not a readable CIFAR-10 batch (truncated or "
+                         f"damaged?): {error!r}") from error
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise InputError(f"{str(path)!r} is not a CIFAR-10 batch (needs b'data' and b'labels')")
     data = np.asarray(batch[b"data"], dtype=np.uint8)

@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import os
 import pathlib
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,15 +225,21 @@ def _load_embedded(name: str) -> Dataset:
 def _load_npz(path: pathlib.Path, spec: str) -> Dataset:
     if not path.is_file():
         raise InputError(f"data spec {spec!r}: {str(path)!r} is not a file")
-    with np.load(path, allow_pickle=False) as archive:
-        keys = set(archive.files)
-        image_key = next((k for k in ("images", "x") if k in keys), None)
-        if image_key is None:
-            raise InputError(f"{str(path)!r} holds arrays {sorted(keys)}; expected one named "
-                             "'images' or 'x' (and optionally 'labels' or 'y')")
-        label_key = next((k for k in ("labels", "y") if k in keys), None)
-        images = archive[image_key]
-        labels = None if label_key is None else archive[label_key]
+    try:  # a damaged or foreign file, or pickled objects (never loaded), is named
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            image_key = next((k for k in ("images", "x") if k in keys), None)
+            if image_key is None:
+                raise InputError(f"{str(path)!r} holds arrays {sorted(keys)}; expected one "
+                                 "named 'images' or 'x' (and optionally 'labels' or 'y')")
+            label_key = next((k for k in ("labels", "y") if k in keys), None)
+            images = archive[image_key]
+            labels = None if label_key is None else archive[label_key]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, AttributeError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"data spec {spec!r}: {str(path)!r} is not a readable .npz archive of "
+                         f"numeric arrays: {error}") from error
     return Dataset(name=spec, images=images, labels=labels)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import pathlib
 import shutil
 import signal
@@ -82,11 +83,11 @@ class PretrainConfig:
 
         for field in ("steps", "batch_size", "log_every", "eval_batch_size", "keep"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not _is_whole(value) or value < 1:
                 refuse(field, "a positive integer")
         for field in ("eval_every", "checkpoint_every"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 0:
+            if not _is_whole(value) or value < 0:
                 refuse(field, "0 (off) or a positive integer")
         if not (isinstance(self.test_fraction, (int, float))
                 and 0.0 < self.test_fraction < 1.0):
@@ -125,6 +126,11 @@ _RESUME_FIELDS = ("tasks", "data", "model", "model_overrides", "loss_weighting",
 def _state_tree(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _is_whole(value) -> bool:
+    """An integer (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
@@ -215,7 +221,11 @@ def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
     not `enabled`) the event is never set and SIGTERM keeps its old meaning.
     """
     requested = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    # With several processes each host would stop at its own step and meet the others
+    # at different collectives (a hang), and jax.distributed has its own SIGTERM notice:
+    # there a preempted run resumes from its last periodic checkpoint instead.
+    if (not enabled or jax.process_count() > 1
+            or threading.current_thread() is not threading.main_thread()):
         yield requested
         return
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
@@ -340,7 +350,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
                          lambda r: _kept_on_resume(r, start_step, config.steps))
         log = MetricsLog(out / "metrics.jsonl", append=config.resume)
 
-    train_step = make_train_step(graphdef, tasks, optimizer, normalization)
+    train_step = make_train_step(graphdef, tasks, optimizer, normalization, health=True)
     eval_step = make_eval_step(graphdef, tasks, normalization)
     run_eval = lambda: evaluate(eval_step, state.params, state.batch_stats, test_set.images,
                                 batch_size=config.eval_batch_size, seed=SPLIT_SEED)
@@ -426,15 +436,17 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
 
 def save_pretrained_trunk(path, state: TrainState, trunk, config: PretrainConfig, model_config,
                           input_shape, normalization, tasks, eval_metrics, *,
-                          dataset: Dataset) -> pathlib.Path:
+                          dataset: Dataset | None = None) -> pathlib.Path:
     """The trunk checkpoint; its metadata records the held-out split of `dataset` (the data
-    pretraining split, content-hashed) so that transfer can keep those images for test."""
-    split = SplitRecord.of(dataset, data=config.data, test_fraction=config.test_fraction,
-                           seed=SPLIT_SEED)
+    pretraining split, content-hashed) so that transfer can keep those images for test.
+    Without `dataset` no split is recorded, and transfer warns that it cannot honour one."""
+    split = None if dataset is None else SplitRecord.of(
+        dataset, data=config.data, test_fraction=config.test_fraction, seed=SPLIT_SEED)
     metadata = checkpoints.trunk_metadata(
         trunk, config_json=config_to_json(model_config), input_shape=input_shape,
         normalization=normalization, tasks=task_json(tasks),
-        extra={"data": config.data, "split": split.to_json(), "steps": config.steps,
+        extra={"data": config.data, **({"split": split.to_json()} if split else {}),
+               "steps": config.steps,
                "seed": config.seed, "loss_weighting": config.loss_weighting,
                "eval": eval_metrics})
     params = jax.device_get(state.params)

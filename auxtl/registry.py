@@ -220,4 +220,7 @@ def get_task(name: str, **params: Any) -> Task:
         inspect.signature(cls).bind(**params)
     except TypeError as error:
         raise BadParameterError(f"bad parameters {params} for task {name!r}: {error}") from None
-    return cls(**params)
+    try:
+        return cls(**params)
+    except ValueError as error:  # the task's own check of its parameters' values
+        raise InputError(f"task {name!r} with {params}: {error}") from error

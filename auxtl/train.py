@@ -88,11 +88,12 @@ def _task_losses(model, tasks, images, key, *, train):
 
 def make_train_step(graphdef, tasks: Sequence[WeightedTask],
                     optimizer: optax.GradientTransformation,
-                    normalization: Normalization) -> Callable:
+                    normalization: Normalization, *, health: bool = False) -> Callable:
     """The jitted step (state, images) -> (state, metrics); the state's buffers are donated.
 
-    metrics[HEALTH] holds {"losses": {task: its weighted loss term}, "state_finite":
-    bool}, computed on device so the host can check finiteness when it next syncs.
+    With `health`, metrics[HEALTH] holds {"losses": {task: its weighted loss term},
+    "state_finite": bool}, computed on device so the host can check finiteness when it
+    next syncs (the pretraining run's NaN/Inf stop); otherwise metrics are flat scalars.
     """
     tasks = tuple(tasks)
 
@@ -111,8 +112,9 @@ def make_train_step(graphdef, tasks: Sequence[WeightedTask],
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=batch_stats, opt_state=opt_state)
-        metrics[HEALTH] = {"losses": terms,
-                           "state_finite": all_finite((params, batch_stats, opt_state))}
+        if health:
+            metrics[HEALTH] = {"losses": terms,
+                               "state_finite": all_finite((params, batch_stats, opt_state))}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)

@@ -132,6 +132,13 @@ def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None,
                 f"held-out split cannot be recomputed, so the default test split may hold "
                 f"images pretraining trained on and overstate test accuracy"), stacklevel=2)
             return target, f"{default}; pretraining's split could not be recomputed"
+        if recorded.data is not None and recorded.data == data:
+            warnings.warn(SplitWarning(
+                f"{name} was pretrained on {recorded.data!r} with other contents (another "
+                f"content hash: a subset, or the data changed), so its held-out split cannot "
+                f"be matched to these images: the default test split may hold images "
+                f"pretraining trained on and overstate test accuracy"), stacklevel=2)
+            return target, f"{default}; same data name, other contents (not honoured)"
         return target, (f"{default}; the trunk was pretrained on other data "
                         f"({recorded.data!r}, another content hash)")
     source = metadata.get("data")

@@ -1,4 +1,4 @@
-
+import errno
 import os
 import shutil
 import sys
@@ -162,6 +162,23 @@ def test_saving_again_replaces_the_version_and_leaves_no_debris(trained, tmp_pat
     assert leaves_equal(restored, scaled(params, 3.0))
 
 
+def test_without_symbolic_links_the_version_folder_is_renamed_into_place(trained, tmp_path,
+                                                                        monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_links)  # as on a FAT or CIFS mount
+    params, stats, metadata = checkpoints.load_trunk_state(trained.trunk_path)
+    folder = tmp_path / "run"
+    for factor in (1.0, 3.0):
+        checkpoints.save_trunk(folder / "trunk", trunk_params=scaled(params, factor),
+                               trunk_batch_stats=stats, metadata=metadata)
+        restored, _, _ = checkpoints.load_trunk_state(folder / "trunk")
+        assert leaves_equal(restored, scaled(params, factor))
+    assert [p.name for p in folder.iterdir()] == ["trunk"]
+    assert (folder / "trunk").is_dir() and not (folder / "trunk").is_symlink()
+
+
 # --------------------------------------------------------------------------- damaged checkpoints
 
 def largest(folder):
@@ -256,3 +273,14 @@ def test_after_a_failed_restore_only_closed_loop_callbacks_are_silenced(monkeypa
     report(RuntimeError("Event loop is closed"))
     report(RuntimeError("something else"))
     assert [str(r.exc_value) for r in reported] == ["something else"]
+
+
+def test_a_device_error_while_restoring_is_not_called_damage(trained, monkeypatch):
+    class OutOfMemory:
+        def restore(self, *args, **kwargs):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(checkpoints, "_composite_checkpointer", OutOfMemory)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as caught:
+        checkpoints.load_trunk_state(trained.trunk_path)
+    assert not isinstance(caught.value, auxtl.AuxtlError)

@@ -61,3 +61,11 @@ def test_a_batch_that_would_run_code_is_refused(tmp_path):
 def test_missing_batches_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         auxtl.load_dataset(f"cifar10:{tmp_path}")
+
+
+def test_a_truncated_batch_is_named(cifar_folder):
+    folder, _, _ = cifar_folder
+    batch = folder / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:500])
+    with pytest.raises(auxtl.InputError, match="data_batch_2' is not a readable CIFAR-10 batch"):
+        auxtl.load_dataset(f"cifar10:{folder}")

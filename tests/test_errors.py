@@ -2,6 +2,7 @@
 
 import pathlib
 
+import numpy as np
 import pytest
 
 import auxtl
@@ -73,3 +74,34 @@ class Picky(Rotation):
     assert code == 2
     err = capsys.readouterr().err
     assert "task 'picky': picky needs 64x64 images, got (8, 8, 1)" in err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("auxtl: error: "), err
+    return err[0]
+
+
+def test_a_task_parameter_value_the_task_refuses_is_one_line(capsys):
+    assert cli.main(["pretrain", "--task", "jigsaw", "--task-arg", "jigsaw.grid=1",
+                     "--no-progress", "--out", "unused"]) == 2
+    assert "task 'jigsaw' with {'grid': 1}: jigsaw grid must be >= 2" in _one_error_line(capsys)
+
+
+def test_a_model_argument_of_the_wrong_kind_is_one_line(capsys, tmp_path):
+    assert cli.main(["pretrain", "--data", "digits", "--model-arg", "widths=16",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    assert "field 'widths' must be like its default" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a zip archive", "pickled"])
+def test_an_unreadable_npz_is_one_line(capsys, tmp_path, content):
+    path = tmp_path / "data.npz"
+    if content == "pickled":  # object arrays would need pickle: never loaded
+        np.savez(path, images=np.array([{"a": 1}], dtype=object))
+    else:
+        path.write_bytes(content)
+    assert cli.main(["pretrain", "--data", f"npz:{path}", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 2
+    assert "is not a readable .npz archive" in _one_error_line(capsys)

@@ -43,6 +43,18 @@ def test_step_is_traced_once_for_a_fixed_shape(mnist_small):
     jax.block_until_ready(state)
     assert TRACES == [(8, 28, 28, 1)]
     assert int(state.step) == 4
+    # the public step's metrics are flat scalars; the run's finiteness report is opt-in
+    assert all(jnp.ndim(v) == 0 for v in metrics.values()), sorted(metrics)
+    healthy = make_train_step(graphdef, tasks, optimizer,
+                              auxtl.data.compute_normalization(mnist_small.images), health=True)
+    _, metrics = healthy(state, mnist_small.images[:8])
+    assert bool(metrics["_health"]["state_finite"])
+
+
+def test_whole_numbers_of_any_integer_type_are_accepted_and_bools_are_not():
+    tiny_config(steps=np.int64(6), batch_size=np.int32(16)).validate()
+    with pytest.raises(auxtl.InputError, match="steps"):
+        tiny_config(steps=True).validate()
 
 
 def test_same_seed_gives_bit_identical_params(mnist_small):

@@ -131,8 +131,8 @@ def digits_trunk(tmp_path_factory):
 
 
 def digits_quick(trunk, out, **overrides):
-    config = quick(trunk, out, data="digits", seeds=(0,), baseline=False,
-                   target=TargetSpec(reuse=2), **overrides)
+    config = quick(trunk, out, **{"data": "digits", "seeds": (0,), "baseline": False,
+                                  "target": TargetSpec(reuse=2), **overrides})
     return config if out else dataclasses.replace(config, out=None)  # None: write nothing
 
 
@@ -188,10 +188,20 @@ def test_other_data_gets_the_default_split_without_a_warning(digits_trunk, tmp_p
     seen = spy_on_test_sets(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        summary = run_transfer(digits_quick(digits_trunk, None), other, log=lambda _: None)
+        summary = run_transfer(digits_quick(digits_trunk, None, data="digits-flipped"), other,
+                               log=lambda _: None)
     _, default_test = auxtl.train_test_split(other, test_fraction=0.1, seed=SPLIT_SEED)
     np.testing.assert_array_equal(seen[0], default_test.images)
     assert summary["split"]["test_fraction"] == 0.1
+
+
+def test_same_data_name_with_other_contents_warns(digits_trunk):
+    digits = auxtl.load_dataset("digits")
+    subset = digits.subset(np.arange(0, len(digits), 2))  # e.g. pretrained on all, now half
+    metadata = auxtl.read_metadata(digits_trunk)
+    with pytest.warns(transfer.SplitWarning, match="with other contents"):
+        split, note = transfer.held_out_split(metadata, subset, "digits")
+    assert split.test_fraction == 0.1 and "not honoured" in note
 
 
 def without_split(trunk, path, **changes):

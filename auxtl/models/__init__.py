@@ -54,9 +54,32 @@ def make_config(name: str, input_shape: tuple[int, int, int] | None = None,
         fitted["in_channels"] = channels
         if issubclass(config_cls, ResNetConfig):
             fitted["large_stem"] = min(height, width) > 64
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for key, value in overrides.items():
+        _check_override(name, key, defaults[key], value)
     values = {**fitted, **overrides}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return config_cls(**values)
+
+
+def _check_override(model: str, key: str, default: Any, value: Any) -> None:
+    """A --model-arg value of the field's kind (from its default), else InputError."""
+    if default is None or default is dataclasses.MISSING:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list)) and all(
+            isinstance(v, type(default[0])) for v in value) if default else True
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise InputError(f"model {model!r}: field {key!r} must be like its default "
+                         f"{default!r} ({type(default).__name__}), got {value!r}")
 
 
 def config_to_json(config) -> dict[str, Any]:
