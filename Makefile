@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/auxtl pretrain --task rotation --data mnist5k --out runs/demo
+	$(BIN)/auxtl pretrain --task rotation --data mnist5k --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
