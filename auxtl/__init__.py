@@ -8,7 +8,8 @@ from auxtl import freezing, heads, losses, surgery
 from auxtl.checkpoints import load_trunk, load_trunk_state, read_metadata, save_trunk
 from auxtl.errors import (AuxtlError, BadParameterError, InputError, MissingFileError,
                           UnknownNameError, UnsafeFileError)
-from auxtl.data import Dataset, Normalization, load_dataset, normalize, train_test_split
+from auxtl.data import Dataset, Normalization, load_dataset, normalize
+from auxtl.splits import SplitRecord, train_test_split
 from auxtl.models import Trunk, build_trunk, global_avg_pool, list_models, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain import PretrainConfig, PretrainResult, TaskConfig, run_pretraining
@@ -28,7 +29,7 @@ __all__ = [
     "freezing", "heads", "losses", "surgery", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",
     "AuxtlError", "BadParameterError", "InputError", "MissingFileError", "UnknownNameError",
     "UnsafeFileError",
-    "Dataset", "Normalization", "load_dataset", "normalize", "train_test_split",
+    "Dataset", "Normalization", "load_dataset", "normalize", "SplitRecord", "train_test_split",
     "Trunk", "build_trunk", "global_avg_pool", "list_models", "make_config",
     "OptimizerConfig", "make_optimizer",
     "PretrainConfig", "PretrainResult", "TaskConfig", "run_pretraining",

@@ -18,7 +18,6 @@ import json
 import math
 import numbers
 import pathlib
-import shutil
 import signal
 import threading
 import time
@@ -32,14 +31,15 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from auxtl import checkpoints, parallel
-from auxtl.data import (Dataset, SplitRecord, compute_normalization, load_dataset,
-                        batch_indices, train_test_split)
+from auxtl.data import Dataset, batch_indices, compute_normalization, load_dataset
 from auxtl.errors import InputError, NonFiniteLossError, Preempted
 from auxtl.models import config_to_json, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
 from auxtl.registry import get_task
 from auxtl.reporting import MetricsLog, keep_metrics, plot_metrics, read_metrics
+from auxtl.run_folder import check_out_folder, kept_on_resume, remove_run_outputs
+from auxtl.splits import SplitRecord, train_test_split
 from auxtl.train import (HEALTH, TrainState, evaluate, init_state, make_eval_step,
                          make_train_step, split_model)
 
@@ -144,75 +144,6 @@ def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
                          f"config.json; resume needs the same run settings")
 
 
-# What a run writes into its folder; --overwrite removes these and nothing else.
-_RUN_OUTPUTS = ("checkpoints", "trunk", "config.json", "metrics.jsonl", "metrics.png",
-                "summary.json")
-_RUN_LEFTOVERS = (".trunk.", ".metrics.jsonl.")  # an interrupted atomic save's temporaries
-
-
-def _is_run_output(name: str) -> bool:
-    return name in _RUN_OUTPUTS or name.startswith(_RUN_LEFTOVERS)
-
-
-def _checkpoint_steps(folder: pathlib.Path) -> list[int]:
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-
-
-def _describe_folder(out: pathlib.Path, names: Sequence[str]) -> str:
-    parts = []
-    for name in names:
-        steps = _checkpoint_steps(out / name) if name == "checkpoints" else []
-        parts.append(f"checkpoints at steps {steps}" if steps else name)
-    return ", ".join(parts)
-
-
-def _check_out_folder(out: pathlib.Path, config: PretrainConfig) -> None:
-    """Refuses a fresh run into a folder that holds something (another run's outputs).
-
-    Orbax skips saving a step at or below the latest step already in the folder, so a
-    fresh run there would silently keep the old run's checkpoints under its own
-    config.json, and a later --resume would continue the wrong weights.
-    """
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; give a folder")
-    if config.resume or not out.is_dir():
-        return
-    names = sorted(p.name for p in out.iterdir())
-    if not names:
-        return
-    if config.overwrite:
-        foreign = [name for name in names if not _is_run_output(name)]
-        if foreign:
-            raise InputError(f"--overwrite removes only a run's outputs "
-                             f"({', '.join(_RUN_OUTPUTS)}), and {str(out)!r} also holds "
-                             f"{foreign}; move them away or choose another --out")
-        return
-    raise InputError(f"run folder {str(out)!r} is not empty: it holds "
-                     f"{_describe_folder(out, names)}; add --resume to continue that run, "
-                     f"--overwrite to delete it and start afresh, or choose another --out")
-
-
-def _remove_run_outputs(out: pathlib.Path) -> None:
-    for path in sorted(out.iterdir()):
-        if _is_run_output(path.name):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
-def _kept_on_resume(record: dict[str, Any], start: int, final: int) -> bool:
-    """Whether a metrics record stays when a run resumes at step `start`.
-
-    Records past the restored step are rewritten by the resumed run, and so are the
-    eval records it writes at `start` itself: the untrained baseline (start 0) and
-    the final evaluation (start == final).
-    """
-    step = record.get("step")
-    if not isinstance(step, int) or step > start:
-        return False
-    return not (step == start and record.get("split") == "eval" and start in (0, final))
-
-
 @contextlib.contextmanager
 def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
     """An event SIGTERM sets while the block runs; the previous handler comes back after.
@@ -302,7 +233,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     config.validate()
     out = pathlib.Path(config.out).absolute() if config.out else None
     if out is not None:
-        _check_out_folder(out, config)
+        check_out_folder(out, resume=config.resume, overwrite=config.overwrite)
         if config.resume:
             _check_resume_config(out, config)
         if jax.process_count() > 1:  # every process has looked before any writes there
@@ -330,7 +261,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     is_main = jax.process_index() == 0
     if out is not None:
         if config.overwrite and out.is_dir() and is_main:
-            _remove_run_outputs(out)
+            remove_run_outputs(out)
         if jax.process_count() > 1:  # the others wait until process 0 has cleared it
             multihost_utils.sync_global_devices(f"auxtl-pretrain-out-{out}")
         out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +278,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     if out is not None and is_main:
         if config.resume:  # drop what the run wrote past its checkpoint: it is redone
             keep_metrics(out / "metrics.jsonl",
-                         lambda r: _kept_on_resume(r, start_step, config.steps))
+                         lambda r: kept_on_resume(r, start_step, config.steps))
         log = MetricsLog(out / "metrics.jsonl", append=config.resume)
 
     train_step = make_train_step(graphdef, tasks, optimizer, normalization, health=True)

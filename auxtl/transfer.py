@@ -21,14 +21,14 @@ import numpy as np
 from flax import nnx
 
 from auxtl import checkpoints, freezing, surgery
-from auxtl.data import (Dataset, Normalization, SplitRecord, compute_normalization,
-                        load_dataset, train_test_split)
+from auxtl.data import Dataset, Normalization, compute_normalization, load_dataset
 from auxtl.errors import AuxtlWarning, InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
 from auxtl.freezing import Phase
 from auxtl.models import build_trunk, config_to_json, make_config
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
 from auxtl.pretrain import SPLIT_SEED
+from auxtl.splits import SplitRecord, train_test_split
 from auxtl.stats import mean_interval, paired_difference
 
 

@@ -40,7 +40,8 @@ from flax import nnx
 
 import auxtl
 from auxtl import checkpoints
-from auxtl.data import Dataset, compute_normalization, train_test_split
+from auxtl.data import Dataset, compute_normalization
+from auxtl.splits import train_test_split
 from auxtl.finetune import FinetuneConfig, StepCache, finetune, score
 from auxtl.freezing import Phase
 from auxtl.models import config_to_json, make_config

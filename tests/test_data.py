@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from auxtl import data
-from auxtl.data import (Dataset, Normalization, SplitRecord, batch_indices,
-                        compute_normalization, content_hash, labeled_subset, load_dataset,
-                        normalize, train_test_split, validate_images, validate_labels)
+from auxtl.data import (Dataset, Normalization, batch_indices, compute_normalization,
+                        load_dataset, normalize, validate_images, validate_labels)
+from auxtl.splits import SplitRecord, content_hash, labeled_subset, train_test_split
 
 
 def _toy(n=60, classes=3, shape=(4, 4, 1), seed=0, labeled=True) -> Dataset:

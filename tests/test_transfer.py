@@ -170,14 +170,14 @@ def test_transfer_on_the_pretraining_data_tests_only_on_its_held_out_images(
     # the fine-tuned model carries the split it was tested on, for a transfer from it
     model_split = auxtl.read_metadata(tmp_path / "t" / "model")["split"]
     assert model_split == auxtl.read_metadata(digits_trunk)["split"]
-    assert model_split["data_hash"] == auxtl.data.content_hash(digits.images)
+    assert model_split["data_hash"] == auxtl.splits.content_hash(digits.images)
 
 
 def test_the_trunk_records_the_pretraining_split(digits_trunk):
     digits = auxtl.load_dataset("digits")
     assert auxtl.read_metadata(digits_trunk)["split"] == {
-        "data": "digits", "data_hash": auxtl.data.content_hash(digits.images),
-        "labels_hash": auxtl.data.content_hash(digits.labels), "test_fraction": 0.05,
+        "data": "digits", "data_hash": auxtl.splits.content_hash(digits.images),
+        "labels_hash": auxtl.splits.content_hash(digits.labels), "test_fraction": 0.05,
         "seed": SPLIT_SEED}
 
 

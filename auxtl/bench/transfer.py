@@ -119,7 +119,8 @@ def load_bench_data(spec: str) -> BenchData:
     """The pretraining held-out split (SPLIT_SEED, 10%) is the test split, and the rest
     the pool; CIFAR-10 with a test_batch uses it as the test split and all training
     batches as the pool."""
-    from auxtl.data import load_dataset, train_test_split
+    from auxtl.data import load_dataset
+    from auxtl.splits import train_test_split
     from auxtl.pretrain import SPLIT_SEED
     dataset = load_dataset(spec)
     if dataset.labels is None:
