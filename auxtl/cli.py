@@ -122,14 +122,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(flag: str, value, low, what: str = "a whole number"):
-    if value is not None and value < low:
-        raise InputError(f"{flag} must be {what} >= {low}, got {value}")
-    return value
-
-
 def transfer_config_from_args(args: argparse.Namespace):
-    """The TransferConfig the flags describe; a bad flag raises InputError naming it."""
+    """The TransferConfig the flags describe; a bad flag raises InputError naming it (the
+    flags parsed here; the configs check their own values: counts, rates, seeds)."""
     from auxtl.finetune import FinetuneConfig
     from auxtl.freezing import parse_phases
     from auxtl.models.target import TargetSpec
@@ -142,7 +137,8 @@ def transfer_config_from_args(args: argparse.Namespace):
         except ValueError:
             raise InputError(f"--reuse must be 'all' or a number of layers, got "
                              f"{args.reuse!r}") from None
-        _at_least("--reuse", reuse, 0, "'all' or a number of layers")
+        if reuse < 0:
+            raise InputError(f"--reuse must be 'all' or a number of layers >= 0, got {reuse}")
     try:
         add = tuple(int(w) for w in args.add.split(",") if w.strip()) if args.add else ()
     except ValueError:
@@ -150,16 +146,6 @@ def transfer_config_from_args(args: argparse.Namespace):
                          f"{args.add!r}") from None
     if any(w < 1 for w in add):
         raise InputError(f"--add widths must be >= 1, got {args.add!r}")
-    _at_least("--labels-per-class", args.labels_per_class, 1)
-    _at_least("--val-per-class", args.val_per_class, 1, "omitted (the default) or a whole "
-                                                         "number")
-    _at_least("--batch-size", args.batch_size, 1)
-    _at_least("--seed", args.seed, 0)
-    _at_least("--seeds", args.seeds, 1, "a number of seeds")
-    if not args.lr > 0:
-        raise InputError(f"--lr must be positive, got {args.lr}")
-    if not args.weight_decay >= 0:
-        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     try:
         phases = parse_phases(args.phases)
     except InputError as error:

@@ -13,17 +13,8 @@ from auxtl.errors import UnsafeFileError
 
 SOURCE_TEXT = "// a stand-in source\n"
 
-ARM_CPUINFO = """\
-processor\t: 0
-BogoMIPS\t: 50.00
-Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x3
-CPU part\t: 0xd0c
-CPU revision\t: 1
-
-processor\t: 1
+_ARM_CORE = """\
+processor\t: {0}
 BogoMIPS\t: 50.00
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid
 CPU implementer\t: 0x41
@@ -32,6 +23,7 @@ CPU variant\t: 0x3
 CPU part\t: 0xd0c
 CPU revision\t: 1
 """
+ARM_CPUINFO = "\n".join(_ARM_CORE.format(core) for core in range(2))  # two identical cores
 
 X86_CPUINFO = """\
 processor\t: 0

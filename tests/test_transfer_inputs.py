@@ -145,7 +145,7 @@ def test_cli_refuses_top_n_beyond_the_reused_layers(grey, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,fragments", [
     (["--batch-size", "0"], ["--batch-size", "0"]),
-    (["--seeds", "0"], ["--seeds", "0"]),
+    (["--seeds", "0"], ["--seeds", "at least one seed"]),
     (["--val-per-class", "0"], ["--val-per-class", "0"]),
     (["--labels-per-class", "0"], ["--labels-per-class", "0"]),
     (["--seed", "-1"], ["--seed", "-1"]),
