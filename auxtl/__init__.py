@@ -16,7 +16,8 @@ from auxtl.pretrain import PretrainConfig, PretrainResult, TaskConfig, run_pretr
 from auxtl.pretrain_model import PretrainModel, WeightedTask, build_pretrain_model
 from auxtl.registry import (Task, TaskBase, get_task, list_tasks, load_task_module,
                             register_task, task_class)
-from auxtl.train import TrainState, make_eval_step, make_train_step
+from auxtl.pretrain_step import make_eval_step, make_train_step
+from auxtl.train_state import TrainState
 from auxtl import finetune  # the module; finetune.finetune runs the phases
 from auxtl.finetune import FinetuneConfig, FinetuneResult
 from auxtl.freezing import Phase, parse_phases

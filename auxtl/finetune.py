@@ -1,35 +1,47 @@
-"""Fine-tuning a transfer model through phases of freezing and unfreezing.
+"""Fine-tuning transfer models through phases of freezing and unfreezing: the one engine.
 
-Each phase labels every parameter ('head', 'reused', 'frozen'), builds an
-optax.partition optimizer from the labels and a step that differentiates only
-the trainable leaves; when the next phase changes what is frozen, optimizer and
-step are rebuilt here (compiled steps are cached by what they depend on) and the
-optimizer state of groups whose leaves did not change (the head) carries over.
-When the lowest layers are frozen and inputs are not augmented, their output
-is computed once per phase and training runs on it. The best validation epoch
-across all phases is kept (early stopping; "keep the unfreezing only if
-validation improves").
+Each phase is planned once (`auxtl.freezing.plan_phase`: labels, mask, frozen layers,
+frozen prefix, group rates, partitioned optimizer) and compiled once (steps are cached
+by the graphdef and the plan's key); the optimizer state of groups whose leaves did not
+change between phases (the head) carries over. The engine (`finetune_seeds`) runs S >= 1
+seeds of one configuration together: per-seed models stacked on a leading axis, shared
+images and per-seed subsets, one compiled step vmapped over seeds or looped seed after
+seed (`auxtl.seeds.seed_runner`). When the lowest layers are frozen (and identical in
+every seed) their output is computed once per phase and training runs on it.
+
+A phase's budget is either epochs, with validation after each (the best epoch across
+all phases is kept per seed, "keep the unfreezing only if validation improves", and
+`patience` stops a seed's phase early), or a fixed number of steps with no validation
+(the benchmark's mode: the test set only scores, after each phase). `finetune` is the
+engine for one model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from auxtl import freezing
-from auxtl.data import Normalization, batch_indices, normalize
+from auxtl.data import Normalization
 from auxtl.errors import InputError
+from auxtl.finetune_step import (NormStats, StepCache, finetune_step_fn, in_chunks, logits_fn,
+                                 make_finetune_step, make_logits_fn, make_prefix_fn,
+                                 norm_stats)
 from auxtl.freezing import Phase
-from auxtl.losses import classification
-from auxtl.train import TrainState
+from auxtl.seeds import batch_schedule, seed_correct, seed_logits, seed_runner, stack, unstack
+from auxtl.train_state import TrainState
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "NormStats", "StepCache", "finetune",
+           "finetune_seeds", "in_chunks", "make_finetune_step", "make_logits_fn",
+           "make_prefix_fn", "norm_stats", "score"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,130 +84,189 @@ class FinetuneConfig:
 
 @dataclasses.dataclass
 class FinetuneResult:
+    """One seed's outcome: the kept params and statistics (the best validation epoch, or
+    the end of a fixed-step run), its validation (None without epochs) and test accuracy,
+    one history record per epoch (or per fixed-step phase) and the steps it took."""
+
     params: Any
     batch_stats: Any
-    best_val_accuracy: float
+    best_val_accuracy: float | None
     test_accuracy: float | None
     history: list[dict[str, Any]]
     steps: int
 
 
-class StepCache:
-    """Compiled steps keyed by everything they close over, reused across phases and seeds.
-
-    `finetune` builds its steps without a normalization and passes the statistics as a
-    traced argument (`norm_stats`), so one cache serves targets with different
-    normalizations (every seed's own, channel counts included) with no stale closure.
-    """
-
-    def __init__(self):
-        self._steps: dict[tuple, Any] = {}
-
-    def get(self, key: tuple, build):
-        if key not in self._steps:
-            self._steps[key] = build()
-        return self._steps[key]
-
-
-class NormStats(NamedTuple):
-    """A normalization's per-channel mean and std as arrays: a pytree jit traces, so
-    compiled functions take it as an argument instead of closing over its values."""
-
-    mean: Any
-    std: Any
-
-
-def norm_stats(normalization: Normalization | NormStats) -> NormStats:
-    if isinstance(normalization, NormStats):
-        return normalization
-    return NormStats(np.asarray(normalization.mean, np.float32),
-                     np.asarray(normalization.std, np.float32))
-
-
-def _pick_norm(closed: Normalization | None, passed):
-    """The normalization a compiled function uses: the one passed at the call, else the
-    one it was built with."""
-    if passed is not None:
-        return passed
-    if closed is None:
-        raise TypeError("this function was built without a normalization; pass one "
-                        "(norm_stats(normalization)) as its last argument")
-    return closed
-
-
-def make_finetune_step(graphdef, mask, frozen: tuple[str, ...], optimizer, start: int,
-                       normalization: Normalization | None = None):
-    """Jitted (state, inputs, labels[, norm]) -> (state, metrics); grads for trainable
-    leaves only. `norm` (`norm_stats`) is traced; without it the step uses `normalization`."""
-    return jax.jit(finetune_step_fn(graphdef, mask, frozen, optimizer, start, normalization),
-                   donate_argnums=0)
-
-
-def finetune_step_fn(graphdef, mask, frozen: tuple[str, ...], optimizer, start: int,
-                     normalization: Normalization | None = None):
-    """The pure (unjitted) fine-tuning step, for callers that vmap or scan it over seeds."""
-    treedef = jax.tree.structure(mask)
-
-    def step(state: TrainState, inputs, labels, norm: NormStats | None = None):
-        trainable, frozen_leaves = freezing.split_trainable(state.params, mask)
-        x = inputs if start else normalize(inputs, _pick_norm(normalization, norm))
-
-        def loss_fn(trainable_leaves):
-            params = freezing.merge_trainable(treedef, mask, trainable_leaves, frozen_leaves)
-            model = nnx.merge(graphdef, params, state.batch_stats)
-            logits = model.logits(x, start=start, train=True, frozen=frozen)
-            loss, metrics = classification(logits, labels)
-            return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
-
-        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(trainable)
-        full_grads = freezing.merge_trainable(treedef, mask, grads,
-                                              freezing.zeros_for(frozen_leaves))
-        updates, opt_state = optimizer.update(full_grads, state.opt_state, state.params)
-        params = freezing.keep_frozen(state.params, optax.apply_updates(state.params, updates),
-                                      mask)
-        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                             opt_state=opt_state), metrics
-
-    return step
-
-
-def make_logits_fn(graphdef, start: int, normalization: Normalization | None = None):
-    """Jitted inference logits (params, batch_stats, inputs[, norm]) from layer `start`
-    (BatchNorm in inference mode); `norm` as in `make_finetune_step`."""
-
-    def logits(params, batch_stats, inputs, norm: NormStats | None = None):
-        x = inputs if start else normalize(inputs, _pick_norm(normalization, norm))
-        return nnx.merge(graphdef, params, batch_stats).logits(x, start=start)
-
-    return jax.jit(logits)
-
-
-def make_prefix_fn(graphdef, stop: int, normalization: Normalization | None = None):
-    """Jitted output (params, batch_stats, images[, norm]) of the lowest `stop` layers in
-    inference mode: the cacheable features; `norm` as in `make_finetune_step`."""
-
-    def prefix(params, batch_stats, images, norm: NormStats | None = None):
-        model = nnx.merge(graphdef, params, batch_stats)
-        return model.trunk.apply_layers(normalize(images, _pick_norm(normalization, norm)),
-                                        stop=stop)
-
-    return jax.jit(prefix)
-
-
-def in_chunks(fn, inputs, chunk: int = 500):
-    return jnp.concatenate([fn(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
-
-
-def accuracy(logits_fn, params, batch_stats, inputs, labels, norm: NormStats | None = None
-             ) -> float:
-    """Accuracy of `logits_fn`'s predictions; `norm` is passed on when given."""
-    extra = () if norm is None else (norm,)
-    logits = in_chunks(lambda x: logits_fn(params, batch_stats, x, *extra), inputs)
-    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))
-
-
 def _snapshot(tree):
     return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def _model_trees(models):
+    """(graphdef, per-seed params, per-seed batch stats) as plain dicts; one architecture."""
+    splits = [nnx.split(m, nnx.Param, nnx.BatchStat) for m in models]
+    graphdef = splits[0][0]
+    if any(g != graphdef for g, _, _ in splits[1:]):
+        raise InputError("the seeds' models must share one architecture (graphdef)")
+    return (graphdef, [nnx.to_pure_dict(p) for _, p, _ in splits],
+            [nnx.to_pure_dict(b) for _, _, b in splits])
+
+
+def _prefix_shared(states: TrainState, start: int) -> bool:
+    """Whether every seed holds bit-identical params and statistics in the lowest `start`
+    trunk layers (then one prefix output serves them all)."""
+    heads = tuple(f"trunk/layers/{i}/" for i in range(start))
+    for tree in (states.params, states.batch_stats):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if freezing.path_str(path).startswith(heads):
+                values = np.asarray(leaf)
+                if not all(np.array_equal(values[0], v) for v in values[1:]):
+                    return False
+    return True
+
+
+def _check_budgets(phases: Sequence[Phase], sizes: list[int], val) -> bool:
+    """True for epoch budgets (validated), False for fixed steps; refuses a mix."""
+    by_epochs = {p.steps is None for p in phases}
+    if len(by_epochs) > 1:
+        raise InputError("phases must all count epochs or all count steps, got "
+                         f"{[p.to_json() for p in phases]}")
+    epochs = by_epochs.pop()
+    if epochs and val is None:
+        raise InputError("epoch phases validate after every epoch: pass val=(images, labels)")
+    if epochs and len(set(sizes)) > 1:
+        raise InputError(f"an epoch must be the same number of steps for every seed; "
+                         f"subset sizes differ: {sizes}")
+    return epochs
+
+
+def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *, images,
+                   labels, subsets: Sequence[np.ndarray], seeds: Sequence[int],
+                   normalization: Normalization | NormStats, val=None, test=None,
+                   vmap: bool | None = None, cache: StepCache | None = None,
+                   progress: bool = False, desc: str = "finetune") -> list[FinetuneResult]:
+    """Runs `config.phases` on S seeds of one configuration; one FinetuneResult per seed.
+
+    `models`: S TransferModels of one architecture (their lowest `num_reused` trunk layers
+    reused). Seed s trains on `images[subsets[s]]` (images and labels shared), its
+    batches drawn by `auxtl.data.batch_indices(len(subsets[s]), B, seeds[s], step)`, its
+    PRNG key from `seeds[s]`; B = min(config.batch_size, smallest subset). `val` and
+    `test` are shared (images, labels). Epoch phases validate on `val` after every epoch
+    (each seed keeps its best epoch; a stopped seed's state is left exactly as it was);
+    step phases score `test` after each phase. `vmap`: one step vmapped over seeds
+    (default: off the CPU backend), else seed after seed (the results then equal S
+    one-seed runs bit for bit). `cache` shares compiled steps across calls.
+    """
+    count = len(models)
+    if not count or len(subsets) != count or len(seeds) != count:
+        raise InputError(f"one subset and one seed per model: {count} models, "
+                         f"{len(subsets)} subsets, {len(seeds)} seeds")
+    vmap = jax.default_backend() != "cpu" if vmap is None else vmap
+    cache = cache or StepCache()
+    norm = norm_stats(normalization)
+    graphdef, params, batch_stats = _model_trees(models)
+    layer_names = models[0].trunk.layer_names
+    freezing.check_phases(config.phases, layer_names[:num_reused])
+    sizes = [len(s) for s in subsets]
+    by_epochs = _check_budgets(config.phases, sizes, val)
+    batch = min(config.batch_size, min(sizes))
+    steps_per_epoch = max(sizes[0] // batch, 1)
+    template = params[0]
+    states = TrainState(step=jnp.zeros(count, jnp.int32), params=stack(params),
+                        batch_stats=stack(batch_stats), opt_state=None,
+                        rng=stack([jax.random.key_data(jax.random.key(s)) for s in seeds]))
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    global_steps = np.zeros(count, np.int64)
+    best = [{"accuracy": -1.0, "params": _snapshot(p), "batch_stats": _snapshot(b)}
+            for p, b in zip(params, batch_stats)]
+    del params, batch_stats
+    history: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    test_accuracy: list[float | None] = [None] * count
+    old_labels = None
+    bar = tqdm(total=sum(p.epochs or 1 for p in config.phases), disable=not progress,
+               desc=desc, unit="epoch" if by_epochs else "phase", dynamic_ncols=True,
+               leave=False)
+    for phase_index, phase in enumerate(config.phases):
+        planned = lambda cache_prefix: freezing.plan_phase(  # noqa: E731
+            template, layer_names, num_reused, phase, learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay, optimizer=config.optimizer,
+            layer_decay=config.layer_decay, cache_prefix=cache_prefix)
+        plan = planned(config.cache_features)
+        if plan.start and count > 1 and not _prefix_shared(states, plan.start):
+            plan = planned(False)
+        states = states.replace(opt_state=freezing.carry_over_state(
+            states.opt_state, old_labels, jax.vmap(plan.optimizer.init)(states.params),
+            plan.labels))
+        old_labels = plan.labels
+        run = cache.get(("run", graphdef, plan.key, vmap), lambda: seeds_runner(
+            graphdef, plan, vmap))
+        logits = cache.get(("logits", graphdef, plan.start, vmap), lambda: (
+            seed_logits(logits_fn(graphdef, plan.start)) if vmap
+            else make_logits_fn(graphdef, plan.start)))
+        features = lambda x: x  # noqa: E731
+        if plan.start:
+            prefix = cache.get(("prefix", graphdef, plan.start),
+                               lambda: make_prefix_fn(graphdef, plan.start))
+            first = unstack(states.params, 0), unstack(states.batch_stats, 0)
+            features = lambda x: in_chunks(lambda c: prefix(*first, c, norm), x)  # noqa: E731
+        inputs = features(images)
+        scored = val if by_epochs else test
+        scored_inputs = None if scored is None else features(scored[0])
+        active, since_best = np.ones(count, bool), np.zeros(count, np.int64)
+        for epoch in range(phase.epochs or 1):
+            length = steps_per_epoch if by_epochs else phase.steps
+            schedule = batch_schedule(subsets, batch, length, seeds=seeds,
+                                            start=global_steps)
+            was_active = active.copy()
+            states, losses = run(states, inputs, labels, schedule, active, norm)
+            global_steps[was_active] += length
+            accuracies = [None] * count
+            if scored is not None:
+                accuracies = seed_correct(logits, states.params, states.batch_stats,
+                                          scored_inputs, scored[1], norm, vmap=vmap
+                                          ) / len(scored[1])
+            losses = jax.device_get(losses)
+            for s in np.flatnonzero(was_active):
+                record = {"phase": phase_index, "train": phase.train,
+                          **({"epoch": epoch + 1} if by_epochs else {}),
+                          "step": int(global_steps[s]),
+                          **({"val_accuracy": float(accuracies[s])} if by_epochs else {}),
+                          "train_loss": float(np.mean(np.asarray(losses[s])))}
+                if by_epochs:
+                    if accuracies[s] > best[s]["accuracy"]:
+                        best[s] = {"accuracy": float(accuracies[s]),
+                                   "params": _snapshot(unstack(states.params, s)),
+                                   "batch_stats": _snapshot(unstack(states.batch_stats, s))}
+                        since_best[s] = 0
+                    else:
+                        since_best[s] += 1
+                    if phase.patience and since_best[s] >= phase.patience:
+                        active[s] = False
+                elif test is not None:
+                    test_accuracy[s] = record["test_accuracy"] = float(accuracies[s])
+                history[s].append(record)
+            bar.set_postfix(phase=phase.train, refresh=False)
+            bar.update(1)
+            if not active.any():
+                break
+    bar.close()
+    if not by_epochs:
+        return [FinetuneResult(_snapshot(unstack(states.params, s)),
+                               _snapshot(unstack(states.batch_stats, s)), None,
+                               test_accuracy[s], history[s], int(global_steps[s]))
+                for s in range(count)]
+    if test is not None:
+        logits = cache.get(("logits", graphdef, 0, vmap), lambda: (
+            seed_logits(logits_fn(graphdef, 0)) if vmap else make_logits_fn(graphdef, 0)))
+        test_accuracy = list(seed_correct(
+            logits, stack([b["params"] for b in best]), stack([b["batch_stats"] for b in best]),
+            test[0], test[1], norm, vmap=vmap) / len(test[1]))
+    return [FinetuneResult(b["params"], b["batch_stats"], b["accuracy"],
+                           None if a is None else float(a), h, int(n))
+            for b, a, h, n in zip(best, test_accuracy, history, global_steps)]
+
+
+def seeds_runner(graphdef, plan: freezing.PhasePlan, vmap: bool):
+    """The seed runner (`auxtl.seeds.seed_runner`) of one phase plan."""
+    return seed_runner(finetune_step_fn(graphdef, plan), vmap=vmap)
 
 
 def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test=None,
@@ -204,96 +275,20 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
     """Runs `config.phases` on (images, labels) pairs `train` and `val`; evaluates `test`.
 
     `model` is a TransferModel; its lowest `num_reused` trunk layers are the reused ones.
+    The engine (`finetune_seeds`) for one seed, `config.seed`, on all of `train`.
     """
-    cache = cache or StepCache()
-    norm = norm_stats(normalization)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-    layer_names = model.trunk.layer_names
-    freezing.check_phases(config.phases, layer_names[:num_reused])
-    train_images, train_labels = train
-    count = len(train_images)
-    batch = min(config.batch_size, count)
-    steps_per_epoch = max(count // batch, 1)
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    opt_state, old_labels, global_step = None, None, 0
-    best = {"accuracy": -1.0, "params": _snapshot(params), "batch_stats": _snapshot(batch_stats)}
-    history: list[dict[str, Any]] = []
-    total_epochs = sum(p.epochs for p in config.phases)
-    bar = tqdm(total=total_epochs, disable=not progress, desc=desc, unit="epoch",
-               dynamic_ncols=True, leave=False)
-    for phase_index, phase in enumerate(config.phases):
-        labels = freezing.phase_labels(params, layer_names, num_reused, phase,
-                                       per_layer=config.layer_decay is not None)
-        mask = freezing.trainable_mask(labels)
-        frozen = freezing.frozen_layer_names(layer_names, num_reused, phase)
-        rates = freezing.group_learning_rates(config.learning_rate, phase,
-                                              layer_names[:num_reused],
-                                              layer_decay=config.layer_decay)
-        optimizer = freezing.partitioned_optimizer(labels, rates, name=config.optimizer,
-                                                   weight_decay=config.weight_decay)
-        opt_state = freezing.carry_over_state(opt_state, old_labels, optimizer.init(params),
-                                              labels)
-        start = freezing.frozen_prefix_length(layer_names, frozen) if config.cache_features else 0
-        key = (graphdef, tuple(jax.tree.leaves(labels)), frozen, start, tuple(rates.items()),
-               config.optimizer, config.weight_decay)
-        # Built without a normalization: it is passed (traced) at every call.
-        step = cache.get(("step",) + key, lambda: make_finetune_step(
-            graphdef, mask, frozen, optimizer, start))
-        logits_fn = cache.get(("logits", graphdef, start),
-                              lambda: make_logits_fn(graphdef, start))
-        if start:
-            prefix = cache.get(("prefix", graphdef, start),
-                               lambda: make_prefix_fn(graphdef, start))
-            features = lambda images: in_chunks(
-                lambda x: prefix(params, batch_stats, x, norm), images)
-            train_inputs, val_inputs = features(train_images), features(val[0])
-        else:
-            train_inputs, val_inputs = train_images, val[0]
-        state = TrainState(step=jnp.asarray(global_step, jnp.int32), params=params,
-                           batch_stats=batch_stats, opt_state=opt_state, rng=rng)
-        since_best = 0
-        for epoch in range(phase.epochs):
-            pending = []
-            for _ in range(steps_per_epoch):
-                index = batch_indices(count, batch, seed=config.seed, step=global_step)
-                state, metrics = step(state, train_inputs[index], train_labels[index], norm)
-                pending.append(metrics)
-                global_step += 1
-            val_accuracy = accuracy(logits_fn, state.params, state.batch_stats, val_inputs,
-                                    val[1], norm)
-            train_metrics = jax.device_get(pending)
-            record = {"phase": phase_index, "train": phase.train, "epoch": epoch + 1,
-                      "step": global_step, "val_accuracy": val_accuracy,
-                      "train_loss": float(np.mean([m["loss"] for m in train_metrics]))}
-            history.append(record)
-            bar.set_postfix(phase=phase.train, val=f"{val_accuracy:.3f}", refresh=False)
-            bar.update(1)
-            if val_accuracy > best["accuracy"]:
-                best = {"accuracy": val_accuracy, "params": _snapshot(state.params),
-                        "batch_stats": _snapshot(state.batch_stats)}
-                since_best = 0
-            else:
-                since_best += 1
-            if phase.patience and since_best >= phase.patience:
-                break
-        params, batch_stats, opt_state, rng = (state.params, state.batch_stats,
-                                               state.opt_state, state.rng)
-        old_labels = labels
-    bar.close()
-    test_accuracy = None
-    if test is not None:
-        logits_fn = cache.get(("logits", graphdef, 0), lambda: make_logits_fn(graphdef, 0))
-        test_accuracy = accuracy(logits_fn, best["params"], best["batch_stats"], *test, norm)
-    return FinetuneResult(best["params"], best["batch_stats"], best["accuracy"], test_accuracy,
-                          history, global_step)
+    return finetune_seeds([model], num_reused, config, images=train[0], labels=train[1],
+                          subsets=[np.arange(len(train[0]))], seeds=[config.seed],
+                          normalization=normalization, val=val, test=test, vmap=False,
+                          cache=cache, progress=progress, desc=desc)[0]
 
 
 def score(model, result: FinetuneResult, images, labels, *,
-                  normalization: Normalization, cache: StepCache | None = None) -> float:
+          normalization: Normalization, cache: StepCache | None = None) -> float:
     """Accuracy of a fine-tuned result's parameters on any labeled images."""
     graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
     cache = cache or StepCache()
-    logits_fn = cache.get(("logits", graphdef, 0), lambda: make_logits_fn(graphdef, 0))
-    return accuracy(logits_fn, result.params, result.batch_stats, images, labels,
-                    norm_stats(normalization))
+    logits = cache.get(("logits", graphdef, 0, False), lambda: make_logits_fn(graphdef, 0))
+    correct = seed_correct(logits, stack([result.params]), stack([result.batch_stats]), images,
+                           labels, norm_stats(normalization), vmap=False)
+    return float(correct[0] / len(labels))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from auxtl.errors import InputError
+from auxtl.optim import build_optimizer
 
 FROZEN = "frozen"
 
@@ -60,23 +61,36 @@ class Phase:
     `train` says what learns: "head" (new layers only), "head+topN" (plus the top N
     reused layers), "all", or "head+re:REGEX" (plus reused layers whose name matches).
     `lr_scale` multiplies the learning rate of the unfrozen reused layers only.
-    `patience`: stop the phase after that many epochs without validation gain.
+    The budget is either `epochs` (validation after each; `patience`: stop the phase
+    after that many epochs without validation gain) or `steps` (a fixed number of
+    steps, no validation: the benchmark's mode). Exactly one of them is given.
     """
 
-    epochs: int
+    epochs: int | None = None
     train: str = "head"
     lr_scale: float = 1.0
     patience: int | None = None
+    steps: int | None = None
 
     def __post_init__(self):
-        if self.epochs <= 0:
-            raise InputError(f"a phase needs a positive number of epochs, got {self.epochs}")
+        if (self.epochs is None) == (self.steps is None):
+            raise InputError(f"a phase needs either epochs or steps, got epochs={self.epochs!r}"
+                             f", steps={self.steps!r}")
+        budget, count = ("epochs", self.epochs) if self.steps is None else ("steps", self.steps)
+        if count <= 0:
+            raise InputError(f"a phase needs a positive number of {budget}, got {count}")
+        if self.steps is not None and self.patience:
+            raise InputError(f"patience needs validation epochs; a {self.steps}-step phase "
+                             f"has none")
         if self.lr_scale <= 0:
             raise InputError(f"lr_scale must be positive, got {self.lr_scale}")
         _parse_train(self.train)  # validates the spec; counts are checked against a target
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if self.steps is None:   # epoch phases keep the form older reports hold
+            del raw["steps"]
+        return raw
 
 
 PHASES_GRAMMAR = (
@@ -282,18 +296,6 @@ def group_learning_rates(base: float, phase: Phase, reused: Sequence[str], *,
 
 # ---- optimizer assembly ----------------------------------------------------------------
 
-def make_group_optimizer(learning_rate: float, weight_decay: float, *,
-                         name: str = "adamw") -> optax.GradientTransformation:
-    """The per-group optimizer: AdamW or SGD-momentum, decay on kernels only."""
-    from auxtl.optim import kernel_mask
-    if name == "adamw":
-        return optax.adamw(learning_rate, weight_decay=weight_decay, mask=kernel_mask)
-    if name == "sgd":
-        return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernel_mask),
-                           optax.sgd(learning_rate, momentum=0.9, nesterov=True))
-    raise InputError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
-
-
 def partitioned_optimizer(labels, group_learning_rates: Mapping[str, float], *,
                           weight_decay: float = 1e-4,
                           name: str = "adamw") -> optax.GradientTransformation:
@@ -302,7 +304,7 @@ def partitioned_optimizer(labels, group_learning_rates: Mapping[str, float], *,
     missing = used - set(group_learning_rates) - {FROZEN}
     if missing:
         raise InputError(f"no learning rate for parameter group(s) {sorted(missing)}")
-    transforms = {group: make_group_optimizer(rate, weight_decay, name=name)
+    transforms = {group: build_optimizer(name, rate, weight_decay=weight_decay)
                   for group, rate in group_learning_rates.items() if group in used}
     transforms[FROZEN] = optax.set_to_zero()
     return optax.partition(transforms, labels)
@@ -321,6 +323,50 @@ def carry_over_state(old_state, old_labels, new_state, new_labels):
         if same_leaves and (jax.tree.structure(state) == jax.tree.structure(inner[group])):
             inner[group] = state
     return new_state._replace(inner_states=inner)
+
+
+# ---- the phase plan: everything one phase's step is built from ---------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PhasePlan:
+    """One phase's set-up for a transfer model.
+
+    labels: group label per parameter leaf ('head', 'reused[/<layer>]', 'frozen');
+    mask: True where a leaf trains; frozen: names of the frozen trunk layers (their
+    BatchNorm runs in inference mode); start: how many of the lowest layers are frozen
+    in a row, whose output may be computed once and trained on (0 when not cached);
+    rates: learning rate per group; optimizer: the optax.partition built from them.
+    key: a hashable summary of everything a step compiled from this plan closes over
+    (labels, frozen, start, rates, optimizer name and weight decay), for step caches;
+    add the model's graphdef to it.
+    """
+
+    labels: Any
+    mask: Any
+    frozen: tuple[str, ...]
+    start: int
+    rates: Mapping[str, float]
+    optimizer: optax.GradientTransformation
+    key: tuple
+
+
+def plan_phase(params, layer_names: Sequence[str], num_reused: int, phase: Phase, *,
+               learning_rate: float, weight_decay: float, optimizer: str = "adamw",
+               layer_decay: float | None = None, cache_prefix: bool = True) -> PhasePlan:
+    """The phase plan of `phase` for params of a transfer model whose lowest `num_reused`
+    trunk layers (of `layer_names`) are reused: labels (per layer with `layer_decay`),
+    mask, frozen layers, frozen prefix (0 unless `cache_prefix`), group rates
+    (`group_learning_rates`) and the partitioned `optimizer` ('adamw' or 'sgd')."""
+    labels = phase_labels(params, layer_names, num_reused, phase,
+                          per_layer=layer_decay is not None)
+    frozen = frozen_layer_names(layer_names, num_reused, phase)
+    start = frozen_prefix_length(layer_names, frozen) if cache_prefix else 0
+    rates = group_learning_rates(learning_rate, phase, layer_names[:num_reused],
+                                 layer_decay=layer_decay)
+    built = partitioned_optimizer(labels, rates, name=optimizer, weight_decay=weight_decay)
+    key = (tuple(jax.tree.leaves(labels)), frozen, start, tuple(sorted(rates.items())),
+           optimizer, weight_decay)
+    return PhasePlan(labels, trainable_mask(labels), frozen, start, dict(rates), built, key)
 
 
 # ---- gradients for the trainable partition only ------------------------------------------

@@ -37,12 +37,21 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
                                               max(total_steps, warmup + 1))
 
 
+def build_optimizer(name: str, learning_rate: float | optax.Schedule, *, weight_decay: float,
+                    momentum: float = 0.9) -> optax.GradientTransformation:
+    """The one optimizer builder: "sgd" (momentum, Nesterov) or "adamw", weight decay on
+    conv/dense kernels only (`kernel_mask`); `learning_rate` a float or an optax schedule.
+    Pretraining (`make_optimizer`) and each fine-tuning parameter group
+    (`auxtl.freezing.partitioned_optimizer`) both build theirs here."""
+    if name == "sgd":
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernel_mask),
+                           optax.sgd(learning_rate, momentum=momentum, nesterov=True))
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay, mask=kernel_mask)
+    raise InputError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(config, total_steps)
-    if config.name == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-            optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-    if config.name == "adamw":
-        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernel_mask)
-    raise InputError(f"unknown optimizer {config.name!r}; use 'sgd' or 'adamw'")
+    """The pretraining optimizer: `config.name` on `learning_rate_schedule`."""
+    return build_optimizer(config.name, learning_rate_schedule(config, total_steps),
+                           weight_decay=config.weight_decay, momentum=config.momentum)

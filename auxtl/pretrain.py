@@ -40,7 +40,7 @@ from auxtl.registry import get_task
 from auxtl.reporting import MetricsLog, keep_metrics, plot_metrics, read_metrics
 from auxtl.run_folder import check_out_folder, kept_on_resume, remove_run_outputs
 from auxtl.splits import SplitRecord, train_test_split
-from auxtl.train import (HEALTH, TrainState, evaluate, init_state, make_eval_step,
+from auxtl.pretrain_step import (HEALTH, TrainState, evaluate, init_state, make_eval_step,
                          make_train_step, split_model)
 
 SPLIT_SEED = 0  # the held-out split is the same for every training seed

@@ -1,9 +1,10 @@
-"""Many seeds of one configuration: per-seed trees stacked on a leading axis, trained
-by one compiled step (vmapped over seeds where that pays) on a precomputed schedule.
+"""Many seeds of one configuration: per-seed trees stacked on a leading axis, advanced by
+one compiled step (vmapped over seeds where that pays) on a precomputed schedule.
 
 Seeds of one configuration share every shape (same architecture, same batch size),
-so S seeds cost one compile. The data is shared: each seed's schedule holds
-indices into it, so a seed's labeled subset is whatever its schedule draws from.
+so S seeds cost one compile. The data is shared: each seed's schedule holds indices
+into it, so a seed's labeled subset is whatever its schedule draws from. These are the
+fine-tuning engine's (`auxtl.finetune.finetune_seeds`) seed-stacking helpers.
 """
 
 from __future__ import annotations
@@ -28,63 +29,90 @@ def unstack(tree, index: int):
 
 
 def batch_schedule(subsets: Sequence[np.ndarray], batch_size: int, steps: int, *,
-                   seeds: Sequence[int], start: int = 0) -> np.ndarray:
+                   seeds: Sequence[int], start: int | Sequence[int] = 0) -> np.ndarray:
     """(S, steps, B) indices into the shared data: seed s walks its own subset in the
-    order `auxtl.data.batch_indices(len(subset), B, seed=s, step=t)` gives, the same
-    rule `auxtl.finetune` uses. B = min(batch_size, smallest subset)."""
+    order `auxtl.data.batch_indices(len(subset), B, seed=s, step=t)` gives for t from its
+    `start` (one for all seeds, or one each), the rule `auxtl.finetune.finetune` has
+    always used. B = min(batch_size, smallest subset)."""
     batch = min(batch_size, min(len(s) for s in subsets))
+    starts = [start] * len(subsets) if isinstance(start, (int, np.integer)) else list(start)
     return np.stack([np.stack([subset[batch_indices(len(subset), batch, seed=seed, step=t)]
-                               for t in range(start, start + steps)])
-                     for subset, seed in zip(subsets, seeds)])
+                               for t in range(first, first + steps)])
+                     for subset, seed, first in zip(subsets, seeds, starts)])
 
 
-def seed_trainer(step_fn, *, vmap: bool):
-    """(states[S], inputs, labels, schedule[S, T, B]) -> states after T steps per seed.
+def seed_runner(step_fn, *, vmap: bool):
+    """(states[S], inputs, labels, schedule[S, T, B], active[S], norm) -> (states after T
+    steps of each active seed, losses): inactive seeds' states come back exactly as they
+    went in; losses[s] holds seed s's T per-step losses (device scalars, none if inactive).
 
-    `step_fn(state, inputs, labels) -> (state, metrics)` is one seed's pure step;
-    `inputs`/`labels` are shared by all seeds and indexed by the schedule. With
-    `vmap`, one jitted step advances every seed at once (accelerators); without,
-    one jitted step runs seed after seed: on XLA's CPU backend a conv vmapped over
-    weights becomes a grouped conv, measured 2-4x slower than S separate steps, and
-    a lax.scan over steps 2-5x slower than dispatching each step. Either way one
-    compile per shape, and the host never waits between steps.
+    `step_fn(state, inputs, labels, norm) -> (state, metrics)` is one seed's pure step;
+    `inputs`/`labels` are shared by all seeds and indexed by the schedule inside the
+    compiled step. With `vmap`, one jitted step advances every seed at once
+    (accelerators); without, one jitted step runs seed after seed: on XLA's CPU backend
+    a conv vmapped over weights becomes a grouped conv, slower than S separate steps,
+    and a lax.scan over steps slower than dispatching each step (benchmarks/NOTES.md,
+    "seeds"). Either way one compile per shape, and the host never waits between steps.
     """
 
-    def indexed(state, inputs, labels, index):
-        return step_fn(state, inputs[index], labels[index])[0]
+    def indexed(state, inputs, labels, index, norm):
+        state, metrics = step_fn(state, inputs[index], labels[index], norm)
+        return state, metrics["loss"]
 
     if vmap:
-        step = jax.jit(jax.vmap(indexed, in_axes=(0, None, None, 0)), donate_argnums=0)
+        def guarded(state, inputs, labels, index, active, norm):
+            new, loss = indexed(state, inputs, labels, index, norm)
+            return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), loss
 
-        def run(states, inputs, labels, schedule):
+        step = jax.jit(jax.vmap(guarded, in_axes=(0, None, None, 0, 0, None)),
+                       donate_argnums=0)
+
+        def run(states, inputs, labels, schedule, active, norm):
+            losses, active = [], jnp.asarray(active)
             for t in range(schedule.shape[1]):
-                states = step(states, inputs, labels, schedule[:, t])
-            return states
+                states, loss = step(states, inputs, labels, schedule[:, t], active, norm)
+                losses.append(loss)
+            return states, [[loss[s] for loss in losses] if on else []
+                            for s, on in enumerate(np.asarray(active))]
     else:
         step = jax.jit(indexed, donate_argnums=0)
 
-        def run(states, inputs, labels, schedule):
-            out = []
+        def run(states, inputs, labels, schedule, active, norm):
+            out, losses = [], []
             for s in range(schedule.shape[0]):
-                state = unstack(states, s)
-                for t in range(schedule.shape[1]):
-                    state = step(state, inputs, labels, schedule[s, t])
+                state, seed_losses = unstack(states, s), []
+                for t in range(schedule.shape[1] if active[s] else 0):
+                    state, loss = step(state, inputs, labels, schedule[s, t], norm)
+                    seed_losses.append(loss)
                 out.append(state)
-            return stack(out)
+                losses.append(seed_losses)
+            return stack(out), losses
 
     return run
 
 
 def seed_logits(logits_fn):
-    """Jitted (params[S], batch_stats[S], inputs) -> logits (S, N, C), inputs shared."""
-    return jax.jit(jax.vmap(logits_fn, in_axes=(0, 0, None)))
+    """Jitted (params[S], batch_stats[S], inputs, norm) -> logits (S, N, C), inputs shared."""
+    return jax.jit(jax.vmap(logits_fn, in_axes=(0, 0, None, None)))
 
 
-def seed_accuracies(logits, params, batch_stats, inputs, labels, *,
-                    chunk: int = 1000) -> np.ndarray:
-    """(S,) accuracy of each seed's model on shared (inputs, labels), in chunks."""
-    correct = 0
-    for i in range(0, len(inputs), chunk):
-        predicted = jnp.argmax(logits(params, batch_stats, inputs[i:i + chunk]), -1)
-        correct = correct + jnp.sum(predicted == jnp.asarray(labels[i:i + chunk]), axis=-1)
-    return np.asarray(jax.device_get(correct)) / len(inputs)
+def seed_correct(logits, params, batch_stats, inputs, labels, norm, *, vmap: bool,
+                 chunk: int = 500) -> np.ndarray:
+    """(S,) count of each stacked seed's correct predictions on shared (inputs, labels),
+    in chunks: `logits` is `seed_logits(...)` with `vmap`, else one seed's jitted
+    (params, batch_stats, inputs, norm) -> logits, called seed after seed."""
+    labels = jnp.asarray(labels)
+    if vmap:
+        per_seed = [lambda x: logits(params, batch_stats, x, norm)]
+    else:
+        per_seed = [lambda x, s=s: logits(unstack(params, s), unstack(batch_stats, s), x,
+                                          norm)[None]
+                    for s in range(len(jax.tree.leaves(params)[0]))]
+    correct = []
+    for fn in per_seed:
+        total = 0
+        for i in range(0, len(inputs), chunk):
+            total = total + jnp.sum(jnp.argmax(fn(inputs[i:i + chunk]), -1)
+                                    == labels[i:i + chunk], axis=-1)
+        correct.append(total)
+    return np.concatenate([np.atleast_1d(np.asarray(c)) for c in jax.device_get(correct)])

@@ -21,7 +21,7 @@ def trained(tmp_path_factory, mnist_small):
 
 def test_load_trunk_restores_identical_outputs(trained, mnist_small):
     trunk = auxtl.load_trunk(trained.trunk_path)
-    model = auxtl.train.nnx.merge(trained.graphdef, trained.state.params,
+    model = auxtl.pretrain_step.nnx.merge(trained.graphdef, trained.state.params,
                                   trained.state.batch_stats)
     metadata = auxtl.read_metadata(trained.trunk_path)
     norm = auxtl.Normalization.from_json(metadata["normalization"])

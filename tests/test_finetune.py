@@ -12,7 +12,7 @@ from auxtl.data import compute_normalization
 from auxtl.freezing import Phase
 from auxtl.models import make_config
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
-from auxtl.train import TrainState
+from auxtl.train_state import TrainState
 from conftest import leaves_equal
 
 

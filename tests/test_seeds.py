@@ -12,7 +12,7 @@ from auxtl.data import batch_indices, compute_normalization
 from auxtl.finetune import finetune_step_fn, make_finetune_step, make_logits_fn
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
-from auxtl.train import TrainState
+from auxtl.train_state import TrainState
 
 from conftest import TINY_TRUNK
 

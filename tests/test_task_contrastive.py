@@ -7,7 +7,7 @@ import pytest
 
 import auxtl
 from auxtl.tasks.contrastive import nt_xent
-from auxtl.train import evaluate, make_eval_step, split_model
+from auxtl.pretrain_step import evaluate, make_eval_step, split_model
 from conftest import tiny_config
 
 

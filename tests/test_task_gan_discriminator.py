@@ -10,7 +10,7 @@ from flax import nnx
 import auxtl
 from auxtl import checkpoints
 from auxtl.models.target import TargetSpec
-from auxtl.train import split_model
+from auxtl.pretrain_step import split_model
 from conftest import TINY_TRUNK, leaves_equal, tiny_config
 
 NAME = "gan_discriminator"

@@ -1,4 +1,4 @@
-"""Jitted training and evaluation steps over plain pytrees.
+"""The jitted pretraining step and evaluation step over plain pytrees.
 
 The step takes (state, raw images) and returns (new state, metrics). The state
 holds params, batch statistics, optimizer state, the step count and the base
@@ -10,9 +10,7 @@ step from that key; the host only feeds raw images.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,15 +19,7 @@ from flax import nnx
 from auxtl.data import Normalization, normalize
 from auxtl.errors import InputError
 from auxtl.pretrain_model import WeightedTask
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    rng: jax.Array  # raw uint32 key data (checkpoint friendly)
+from auxtl.train_state import TrainState
 
 
 def split_model(model: nnx.Module):

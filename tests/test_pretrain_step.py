@@ -12,7 +12,7 @@ from flax import nnx
 import auxtl
 from auxtl.errors import InputError, NonFiniteLossError
 from auxtl.reporting import keep_metrics, read_metrics
-from auxtl.train import init_state, make_train_step, split_model
+from auxtl.pretrain_step import init_state, make_train_step, split_model
 from conftest import leaves_equal, tiny_config
 
 TRACES = []
@@ -276,7 +276,7 @@ def test_progress_shows_each_task_separately():
 
 
 def test_evaluate_weights_each_chunk_by_its_size():
-    from auxtl.train import evaluate
+    from auxtl.pretrain_step import evaluate
     images = np.arange(10, dtype=np.float32)
     fake_step = lambda params, stats, chunk, key: {"mean": jax.numpy.mean(chunk)}
     assert evaluate(fake_step, None, None, images, batch_size=4)["mean"] == pytest.approx(4.5)
