@@ -105,9 +105,9 @@ def seed_correct(logits, params, batch_stats, inputs, labels, norm, *, vmap: boo
     if vmap:
         per_seed = [lambda x: logits(params, batch_stats, x, norm)]
     else:
-        per_seed = [lambda x, s=s: logits(unstack(params, s), unstack(batch_stats, s), x,
-                                          norm)[None]
-                    for s in range(len(jax.tree.leaves(params)[0]))]
+        trees = [(unstack(params, s), unstack(batch_stats, s))
+                 for s in range(len(jax.tree.leaves(params)[0]))]
+        per_seed = [lambda x, p=p, b=b: logits(p, b, x, norm)[None] for p, b in trees]
     correct = []
     for fn in per_seed:
         total = 0

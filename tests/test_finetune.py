@@ -12,8 +12,10 @@ from auxtl.data import compute_normalization
 from auxtl.freezing import Phase
 from auxtl.models import make_config
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
+from auxtl.seeds import batch_schedule
 from auxtl.train_state import TrainState
-from conftest import leaves_equal
+from conftest import gamma, leaves_equal
+from rounding import assert_within
 
 
 def small_model(seed=0, widths=(4, 4, 8, 8, 8)):
@@ -68,16 +70,15 @@ def step_flops(model, phase, data):
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
     names = model.trunk.layer_names
-    labels = freezing.phase_labels(params, names, len(names), phase)
-    optimizer = freezing.partitioned_optimizer(labels, {"head": 1e-3, "reused": 1e-3})
-    step = ft.make_finetune_step(graphdef, freezing.trainable_mask(labels),
-                                 freezing.frozen_layer_names(names, len(names), phase),
-                                 optimizer, 0, data["normalization"])
+    plan = freezing.plan_phase(params, names, len(names), phase, learning_rate=1e-3,
+                               weight_decay=1e-4, cache_prefix=False)
+    step = ft.make_finetune_step(graphdef, plan)
     state = TrainState(step=np.int32(0), params=params, batch_stats=stats,
-                       opt_state=optimizer.init(params), rng=np.zeros(2, np.uint32))
+                       opt_state=plan.optimizer.init(params), rng=np.zeros(2, np.uint32))
     images = np.zeros((64, 28, 28, 1), np.uint8)
     labels_ = np.zeros((64,), np.int32)
-    return compiled_step_flops(step.lower(state, images, labels_).compile())[0]
+    norm = ft.norm_stats(data["normalization"])
+    return compiled_step_flops(step.lower(state, images, labels_, norm).compile())[0]
 
 
 def test_frozen_prefix_step_does_less_work(data):
@@ -131,3 +132,138 @@ def test_phases_that_do_not_fit_the_reused_layers_fail_before_training(data):
 def test_bad_finetune_config_fields_are_named(field, value, flag):
     with pytest.raises(ValueError, match=f"{flag}.*{value!r}" if value != () else flag):
         ft.FinetuneConfig(**{field: value})
+
+
+# ---- the engine over S seeds ---------------------------------------------------------------
+
+def seed_runs(data, config, count=3, **engine):
+    """(images, labels, subsets, kwargs) for `count` seeds on equal-size, different subsets."""
+    images, labels = data["train"]
+    pool = (np.concatenate([images, data["val"][0]]), np.concatenate([labels, data["val"][1]]))
+    subsets = [np.arange(40 * s, 40 * s + 90) for s in range(count)]
+    return dict(images=pool[0], labels=pool[1], subsets=subsets, seeds=list(range(count)),
+                normalization=data["normalization"], test=data["test"], **engine)
+
+
+def assert_same_result(a: ft.FinetuneResult, b: ft.FinetuneResult):
+    assert leaves_equal(a.params, b.params) and leaves_equal(a.batch_stats, b.batch_stats)
+    assert (a.best_val_accuracy, a.test_accuracy, a.steps) == (
+        b.best_val_accuracy, b.test_accuracy, b.steps)
+    assert a.history == b.history
+
+
+@pytest.mark.parametrize("budget", ["epochs", "steps"])
+def test_seeds_in_one_run_equal_one_seed_runs_exactly(data, budget):
+    """Seed after seed (loop mode), S seeds together give each seed's own run bit for
+    bit: batches, shared frozen prefix, per-seed early stopping and best epoch."""
+    if budget == "epochs":
+        phases = (Phase(6, "head", patience=2), Phase(2, "head+top2", 0.1))
+        engine = dict(val=data["val"])
+    else:
+        phases = (Phase(steps=7, train="head"), Phase(steps=5, train="head+top2", lr_scale=0.1))
+        engine = {}
+    config = ft.FinetuneConfig(phases=phases, batch_size=16, learning_rate=0.05)
+    kwargs = seed_runs(data, config, **engine)
+    together = ft.finetune_seeds([small_model(s) for s in range(3)], 6, config, vmap=False,
+                                 **kwargs)
+    for s in range(3):
+        alone = ft.finetune_seeds([small_model(s)], 6, config, vmap=False, **{
+            **kwargs, "subsets": kwargs["subsets"][s:s + 1], "seeds": [s]})[0]
+        assert_same_result(together[s], alone)
+    if budget == "steps":
+        for result in together:
+            assert result.best_val_accuracy is None and result.steps == 12
+            assert [(h["phase"], h["step"]) for h in result.history] == [(0, 7), (1, 12)]
+            assert result.test_accuracy == result.history[-1]["test_accuracy"]
+    else:   # the seeds stopped at different epochs: per-seed early stopping was exercised
+        assert len({len(r.history) for r in together}) > 1, [r.history for r in together]
+
+
+def test_one_seed_engine_is_finetune(data):
+    config = ft.FinetuneConfig(phases=(Phase(2, "head"), Phase(1, "head+top2", 0.1)),
+                               batch_size=20, seed=5)
+    direct = ft.finetune(small_model(), 6, config, **data)
+    images, labels = data["train"]
+    engine = ft.finetune_seeds([small_model()], 6, config, images=images, labels=labels,
+                               subsets=[np.arange(len(images))], seeds=[5], val=data["val"],
+                               test=data["test"], normalization=data["normalization"])[0]
+    assert_same_result(direct, engine)
+    assert direct.test_accuracy * len(data["test"][1]) == round(
+        direct.test_accuracy * len(data["test"][1]))   # a count over N, exactly rounded
+
+
+def test_budgets_are_checked(data):
+    kwargs = seed_runs(data, None, count=2)
+    epochs = ft.FinetuneConfig(phases=(Phase(1, "head"),))
+    with pytest.raises(ValueError, match="pass val="):
+        ft.finetune_seeds([small_model(0), small_model(1)], 6, epochs, **kwargs)
+    mixed = ft.FinetuneConfig(phases=(Phase(1, "head"), Phase(steps=2)))
+    with pytest.raises(ValueError, match="all count epochs or all count steps"):
+        ft.finetune_seeds([small_model(0), small_model(1)], 6, mixed, val=data["val"], **kwargs)
+    with pytest.raises(ValueError, match="subset sizes differ"):
+        ft.finetune_seeds([small_model(0), small_model(1)], 6, epochs, val=data["val"],
+                          **{**kwargs, "subsets": [np.arange(10), np.arange(12)]})
+    with pytest.raises(ValueError, match="either epochs or steps"):
+        Phase(3, steps=3)
+    with pytest.raises(ValueError, match="patience needs validation"):
+        Phase(steps=3, patience=2)
+
+
+def test_vmapped_seeds_match_the_float64_step_within_rounding(data):
+    """One SGD step of the head on cached features (all six trunk layers frozen), vmapped
+    over seeds and seed after seed, each within a derived float32 rounding bound of the
+    float64 step (so within twice the bound of each other).
+
+    The step: z = x W + b (D products + D adds: gamma(D + 1) of |x||W| + |b|); p =
+    softmax(z), whose relative error is exp(2 max|dz|) - 1 from the logits plus the
+    rounding of softmax itself (subtract the max, exp within EXP_ULPS ulps, a C-term
+    sum, a division: bounded by gamma(C + EXP_ULPS + 3 + max|z - m|)); d = (p - y) / B
+    (two roundings); g = x^T d (B products, B adds: gamma(B + 2)); then g + wd W,
+    times (1 + momentum) and lr, added to W: four roundings of the update, one of W'.
+    """
+    exp_ulps = 4   # XLA CPU's float32 exp is within a few ulps (it is not correctly rounded)
+    lr, wd, momentum, batch = 0.5, 1e-4, 0.9, 16
+    config = ft.FinetuneConfig(phases=(Phase(steps=1, train="head"),), batch_size=batch,
+                               learning_rate=lr, weight_decay=wd, optimizer="sgd")
+    kwargs = {**seed_runs(data, config), "test": None}
+    models = [small_model(s) for s in range(3)]
+    trunk = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(models[0], nnx.Param))["trunk"])
+    for s in (1, 2):   # one transplanted trunk, different heads: the prefix is shared
+        nnx.update(models[s].trunk, nnx.state(models[0].trunk))
+    heads = [jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(m, nnx.Param))["head"])
+             for m in models]
+    assert leaves_equal(trunk, nnx.to_pure_dict(nnx.state(models[2], nnx.Param))["trunk"])
+    graphdef, params, stats = nnx.split(models[0], nnx.Param, nnx.BatchStat)
+    prefix = ft.make_prefix_fn(graphdef, 6)
+    norm = ft.norm_stats(data["normalization"])
+    x_all = np.asarray(prefix(nnx.to_pure_dict(params), nnx.to_pure_dict(stats),
+                              kwargs["images"], norm), np.float64)
+    index = batch_schedule(kwargs["subsets"], batch, 1, seeds=kwargs["seeds"])[:, 0]
+    results = {vmap: ft.finetune_seeds(models, 6, config, vmap=vmap, **kwargs)
+               for vmap in (False, True)}
+    u = 2.0 ** -24   # float32's unit roundoff
+    for s, head in enumerate(heads):
+        x, y = x_all[index[s]], np.eye(10)[kwargs["labels"][index[s]]]
+        w, b = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+        z = x @ w + b
+        dz = gamma(x.shape[1] + 1) * (np.abs(x) @ np.abs(w) + np.abs(b))
+        zc = z - z.max(-1, keepdims=True)
+        p = np.exp(zc) / np.exp(zc).sum(-1, keepdims=True)
+        p_rel = (np.expm1(2 * dz.max(-1, keepdims=True))
+                 + gamma(10 + exp_ulps + 3 + int(np.ceil(np.abs(zc).max()))))
+        d = (p - y) / batch
+        d_err = p * p_rel / batch + gamma(2) * np.abs(d)
+        g_w, g_b = x.T @ d, d.sum(0)
+        g_w_err = np.abs(x).T @ d_err + gamma(batch + 2) * (np.abs(x).T @ np.abs(d))
+        g_b_err = d_err.sum(0) + gamma(batch + 2) * np.abs(d).sum(0)
+        for name, g, err, decay in (("kernel", g_w, g_w_err, wd * w), ("bias", g_b, g_b_err, 0)):
+            param = w if name == "kernel" else b
+            update = lr * (1 + momentum) * (g + decay)
+            new = param - update
+            bound = ((1 + u) * lr * (1 + momentum) * (err + gamma(4) * (np.abs(g) + np.abs(decay)))
+                     + u * np.abs(new))
+            for vmap, per_seed in results.items():
+                assert_within(per_seed[s].params["head"][name], new, bound,
+                              f"seed {s} head {name} vmap={vmap}")
+        for vmap, per_seed in results.items():   # the frozen trunk did not move at all
+            assert leaves_equal(per_seed[s].params["trunk"], trunk)

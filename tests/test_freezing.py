@@ -201,3 +201,63 @@ def test_layer_decay_gives_each_unfrozen_layer_its_own_rate():
     assert size(4) == pytest.approx(0.05 * top)
     assert size(3) == pytest.approx(0.005 * top)
     assert size(2) == 0.0
+
+
+@pytest.mark.parametrize("phase,layer_decay,optimizer", [
+    (Phase(1, "head"), None, "adamw"), (Phase(1, "head+top2", 0.1), 0.5, "sgd"),
+    (Phase(1, "head+re:conv[13]", 0.3), None, "adamw"), (Phase(steps=2, train="all"), 0.7, "sgd")])
+def test_plan_phase_agrees_with_its_pieces(phase, layer_decay, optimizer):
+    params = model_params()
+    plan = freezing.plan_phase(params, NAMES, 5, phase, learning_rate=0.1, weight_decay=1e-3,
+                               optimizer=optimizer, layer_decay=layer_decay)
+    labels = freezing.phase_labels(params, NAMES, 5, phase, per_layer=layer_decay is not None)
+    frozen = freezing.frozen_layer_names(NAMES, 5, phase)
+    rates = freezing.group_learning_rates(0.1, phase, NAMES[:5], layer_decay=layer_decay)
+    assert jax.tree.leaves(plan.labels) == jax.tree.leaves(labels)
+    assert jax.tree.leaves(plan.mask) == jax.tree.leaves(freezing.trainable_mask(labels))
+    assert plan.frozen == frozen and plan.rates == rates
+    assert plan.start == freezing.frozen_prefix_length(NAMES, frozen)
+    uncached = freezing.plan_phase(params, NAMES, 5, phase, learning_rate=0.1,
+                                   weight_decay=1e-3, optimizer=optimizer,
+                                   layer_decay=layer_decay, cache_prefix=False)
+    assert uncached.start == 0 and (plan.key == uncached.key) == (plan.start == 0)
+    hash(plan.key)
+    other = freezing.plan_phase(params, NAMES, 5, phase, learning_rate=0.2, weight_decay=1e-3,
+                                optimizer=optimizer, layer_decay=layer_decay)
+    assert other.key != plan.key   # a different rate is a different compiled step
+    # the plan's optimizer is the partitioned optimizer of those labels and rates
+    built = freezing.partitioned_optimizer(labels, rates, name=optimizer, weight_decay=1e-3)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    ours, _ = plan.optimizer.update(grads, plan.optimizer.init(params), params)
+    theirs, _ = built.update(grads, built.init(params), params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours),
+                                                    jax.tree.leaves(theirs)))
+
+
+def test_frozen_leaves_stay_bit_identical_after_an_engine_run(mnist_small):
+    """Two seeds, fixed-step phases: every leaf frozen in every phase (conv1..conv3 and
+    their BatchNorm statistics) ends exactly as it began, in each seed."""
+    from auxtl import finetune as ft
+    from auxtl.data import compute_normalization
+    images, labels = mnist_small.images[:120], mnist_small.labels[:120]
+    config_ = make_config("small_cnn", (28, 28, 1), widths=(4, 4, 4, 4, 4), fc_dim=4)
+    models = [TransferModel(build_target_trunk("small_cnn", config_, TargetSpec(),
+                                               rngs=nnx.Rngs(s)), 10, rngs=nnx.Rngs(s))
+              for s in (0, 1)]
+    before = [(jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(m, nnx.Param))),
+               jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))))
+              for m in models]
+    config = ft.FinetuneConfig(
+        phases=(Phase(steps=3, train="head"), Phase(steps=3, train="head+top2", lr_scale=0.5)),
+        batch_size=16, learning_rate=0.05)
+    results = ft.finetune_seeds(models, 5, config, images=images, labels=labels,
+                                subsets=[np.arange(0, 80), np.arange(40, 120)], seeds=[0, 1],
+                                normalization=compute_normalization(images), vmap=False)
+    for (params, stats), result in zip(before, results):
+        for i in range(3):
+            for a, b in ((params, result.params), (stats, result.batch_stats)):
+                assert all(np.array_equal(x, y) for x, y in zip(
+                    jax.tree.leaves(a["trunk"]["layers"][i]),
+                    jax.tree.leaves(b["trunk"]["layers"][i])))
+        assert not np.array_equal(params["trunk"]["layers"][3]["conv"]["kernel"],
+                                  result.params["trunk"]["layers"][3]["conv"]["kernel"])
