@@ -6,7 +6,8 @@ import math
 import pathlib
 from collections.abc import Sequence
 
-from auxtl.bench.transfer import MODES, PUBLISHED_ROTNET, SCRATCH, reference_for
+from auxtl.bench.transfer_cells import reference_for
+from auxtl.bench.transfer_config import MODES, PUBLISHED_ROTNET, SCRATCH
 
 MODE_TITLES = {"linear": "linear probe", "knn": "k-NN", "head": "frozen trunk + new head",
                "staged": "staged unfreezing"}
