@@ -24,7 +24,7 @@ selection, so the test split is only ever used to score. Seeds of one cell share
 shapes: probes run them under one `jax.vmap`, trained modes share one compiled step
 (vmapped over seeds on accelerators, see `auxtl.seeds`).
 
-    auxtl bench transfer                       # defaults: mnist5k, minutes on 2 CPU cores
+    auxtl bench transfer                       # defaults: mnist5k, sized for 2 CPU cores
     auxtl bench transfer --tiny --out /tmp/t   # smoke test
     auxtl bench transfer --full --data cifar10:PATH   # RotNet semi-supervised setting (GPU)
 """
@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from auxtl import host_memory
-from auxtl.bench import BenchError, throughput
+from auxtl.bench import BenchError
 from auxtl.bench import transfer_report as report
+from auxtl.bench.machine import environment, keep_freed_memory
 from auxtl.bench.transfer_cells import add_differences
 from auxtl.bench.transfer_config import (ALL, BENCH_TRUNKS, MIX, MODES, SCRATCH, RANDOM,
                                          TINY_TRUNKS, TRAINED_MODES, TransferBenchConfig,
@@ -110,7 +110,7 @@ def run_sweep(config: TransferBenchConfig, *, log: Callable[[str], None] = print
     pool_labels = data.pool.labels
     return {
         "config": config.to_json(),
-        "environment": throughput.environment(),
+        "environment": environment(),
         "trained_seeds": "vmapped" if trainer.vmap else "one after another, one compiled step",
         "data": {"spec": config.data, "pool_size": len(data.pool), "test_size": len(data.test),
                  "test_split": data.test_origin, "num_classes": data.pool.num_classes,
@@ -233,7 +233,7 @@ def config_from_args(args: argparse.Namespace) -> TransferBenchConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the sweep from command-line arguments; writes and returns transfer.json's content."""
-    host_memory.keep_freed_memory()   # no-op when the CLI already did it
+    keep_freed_memory()   # no-op when the CLI already did it
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     config = config_from_args(args)
     out = pathlib.Path(config.out)

@@ -18,6 +18,8 @@ def cell(source: str, mode: str, budget, seeds: Sequence[int], accuracy, **extra
 
 
 def reference_for(mode: str) -> str:
+    """The control a mode's cells are compared to: scratch for head/staged, the random
+    trunk for the probes."""
     return SCRATCH if mode in TRAINED_MODES else RANDOM
 
 

@@ -78,6 +78,8 @@ def full_config() -> TransferBenchConfig:
 
 
 def tiny_overrides(config: TransferBenchConfig) -> dict[str, Any]:
+    """`--tiny` on top of a preset: narrow trunk, a few steps, 2 seeds, budgets 1 and 5
+    (the sources of a published preset are kept)."""
     return dict(sources=config.sources if config.published else
                 ("rotation", "jigsaw", RANDOM, SCRATCH),
                 budgets=(1, 5), seeds=(0, 1),

@@ -137,6 +137,8 @@ def markdown(result: dict) -> str:
 def plot(result: dict, path: pathlib.Path) -> None:
     """Accuracy vs labels per class (log x), one line per source with its interval band,
     one subplot per mode."""
+    # matplotlib is imported here, not at the top: it is an optional, heavy dependency
+    # that only the plot needs.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -50,6 +50,8 @@ def refusal(name: str, image_shape) -> str | None:
 
 
 def pretrain_config(config: TransferBenchConfig, name: str, out: pathlib.Path):
+    """The PretrainConfig of source `name` (its tasks, the sweep's model and pretraining
+    settings), writing to `out`."""
     return PretrainConfig(tasks=tuple(TaskConfig(t) for t in source_tasks(name)),
                           data=config.data, model=config.model,
                           model_overrides=dict(config.model_overrides),
@@ -119,5 +121,6 @@ class Source:
 
 
 def load_source(name: str, path) -> Source:
+    """The trunk checkpoint at `path` (params, batch stats, metadata) as source `name`."""
     params, stats, metadata = checkpoints.load_trunk_state(path)
     return Source(name, metadata, params, stats)
