@@ -1,14 +1,16 @@
 """The training convolution of auxtl.cpu: a custom_vjp 2-D convolution whose CPU
 forward pass and gradients come from auxtl's kernels, XLA's everywhere else.
 
-Differentiated float32 NHWC convolutions on one CPU device in one process:
+Differentiated float32 NHWC convolutions on one CPU device in one process (GSPMD
+cannot partition a custom call):
 - forward pass and input gradient of a 3x3 stride-1 convolution with at least
   MIN_WINOGRAD_CHANNELS input (output, for the input gradient) channels: Winograd
   (`auxtl.cpu.winograd`);
 - the other forward passes and input gradients, and every weight gradient: oneDNN
-  (`auxtl.cpu.onednn`) where it is built;
-- without oneDNN, the weight gradient is XLA's summed over slices of at most
-  _SLICE_IMAGES images ("sliced"), which XLA:CPU computes faster than the whole batch.
+  (`auxtl.cpu.onednn`) where it is built.
+Any other differentiated convolution on CPU takes XLA's weight gradient summed over
+slices of at most _SLICE_IMAGES images ("sliced"), which XLA:CPU computes faster than
+the whole batch at once.
 Each choice is made when the step is traced, from the switch (`auxtl.cpu.switch`) and
 whether the kernel is built; the lowering picks XLA's own convolutions for GPU and
 TPU (`jax.lax.platform_dependent`). A convolution that is not differentiated runs
