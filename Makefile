@@ -1,12 +1,13 @@
 # `make demo`: install into .venv and pretrain a rotation trunk on the embedded MNIST-5k.
 # `make test`: install into .venv and run the test suite.
 # `make test-threads`: the numerical tests again with one OpenMP/Eigen thread (bounds hold for any count).
+# `make test-no-kernels`: the suite with auxtl's CPU kernels off (AUXTL_CPU_KERNELS=0: plain XLA, nothing compiled).
 PYTHON ?= python
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.auxtl-installed
 
-.PHONY: demo test test-threads bench clean
+.PHONY: demo test test-threads test-no-kernels bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"auxtl needs Python >= 3.12, $(PYTHON) is {sys.version.split()[0]}"'
@@ -23,6 +24,9 @@ test: $(STAMP)
 
 NUMERICAL_TESTS := tests/test_winograd.py tests/test_onednn.py tests/test_conv.py \
 	tests/test_native_build.py tests/test_task_masked_inpainting.py tests/test_seeds.py
+
+test-no-kernels: $(STAMP)
+	AUXTL_CPU_KERNELS=0 $(BIN)/python -m pytest -q
 
 test-threads: $(STAMP)
 	OMP_NUM_THREADS=1 XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_multi_thread_eigen=false" \

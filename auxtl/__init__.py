@@ -21,10 +21,13 @@ from auxtl.train_state import TrainState
 from auxtl import finetune  # the module; finetune.finetune runs the phases
 from auxtl.finetune import FinetuneConfig, FinetuneResult
 from auxtl.freezing import Phase, parse_phases
-from auxtl.host_memory import keep_freed_memory
+from auxtl.cpu import keep_freed_memory
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
 from auxtl.transfer import TransferConfig, build_transfer_model, plan_transfer, run_transfer
 from auxtl.version import __version__
+from auxtl import cpu
+
+cpu.install()   # the CPU kernels into the models' ops hooks (AUXTL_CPU_KERNELS=0: none)
 
 __all__ = [
     "freezing", "heads", "losses", "surgery", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",

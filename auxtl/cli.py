@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from auxtl import host_memory
+from auxtl import cpu
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
 from auxtl.freezing import PHASES_GRAMMAR
 from auxtl.optim import OptimizerConfig
@@ -327,7 +327,7 @@ def auxtl_warnings_as_lines():
 
 @auxtl_warnings_as_lines()
 def main(argv: list[str] | None = None) -> int:
-    host_memory.keep_freed_memory()   # before the first JAX computation starts XLA's threads
+    cpu.keep_freed_memory()   # before the first JAX computation starts XLA's threads
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

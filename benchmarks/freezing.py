@@ -3,7 +3,7 @@
 On the default small_cnn trunk at 28 px, compares the step with everything
 trainable, the step whose lowest 4 of 5 conv layers are frozen (gradients only
 for conv5, fc and the head), and the cached-features step (the frozen prefix's
-output computed once). The cases are auxtl.bench.throughput's; this prints the
+output computed once). The cases come from auxtl.bench.throughput_cases; this prints the
 ratios to the full step. Runs unchanged on CPU, GPU and TPU.
 
     python benchmarks/freezing.py --batch-size 512 --steps 10
@@ -16,7 +16,8 @@ import json
 
 import jax
 
-from auxtl.bench.throughput import BenchConfig, run_benchmark
+from auxtl.bench.throughput_cases import BenchConfig
+from auxtl.bench.throughput_measure import run_benchmark
 
 KINDS = ("finetune_full", "frozen_prefix", "cached_features")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from auxtl.bench.throughput import BenchError, main
+from auxtl.bench import BenchError
+from auxtl.bench.throughput import main
 
 if __name__ == "__main__":
     try:

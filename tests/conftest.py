@@ -99,11 +99,25 @@ def one_device_env() -> dict[str, str]:
     return {"XLA_FLAGS": " ".join(flags)}
 
 
+# Statuses that mean a kernel cannot be built here (a skip); any other status but
+# "available" is a failure: where it could be built, the build is part of what is proved.
+CANNOT_BUILD = ("off", "no C++ compiler", "unsupported platform", "not installed")
+
+
+def require_kernel(name: str) -> None:
+    """Skip unless auxtl.cpu's `name` kernel ("winograd" or "onednn") can be built here
+    (switched off, no compiler, not Linux, oneDNN not installed); fail where it could
+    and was not."""
+    from auxtl import cpu
+    status = getattr(cpu, name).status()
+    if status.startswith(CANNOT_BUILD):
+        pytest.skip(f"{name} convolutions: {status}")
+    assert status == "available", f"{name} convolutions: {status}"
+
+
 def require_winograd() -> None:
-    """Skip where auxtl's Winograd kernel cannot be built (no compiler, not Linux, turned
-    off); fail where it could and was not: the build is part of what the tests prove."""
-    from auxtl import winograd
-    status = winograd.status()
-    if status.startswith(("no C++ compiler", "unsupported platform", "off")):
-        pytest.skip(f"Winograd convolutions: {status}")
-    assert status == "available", f"Winograd convolutions: {status}"
+    require_kernel("winograd")
+
+
+def require_onednn() -> None:
+    require_kernel("onednn")

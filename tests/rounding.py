@@ -19,17 +19,13 @@ model holds (flush-to-zero included).
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
 
-from auxtl import winograd
+from auxtl.cpu import winograd
 from conftest import U64, gamma
 
-# Blocks whose partial sums the weight gradient adds up before adding the total into dU
-# (winograd_conv.cc's kChunkBlocks).
-CHUNK_BLOCKS = 32
 
 
 def _f64(a) -> np.ndarray:
@@ -126,7 +122,7 @@ def direct_bounds(x, kernel, dy, strides, padding):
     return out
 
 
-# ---- Winograd F(m x m, 3 x 3), as auxtl/native/winograd_conv.cc computes it ------------
+# ---- Winograd F(m x m, 3 x 3), as auxtl/cpu/native/winograd_conv.cc computes it --------
 
 def _matrix(text: str, name: str) -> np.ndarray:
     body = re.search(rf"\b{name}\[\d+\]\[\d+\] = (\{{.*?\}}\}});", text, re.S).group(1)
@@ -136,7 +132,7 @@ def _matrix(text: str, name: str) -> np.ndarray:
 
 def transforms(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B^T, A^T, G) of F(tile x tile, 3 x 3): B^T and A^T read from the compiled source
-    (so the bound follows the code), G from auxtl.winograd."""
+    (so the bound follows the code), G from auxtl.cpu.winograd."""
     text = winograd.SOURCE.read_text()
     block = re.search(rf"struct Transform<{tile}> \{{(.*?)\n\}};", text, re.S).group(1)
     return _matrix(block, "BT"), _matrix(block, "AT"), np.asarray(winograd.G[tile], np.float64)
@@ -148,12 +144,10 @@ def _stage(matrix: np.ndarray) -> int:
     return int((matrix != 0).sum(axis=1).max())
 
 
-# The kernel transform U = G (k s) G^T in JAX, and the weight gradient's dk = G^T dU G:
-# each term is rounded when its two G entries are stored as float32 (2), by its products
-# (2, and 1 more for the folded scale s), and by the additions of a sum of 9 (resp. 36)
-# terms in any order (8, resp. 35).
+# The kernel transform U = G (k s) G^T in JAX: each term is rounded when its two G
+# entries are stored as float32 (2), by its products (2, and 1 more for the folded
+# scale s), and by the additions of a sum of 9 terms in any order (8).
 KERNEL_TRANSFORM = 2 + 3 + 8
-GRADIENT_TRANSFORM = 2 + 2 + 35
 
 
 def _tiles(x, padding, conv_hw, tile):
@@ -215,32 +209,3 @@ def pool_bound(values) -> np.ndarray:
     n, h, w, c = values.shape
     values = values[:, :h - h % 2, :w - w % 2]
     return values.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def winograd_weight_grad_bound(x, dy, padding, tiles_per_block: int):
-    """(float64 reference, rounding bound) of winograd.weight_gradient: dU sums, over
-    every tile, (B^T d B) . (A dY A^T), in blocks of `tiles_per_block` tiles whose partial
-    sums are added CHUNK_BLOCKS at a time, the chunks then added up (winograd_conv.cc);
-    then dk = G^T dU G. The absolute computation uses |B^T|, |A|, |G|; D counts the input
-    and output-gradient transforms, the blocked sum (a block's products and additions,
-    the chunk's, the chunks'; never more than one sum over all tiles) and G^T dU G."""
-    x, dy = _f64(x), _f64(dy)
-    conv_hw = dy.shape[1:3]
-    tile = winograd.tile_for(*conv_hw)
-    bt, at, g = (np.abs(m) for m in transforms(tile))
-    v = np.einsum("ka,nyxabc,lb->klnyxc", bt, _tiles(np.abs(x), padding, conv_hw, tile), bt,
-                  optimize=True)
-    n, th, tw = v.shape[2:5]
-    dyp = np.zeros((n, th * tile, tw * tile, dy.shape[3]))
-    dyp[:, :conv_hw[0], :conv_hw[1]] = np.abs(dy)
-    dyt = dyp.reshape(n, th, tile, tw, tile, -1)
-    dm = np.einsum("ki,nyixjo,lj->klnyxo", at.T, dyt, at.T, optimize=True)
-    du = np.einsum("klnyxc,klnyxo->klco", v, dm, optimize=True)
-    magnitude = np.einsum("kp,klco,lq->pqco", g, du, g, optimize=True)
-    tiles = n * th * tw
-    blocks = -(-tiles // tiles_per_block)
-    summed = min(tiles, tiles_per_block + min(blocks, CHUNK_BLOCKS)
-                 + math.ceil(blocks / CHUNK_BLOCKS))
-    depth = 2 * _stage(bt) + 2 * _stage(at.T) + summed + GRADIENT_TRANSFORM
-    ref = weight_grad(x, dy, (1, 1), padding, (3, 3, x.shape[3], dy.shape[3]))
-    return ref, (gamma(depth) + gamma(n * conv_hw[0] * conv_hw[1], U64)) * magnitude

@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 import auxtl
-from auxtl.bench import peaks, throughput
+from auxtl.bench import BenchError, peaks, throughput, throughput_measure
+from auxtl.bench.throughput_cases import STEP_KINDS, layers_to_freeze
+from auxtl.bench.throughput_timing import cost_flops
 
 ROW_FIELDS = (
     "model", "kind", "dtype", "param_dtype", "image_shape", "batch_size", "examples_per_step",
@@ -36,7 +38,7 @@ def test_tiny_run_returns_and_writes_every_field(tiny_run):
     result, out = tiny_run
     rows = result["results"]
     assert [(r["dtype"], r["kind"]) for r in rows] == [
-        (d, k) for d in ("float32", "bfloat16") for k in throughput.STEP_KINDS]
+        (d, k) for d in ("float32", "bfloat16") for k in STEP_KINDS]
     for row in rows:
         assert "error" not in row, row["error"]
         missing = [f for f in ROW_FIELDS if f not in row or row[f] is None]
@@ -75,12 +77,12 @@ def test_freezing_and_caching_cut_flops(tiny_run):
 
 
 def test_frozen_prefix_is_all_but_the_last_stage():
-    assert throughput.layers_to_freeze(
+    assert layers_to_freeze(
         ("conv1", "conv2", "conv3", "conv4", "conv5", "fc")) == 4
     for name, first_of_last_stage in (("resnet18", 7), ("resnet50", 14)):
         trunk = nnx.eval_shape(lambda: auxtl.build_trunk(
             name, rngs=nnx.Rngs(0), input_shape=(32, 32, 3)))
-        prefix = throughput.layers_to_freeze(trunk.layer_names)
+        prefix = layers_to_freeze(trunk.layer_names)
         assert prefix == first_of_last_stage
         assert trunk.layer_names[prefix] == "stage4_block1"
 
@@ -121,11 +123,11 @@ def test_cpu_peak_falls_back_to_a_measured_matmul():
 
 
 def test_cost_flops_handles_every_shape():
-    assert throughput.cost_flops({"flops": 5.0}) == 5.0
-    assert throughput.cost_flops([{"flops": 7.0}]) == 7.0
-    assert throughput.cost_flops(None) is None
-    assert throughput.cost_flops([]) is None
-    assert throughput.cost_flops({"flops": 0.0}) is None
+    assert cost_flops({"flops": 5.0}) == 5.0
+    assert cost_flops([{"flops": 7.0}]) == 7.0
+    assert cost_flops(None) is None
+    assert cost_flops([]) is None
+    assert cost_flops({"flops": 0.0}) is None
 
 
 def test_model_args_and_batch_sizes_parse():
@@ -133,17 +135,17 @@ def test_model_args_and_batch_sizes_parse():
         ["small_cnn:widths=8,8,16,16,16", "width=8", "fc_dim=16"], ["small_cnn", "resnet18"])
     assert parsed == {"small_cnn": {"widths": (8, 8, 16, 16, 16), "fc_dim": 16},
                       "resnet18": {"width": 8}}
-    with pytest.raises(throughput.BenchError, match="no field"):
+    with pytest.raises(BenchError, match="no field"):
         throughput.parse_model_args(["small_cnn:width=8"], ["small_cnn"])
     assert throughput.parse_batch_sizes("small_cnn=64,resnet50=4") == {"small_cnn": 64,
                                                                        "resnet50": 4}
     assert throughput.parse_batch_sizes("16") == {"*": 16}
-    with pytest.raises(throughput.BenchError, match="unknown model"):
+    with pytest.raises(BenchError, match="unknown model"):
         throughput.main(["--models", "vgg"])
 
 
 def test_compare_torch_with_a_bogus_interpreter_fails_clearly(tmp_path):
-    with pytest.raises(throughput.BenchError, match="/nonexistent/python3.11.*no such"):
+    with pytest.raises(BenchError, match="/nonexistent/python3.11.*no such"):
         throughput.main(TINY_ARGS + ["--compare-torch", "--torch-python", "/nonexistent/python3.11",
                                      "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())          # failed before benchmarking anything
@@ -152,22 +154,22 @@ def test_compare_torch_with_a_bogus_interpreter_fails_clearly(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
                     reason="torch is importable by this interpreter")
 def test_compare_torch_names_an_interpreter_without_torch(tmp_path):
-    with pytest.raises(throughput.BenchError, match="cannot import torch"):
+    with pytest.raises(BenchError, match="cannot import torch"):
         throughput.main(TINY_ARGS + ["--compare-torch", "--torch-python", sys.executable,
                                      "--out", str(tmp_path)])
-    with pytest.raises(throughput.BenchError, match="--torch-python PATH"):
+    with pytest.raises(BenchError, match="--torch-python PATH"):
         throughput.main(TINY_ARGS + ["--compare-torch", "--out", str(tmp_path)])
 
 
 def test_a_failing_case_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
-    real_measure = throughput.measure
+    real_measure = throughput_measure.measure
 
     def flaky(model, dtype, kind, case, **kwargs):
         if kind == "cached_features":
             raise RuntimeError("RESOURCE_EXHAUSTED: pretend the device ran out of memory")
         return real_measure(model, dtype, kind, case, **kwargs)
 
-    monkeypatch.setattr(throughput, "measure", flaky)
+    monkeypatch.setattr(throughput_measure, "measure", flaky)
     result = throughput.main(["--models", "small_cnn", "--tiny", "--batch-size", "4",
                               "--warmup", "0", "--steps", "1", "--dtypes", "float32",
                               "--kinds", "cached_features,inference",

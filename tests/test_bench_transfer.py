@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from auxtl.bench import transfer, transfer_report
+from auxtl.bench import BenchError, transfer, transfer_report
+from auxtl.bench.transfer_cells import reference_for
+from auxtl.bench.transfer_config import MODES, TRAINED_MODES
+from auxtl.bench.transfer_data import budget_x, labeled_indices, load_bench_data
+from auxtl.bench.transfer_sources import refusal
 from auxtl.models import build_trunk, make_config
 from auxtl.pretrain import SPLIT_SEED
 
@@ -55,9 +59,9 @@ def test_writes_json_markdown_and_png_with_every_field(tiny_run):
 def test_every_source_mode_and_budget_has_a_cell(tiny_run):
     result, _ = tiny_run
     keys = {(c["source"], c["mode"], c["budget"]) for c in result["cells"]}
-    expected = {(s, m, b) for s in ("rotation", "jigsaw", "random") for m in transfer.MODES
+    expected = {(s, m, b) for s in ("rotation", "jigsaw", "random") for m in MODES
                 for b in (2, 5)}
-    expected |= {("scratch", m, b) for m in transfer.TRAINED_MODES for b in (2, 5)}
+    expected |= {("scratch", m, b) for m in TRAINED_MODES for b in (2, 5)}
     assert keys == expected
     depths = {(c["source"], c["layer"]) for c in result["linear_by_depth"]}
     assert len(depths) == 3 * 6                      # every depth of small_cnn, per source
@@ -75,7 +79,7 @@ def test_intervals_contain_means_and_paired_differences_are_per_seed(tiny_run):
     for c in result["cells"] + result["linear_by_depth"]:
         assert c["mean"] == pytest.approx(np.mean(c["accuracy"]))
         assert c["low"] <= c["mean"] <= c["high"]
-        reference = transfer.reference_for(c["mode"])
+        reference = reference_for(c["mode"])
         if c["source"] == reference:
             assert c["difference"] is None
             continue
@@ -90,19 +94,19 @@ def test_intervals_contain_means_and_paired_differences_are_per_seed(tiny_run):
 
 def test_labeled_subsets_are_class_balanced_nested_and_disjoint_from_test(tiny_run):
     result, _ = tiny_run
-    data = transfer.load_bench_data("mnist5k")
+    data = load_bench_data("mnist5k")
     test_images = {image.tobytes() for image in data.test.images}
     for seed in (0, 1):
-        small = transfer.labeled_indices(data.pool.labels, 2, seed)
-        large = transfer.labeled_indices(data.pool.labels, 5, seed)
+        small = labeled_indices(data.pool.labels, 2, seed)
+        large = labeled_indices(data.pool.labels, 5, seed)
         assert set(small) <= set(large)
         for budget, chosen in ((2, small), (5, large)):
             assert np.bincount(data.pool.labels[chosen]).tolist() == [budget] * 10
             assert not test_images & {image.tobytes() for image in data.pool.images[chosen]}
             assert result["subsets"][str(budget)]["per_class"][seed] == [budget] * 10
-    assert not np.array_equal(transfer.labeled_indices(data.pool.labels, 2, 0),
-                              transfer.labeled_indices(data.pool.labels, 2, 1))
-    assert len(transfer.labeled_indices(data.pool.labels, "all", 0)) == len(data.pool)
+    assert not np.array_equal(labeled_indices(data.pool.labels, 2, 0),
+                              labeled_indices(data.pool.labels, 2, 1))
+    assert len(labeled_indices(data.pool.labels, "all", 0)) == len(data.pool)
     assert result["data"]["test_split"] == f"held-out 10% (SPLIT_SEED={SPLIT_SEED})"
 
 
@@ -153,7 +157,7 @@ def test_full_preset_is_the_rotnet_setting():
         "nin", make_config("nin", (32, 32, 3), **config.model_overrides), rngs=nnx.Rngs(0)))
     assert trunk.layer_names == ("block1", "block2", "block3", "block4")
     assert trunk.feature_dim == 192 and 0 < config.unfreeze <= config.reuse < 4
-    with pytest.raises(transfer.BenchError, match="--full needs --data"):
+    with pytest.raises(BenchError, match="--full needs --data"):
         transfer.config_from_args(transfer.build_parser().parse_args(["--full"]))
 
 
@@ -172,11 +176,11 @@ def test_published_numbers_are_printed_beside_ours():
 
 def test_bad_flags_are_clear_errors():
     parse = transfer.build_parser().parse_args
-    with pytest.raises(transfer.BenchError, match="--budgets"):
+    with pytest.raises(BenchError, match="--budgets"):
         transfer.config_from_args(parse(["--budgets", "1,many"]))
-    with pytest.raises(transfer.BenchError, match="--modes"):
+    with pytest.raises(BenchError, match="--modes"):
         transfer.config_from_args(parse(["--modes", "linear,magic"]))
-    with pytest.raises(transfer.BenchError, match="unknown source"):
-        transfer.refusal("no_such_task", (28, 28, 1))
-    assert transfer.refusal("rotation+jigsaw", (28, 28, 1)) is None
-    assert math.isclose(transfer.budget_x("all", np.arange(100) % 10), 10.0)
+    with pytest.raises(BenchError, match="unknown source"):
+        refusal("no_such_task", (28, 28, 1))
+    assert refusal("rotation+jigsaw", (28, 28, 1)) is None
+    assert math.isclose(budget_x("all", np.arange(100) % 10), 10.0)

@@ -1,4 +1,4 @@
-"""auxtl.models.conv: gradients equal jax.grad of XLA's convolution for every conv the
+"""auxtl.cpu.conv: gradients equal jax.grad of XLA's convolution for every conv the
 trunks use; XLA's native convolution is kept off CPU."""
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from auxtl.cpu import conv as auxtl_conv
+from auxtl.cpu import switch
 from auxtl.models import build_trunk, list_models, make_config
-from auxtl.models import conv as auxtl_conv
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import gamma, require_winograd
+from conftest import gamma, require_onednn, require_winograd
 import rounding
-
-
 
 # Inputs the trunks are used at: ResNet-50 at 224 px has the 7x7/2 stem.
 INPUTS = {"small_cnn": (28, 28, 1), "resnet18": (32, 32, 3), "resnet50": (224, 224, 3)}
@@ -72,11 +71,17 @@ def cpu_path(request, monkeypatch):
         require_winograd()
     if request.param != "winograd":
         monkeypatch.setattr(auxtl_conv, "use_winograd", lambda *args, **kwargs: False)
-    if request.param == "onednn" and not auxtl_conv.onednn.available():
-        pytest.skip(f"oneDNN convolutions: {auxtl_conv.onednn.status()}")
+    if request.param == "onednn":
+        require_onednn()
     if request.param == "sliced":
+        require_sliced()
         monkeypatch.setattr(auxtl_conv, "use_onednn", lambda *args: False)
     return request.param
+
+
+def require_sliced() -> None:
+    if not switch.enabled("sliced"):
+        pytest.skip(f"sliced weight gradient: {switch.off_reason()}")
 
 
 @pytest.mark.parametrize("spec", ALL_CONVS, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{c[3]}-s{c[4][0]}")
@@ -178,6 +183,7 @@ def _lowered_text(platform: str, batch: int) -> str:
 
 
 def test_only_cpu_slices_the_weight_gradient(monkeypatch):
+    require_sliced()
     monkeypatch.setattr(auxtl_conv, "use_onednn", lambda *args: False)
     monkeypatch.setattr(auxtl_conv, "use_winograd", lambda *args, **kwargs: False)
     assert _lowered_text("cpu", batch=130).count("convolution") == 3   # 64 + 64 + 2 images

@@ -7,7 +7,7 @@ from flax import nnx
 
 from auxtl import finetune as ft
 from auxtl import freezing
-from auxtl.bench.throughput import compiled_step_flops
+from auxtl.bench.throughput_timing import compiled_step_flops
 from auxtl.data import compute_normalization
 from auxtl.freezing import Phase
 from auxtl.models import make_config

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from auxtl import host_memory
+from auxtl.cpu import host_memory
 
 # One process per case: the setting is process-wide and must precede JAX's backend.
 MALLOC_PROBE = r"""
 import ctypes, json, resource, threading
-from auxtl import host_memory
+from auxtl.cpu import host_memory
 status = host_memory.keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -37,7 +37,7 @@ print(json.dumps({"status": status, "faults": faults}))
 
 JAX_PROBE = r"""
 import json, resource, sys
-from auxtl import host_memory
+from auxtl.cpu import host_memory
 if sys.argv[1] == "late":
     import jax.numpy as jnp
     jnp.ones(3).block_until_ready()
@@ -79,10 +79,10 @@ def faulted_afresh(faults: list[int]) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_freed_block_is_reused_by_the_next_thread():
-    kept = run_probe(MALLOC_PROBE, AUXTL_KEEP_FREED_MEMORY="1")
-    default = run_probe(MALLOC_PROBE, AUXTL_KEEP_FREED_MEMORY="0")
+    kept = run_probe(MALLOC_PROBE, AUXTL_CPU_KERNELS="1")
+    default = run_probe(MALLOC_PROBE, AUXTL_CPU_KERNELS="0")
     assert kept["status"] == "applied"
-    assert default["status"] == "off (AUXTL_KEEP_FREED_MEMORY=0)"
+    assert default["status"] == "off (AUXTL_CPU_KERNELS=0)"
     assert kept["faults"][0] > BUFFER_PAGES // 2, kept      # the first use maps it
     assert max(kept["faults"][1:]) < 100, kept             # later ones reuse it
     if not thp_always():   # with huge pages everywhere the default faults 512x less
@@ -91,8 +91,8 @@ def test_freed_block_is_reused_by_the_next_thread():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_xla_buffers_stop_faulting_after_warm_up():
-    kept = run_probe(JAX_PROBE, "early", "64", AUXTL_KEEP_FREED_MEMORY="1")
-    default = run_probe(JAX_PROBE, "early", "64", AUXTL_KEEP_FREED_MEMORY="0")
+    kept = run_probe(JAX_PROBE, "early", "64", AUXTL_CPU_KERNELS="1")
+    default = run_probe(JAX_PROBE, "early", "64", AUXTL_CPU_KERNELS="0")
     assert kept["status"] == "applied"
     # The heap still grows in buffer-sized steps while small allocations fragment the
     # freed blocks. Measured on 2 cores, also with both cores busy: 2-11 of the first
@@ -105,24 +105,26 @@ def test_xla_buffers_stop_faulting_after_warm_up():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_refused_once_jax_has_started():
-    late = run_probe(JAX_PROBE, "late", "1", AUXTL_KEEP_FREED_MEMORY="1")
+    late = run_probe(JAX_PROBE, "late", "1", AUXTL_CPU_KERNELS="1")
     assert late["status"] == "not applied: JAX's backend had already started"
 
 
 def test_command_line_applies_it_first():
-    code = ("import sys; from auxtl import cli, host_memory; "
+    code = ("import sys; from auxtl import cli; from auxtl.cpu import host_memory; "
             "assert host_memory.status() == 'not configured'; "
             "cli.main(['models']); print(host_memory.status())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300, check=True)
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "AUXTL_CPU_KERNELS": "1"},
+                         timeout=300, check=True)
     expected = "applied" if sys.platform.startswith("linux") else "not glibc"
     assert out.stdout.strip().splitlines()[-1].startswith(expected), out.stdout
 
 
 def test_skipped_when_jax_will_run_on_an_accelerator():
-    code = "from auxtl import host_memory; print(host_memory.keep_freed_memory())"
+    code = "import auxtl; print(auxtl.keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cuda"}, timeout=300, check=True)
+                         env={**os.environ, "JAX_PLATFORMS": "cuda", "AUXTL_CPU_KERNELS": "1"},
+                         timeout=300, check=True)
     assert out.stdout.strip().startswith("skipped: JAX_PLATFORMS=cuda"), out.stdout
 
 

@@ -1,4 +1,4 @@
-"""auxtl.native_build: the library cache is private (another user's or a group-writable
+"""auxtl.cpu.native_build: the library cache is private (another user's or a group-writable
 directory or library is refused, never loaded), and a library's key covers the compiler
 version and the CPU (x86 and Arm /proc/cpuinfo alike)."""
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from auxtl import native_build, winograd
+from auxtl.cpu import native_build, switch, winograd
 from auxtl.errors import UnsafeFileError
 
 SOURCE_TEXT = "// a stand-in source\n"
@@ -115,6 +115,8 @@ def test_a_library_owned_by_someone_else_is_refused(cache, source, tmp_path, mon
 def test_a_refused_cache_reaches_the_winograd_warning(cache, monkeypatch):
     if not native_build.compiler():
         pytest.skip("no C++ compiler")
+    if not switch.enabled("winograd"):
+        pytest.skip(f"Winograd convolutions: {switch.off_reason()}")
     cache.mkdir(mode=0o700)
     cache.chmod(0o777)
     with pytest.warns(RuntimeWarning, match=f"Winograd.*{cache} is writable by group"):

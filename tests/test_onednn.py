@@ -1,4 +1,4 @@
-"""auxtl.onednn: oneDNN's convolutions through XLA's FFI match XLA's, and are used only
+"""auxtl.cpu.onednn: oneDNN's convolutions through XLA's FFI match XLA's, and are used only
 where they can be (differentiated float32 convolutions on one CPU device)."""
 
 import os
@@ -10,15 +10,21 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from auxtl import native_build, onednn
-from auxtl.models import conv as auxtl_conv
+from auxtl.cpu import conv as auxtl_conv
+from auxtl.cpu import native_build, onednn
 from conftest import CONV_LAYOUT as LAYOUT
-from conftest import assert_loaded, one_device_env
+from conftest import assert_loaded, one_device_env, require_onednn
 import rounding
 
-INSTALLED = not isinstance(onednn.onednn_paths(), str)
-# Installed but not built is a failure here, not a skip: the build is what these prove.
-needs_onednn = pytest.mark.skipif(not INSTALLED, reason=f"oneDNN: {onednn.onednn_paths()}")
+
+@pytest.fixture
+def _onednn_built() -> None:
+    """Skip where oneDNN cannot be built (not installed, no compiler, switched off);
+    installed but not built is a failure: the build is what these prove."""
+    require_onednn()
+
+
+needs_onednn = pytest.mark.usefixtures("_onednn_built")
 
 
 @needs_onednn
@@ -107,15 +113,15 @@ def _run(code: str, **env: str) -> str:
 
 USES_ONEDNN = """
 import jax, jax.numpy as jnp
-from auxtl import native_build, onednn
-from auxtl.models import conv
+from auxtl.cpu import conv, onednn
 x = jnp.ones((4, 6, 6, 3))
 print(onednn.status(), "|", conv.use_onednn(x, jnp.ones((3, 3, 3, 4)), ((1, 1), (1, 1))))
 """
 
 
-def test_turned_off_by_the_environment():
-    assert _run(USES_ONEDNN, AUXTL_ONEDNN="0") == "off (AUXTL_ONEDNN=0) | False"
+def test_turned_off_by_the_switch_alone():
+    assert _run(USES_ONEDNN, AUXTL_CPU_KERNELS="winograd,sliced") == (
+        "off (AUXTL_CPU_KERNELS=winograd,sliced) | False")
 
 
 @needs_onednn
@@ -150,8 +156,7 @@ def test_a_failed_build_is_reported_and_training_falls_back(tmp_path):
     not_a_dir = tmp_path / "cache"
     not_a_dir.write_text("a file where the cache directory should be")
     code = ("import warnings, jax, jax.numpy as jnp\n"
-            "from auxtl import onednn\n"
-            "from auxtl.models import conv\n"
+            "from auxtl.cpu import conv, onednn\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             "    x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))\n"

@@ -18,8 +18,9 @@ def test_non_editable_install_lists_rotation(tmp_path):
                    cwd=tmp_path)
     assert (site / "auxtl" / "tasks" / "rotation.py").is_file()
     assert (site / "auxtl" / "datasets" / "mnist5k.npz").is_file()
-    assert (site / "auxtl" / "native" / "onednn_conv.cc").is_file()
-    assert (site / "auxtl" / "native" / "winograd_conv.cc").is_file()
+    assert (site / "auxtl" / "cpu" / "native" / "onednn_conv.cc").is_file()
+    assert (site / "auxtl" / "cpu" / "native" / "winograd_conv.cc").is_file()
+    assert (site / "auxtl" / "cpu" / "__init__.py").is_file()
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run([sys.executable, "-c", "import auxtl; print(auxtl.__file__)"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from auxtl.bench import throughput, torch_reference
-from auxtl.bench.throughput import BenchConfig, BenchError
+from auxtl.bench import BenchError
+from auxtl.bench.throughput_cases import DTYPES, STEP_KINDS, BenchConfig
 
 REAL_TORCH = "/opt/torch311/bin/python"
 
@@ -194,7 +195,7 @@ def test_compare_torch_end_to_end_with_a_fake_interpreter(fake_worker, tmp_path,
 def test_compare_torch_restricts_only_the_defaults():
     parse = lambda *argv: throughput.config_from_args(throughput.build_parser().parse_args(argv))
     plain = parse()
-    assert plain.dtypes == throughput.DTYPES and plain.kinds == throughput.STEP_KINDS
+    assert plain.dtypes == DTYPES and plain.kinds == STEP_KINDS
     compared = parse("--compare-torch")
     assert (compared.models, compared.dtypes, compared.kinds) == (
         ("small_cnn",), ("float32",), ("pretrain", "frozen_prefix"))

@@ -1,4 +1,4 @@
-"""auxtl.winograd and auxtl.models.fused: the Winograd kernel matches XLA's convolution
+"""auxtl.cpu.winograd and auxtl.cpu.fused: the Winograd kernel matches XLA's convolution
 (with its epilogue), a frozen or evaluated block runs as one call, and gradients
 through a block in inference mode are the unfused ones."""
 
@@ -9,25 +9,31 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from auxtl import native_build, winograd
-from auxtl.models import build_trunk, fused, make_config
-from auxtl.models import conv as auxtl_conv
+from auxtl.cpu import conv as auxtl_conv
+from auxtl.cpu import fused, native_build, winograd
+from auxtl.models import build_trunk, make_config, ops
 from auxtl.models.layers import ConvBlock
 from conftest import CONV_LAYOUT as LAYOUT
 from conftest import U64, assert_loaded, gamma, require_winograd
 import rounding
 
 
+# Tests of the transforms and tile choice alone: they need no library.
+WITHOUT_LIBRARY = {"test_the_bounds_follow_a_winograd_algorithm",
+                   "test_tile_is_4_unless_the_output_is_smaller"}
+
+
 @pytest.fixture(autouse=True)
-def _built():
-    require_winograd()
+def _built(request):
+    if request.function.__name__ not in WITHOUT_LIBRARY:
+        require_winograd()
 
 
 def reference(x, kernel, padding, scale, shift, relu, pool):
     y = lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=LAYOUT,
                                  precision="highest") * scale + shift
     y = jnp.maximum(y, 0) if relu else y
-    return fused.max_pool_2x2(y) if pool else y
+    return ops.max_pool_2x2(y) if pool else y
 
 
 def test_the_library_of_this_source_compiler_and_cpu_is_built_and_loaded():
@@ -88,58 +94,6 @@ def test_a_nan_in_the_input_is_not_dropped_by_relu_or_pool(relu, pool):
     assert not np.isnan(got[0]).any()
 
 
-def xla_weight_gradient(x, dy, kernel_shape, padding):
-    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
-        x, k, (1, 1), padding, dimension_numbers=LAYOUT, precision="highest"),
-        jnp.zeros(kernel_shape))
-    return vjp(dy)[0]
-
-
-def _weight_gradient_case(shape, seed):
-    n, h, w, cin, cout, padding = shape
-    (top, bottom), (left, right) = padding
-    kx, ky = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (n, h, w, cin))
-    dy = jax.random.normal(ky, (n, h + top + bottom - 2, w + left + right - 2, cout))
-    return x, dy, (3, 3, cin, cout), padding
-
-
-def _default_tiles_per_block(x, dy) -> int:
-    tile = winograd.tile_for(*dy.shape[1:3])
-    return winograd._tiles_per_block((tile + 2) ** 2, x.shape[3], -(-dy.shape[3] // 16) * 16)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
-def test_weight_gradient_matches_xla(shape):
-    x, dy, kernel_shape, padding = _weight_gradient_case(shape, shape[3] * 100 + shape[4])
-    got = jax.jit(lambda x, dy: winograd.weight_gradient(x, dy, padding))(x, dy)
-    assert got.shape == kernel_shape
-    want, bound = rounding.winograd_weight_grad_bound(x, dy, padding,
-                                                      _default_tiles_per_block(x, dy))
-    rounding.assert_within(got, want, bound, "winograd.weight_gradient")
-    # and the XLA gradient this stands in for is the same float64 gradient
-    xla = rounding.direct_bounds(x, jnp.zeros(kernel_shape), dy, (1, 1), padding)
-    rounding.assert_within(xla_weight_gradient(x, dy, kernel_shape, padding),
-                           *xla["kernel gradient"], "XLA weight gradient")
-
-
-def test_weight_gradient_of_a_long_sum_over_tiles_and_any_block_size():
-    # 128 x 28 x 28 images: 6272 tiles summed per coefficient (in blocks, then the blocks'
-    # partial sums, CHUNK_BLOCKS at a time). Nonnegative data: no cancellation in the
-    # sum over 100k positions, so the bound (Winograd's transform amplification times
-    # gamma of the blocked sum's depth, tests/rounding.py) is a small fraction of the
-    # gradient itself and a lost or doubled block of tiles would exceed it.
-    x, dy, kernel_shape, padding = _weight_gradient_case((128, 28, 28, 32, 32, ((1, 1),) * 2), 3)
-    x, dy = jnp.abs(x), jnp.abs(dy)
-    for tiles_per_block in (None, 1, 100):
-        got = jax.jit(lambda x, dy: winograd.weight_gradient(
-            x, dy, padding, tiles_per_block=tiles_per_block))(x, dy)
-        want, bound = rounding.winograd_weight_grad_bound(
-            x, dy, padding, tiles_per_block or _default_tiles_per_block(x, dy))
-        assert np.max(bound / want) < 0.01   # the check below has teeth
-        rounding.assert_within(got, want, bound, f"tiles_per_block={tiles_per_block}")
-
-
 def test_the_bounds_follow_a_winograd_algorithm():
     # The transforms read from the .cc compute the convolution exactly (float64 rounding
     # only), so the rounding bounds derived from them describe this computation.
@@ -181,25 +135,6 @@ def test_flops_are_counted_as_xla_counts_the_direct_convolution():
     want = xla.lower(x, kernel).compile().cost_analysis()["flops"]
     assert winograd.convolution_flops(ours.compile().as_text()) == pytest.approx(want,
                                                                                 rel=0.01)
-
-
-def test_weight_gradient_flops_are_counted_as_xla_counts_them():
-    x, dy = jnp.ones((3, 9, 10, 8)), jnp.ones((3, 9, 10, 20))
-    padding = ((2, 0), (1, 1))
-    ours = jax.jit(lambda x, dy: winograd.weight_gradient(x, dy, padding)).lower(x, dy)
-    xla = jax.jit(lambda x, dy: xla_weight_gradient(x, dy, (3, 3, 8, 20), padding))
-    want = xla.lower(x, dy).compile().cost_analysis()["flops"]
-    assert winograd.convolution_flops(ours.compile().as_text()) == pytest.approx(want,
-                                                                                rel=0.01)
-
-
-def test_weight_gradient_bad_shapes_are_an_error_naming_them():
-    call = jax.ffi.ffi_call(winograd.WEIGHT_GRAD_TARGET,
-                            jax.ShapeDtypeStruct((36, 4, 16), jnp.float32))
-    with pytest.raises(Exception, match="shapes do not match.*output gradient 3x8x8x6"):
-        jax.block_until_ready(call(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 8, 8, 6)),
-                                   tile=np.int64(4), pad_top=np.int64(1),
-                                   pad_left=np.int64(1), tiles_per_block=np.int64(8)))
 
 
 def _block(pool: bool) -> ConvBlock:

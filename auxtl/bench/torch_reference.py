@@ -28,7 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from auxtl.bench.throughput import BenchError, build_cases, compile_case, timed_calls
+from auxtl.bench import BenchError
+from auxtl.bench.machine import environment
+from auxtl.bench.throughput_cases import build_cases
+from auxtl.bench.throughput_timing import compile_case, timed_calls
 
 TORCH_KINDS = ("pretrain", "frozen_prefix")
 TORCH_MODES = ("eager", "channels_last", "compile")
@@ -250,7 +253,6 @@ def compare_torch(config, python: str, *, batch_size: int, rounds: int = 5,
                   start_timeout: float = 1800) -> dict:
     """auxtl's small_cnn float32 steps of `kinds` and PyTorch's in `modes`, in `rounds`
     paired rounds of `config.steps` steps (after `config.warmup` untimed ones each)."""
-    from auxtl.bench.throughput import environment
     log(f"[bench] auxtl small_cnn float32 batch {batch_size}: compiling {', '.join(kinds)}")
     cases = build_cases("small_cnn", "float32", kinds, batch_size, seed=config.seed)
     timers, compile_s = {}, {}

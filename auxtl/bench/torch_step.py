@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 READY, RESULT = "AUXTL_TORCH_READY ", "AUXTL_TORCH_RESULT "
-NUM_CLASSES = 10          # auxtl.bench.throughput.NUM_CLASSES
-FROZEN_CONVS = 4          # auxtl.bench.throughput.layers_to_freeze for small_cnn
+NUM_CLASSES = 10          # auxtl.bench.throughput_cases.NUM_CLASSES
+FROZEN_CONVS = 4          # auxtl.bench.throughput_cases.layers_to_freeze, small_cnn
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -6,7 +6,8 @@ import math
 import pathlib
 from collections.abc import Sequence
 
-from auxtl.bench.transfer import MODES, PUBLISHED_ROTNET, SCRATCH, reference_for
+from auxtl.bench.transfer_cells import reference_for
+from auxtl.bench.transfer_config import MODES, PUBLISHED_ROTNET, SCRATCH
 
 MODE_TITLES = {"linear": "linear probe", "knn": "k-NN", "head": "frozen trunk + new head",
                "staged": "staged unfreezing"}
@@ -136,6 +137,8 @@ def markdown(result: dict) -> str:
 def plot(result: dict, path: pathlib.Path) -> None:
     """Accuracy vs labels per class (log x), one line per source with its interval band,
     one subplot per mode."""
+    # matplotlib is imported here, not at the top: it is an optional, heavy dependency
+    # that only the plot needs.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

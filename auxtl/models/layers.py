@@ -6,27 +6,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from auxtl.models import conv, fused
-from auxtl.models.fused import max_pool_2x2
+from auxtl.models import ops
+from auxtl.models.ops import max_pool_2x2
 
 
 def conv_bn(conv: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array, *, train: bool, relu: bool,
             pool: bool = False) -> jax.Array:
-    """conv -> BatchNorm [-> ReLU] [-> 2x2 max-pool]; in inference, one fused Winograd
-    call where it applies (`auxtl.models.fused`)."""
-    if not train and fused.applies(conv, bn, x):
-        return fused.conv_bn(conv, bn, x, relu=relu, pool=pool)
-    y = bn(conv(x), use_running_average=not train)
+    """conv -> BatchNorm [-> ReLU] [-> 2x2 max-pool]; not training, through the
+    `ops.conv_bn_inference` hook."""
+    if not train:
+        return ops.conv_bn_inference(conv, bn, x, relu=relu, pool=pool)
+    y = bn(conv(x), use_running_average=False)
     y = nnx.relu(y) if relu else y
     return max_pool_2x2(y) if pool else y
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, dtype,
           rngs: nnx.Rngs) -> nnx.Conv:
-    """kxk conv, SAME padding, no bias (a BatchNorm follows); CPU-fast weight gradient."""
+    """kxk conv, SAME padding, no bias (a BatchNorm follows), through the `ops` hook."""
     return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
                     padding="SAME", use_bias=False, dtype=dtype, rngs=rngs,
-                    conv_general_dilated=conv.conv_general_dilated)
+                    conv_general_dilated=ops.conv_general_dilated)
 
 
 def _bn(channels: int, dtype, rngs: nnx.Rngs, **kwargs) -> nnx.BatchNorm:

@@ -4,11 +4,11 @@
 // Each m x m output tile is (A^T [(G g G^T) . (B^T d B)] A) (Lavin & Gray 2016): the
 // 3x3 products become, per tile, (m+2)^2 independent channel matmuls, (m+2)^2 / (9 m^2)
 // of the direct multiply-adds (F(2x2): 1/2.25, F(4x4): 1/4). The kernel arrives already
-// transformed (U = G g G^T, by auxtl/winograd.py, with any per-channel scale folded
+// transformed (U = G g G^T, by auxtl/cpu/winograd.py, with any per-channel scale folded
 // in) as [(m+2)^2][ceil(Cout/16)][Cin][16]. Tiles are processed in blocks small
 // enough that a block's transformed input stays in cache: input transform, matmuls,
 // output transform with shift, ReLU and 2x2 max-pool, written straight to y.
-// Blocks are spread over OpenMP threads. auxtl/winograd.py builds and registers this.
+// Blocks are spread over OpenMP threads. auxtl/cpu/winograd.py builds and registers this.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -24,7 +24,6 @@ namespace {
 constexpr int kLanes = 8;    // one vector: 8 floats (AVX2; AVX-512 splits nothing)
 constexpr int kCols = 16;    // output channels per matmul column block (2 vectors)
 constexpr int kRows = 6;     // tiles per matmul micro-kernel call
-constexpr int kChunkBlocks = 32;  // weight gradient: blocks summed apart before adding up
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -37,8 +36,7 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 inline float Load1(const float* p) { return *p; }
 inline void Store1(float* p, float v) { *p = v; }
 
-// Transform matrices: input B^T (T x T), output A^T (m x T) and its transpose A (for
-// the weight gradient's adjoint transform); T = m + 2.
+// Transform matrices: input B^T (T x T), output A^T (m x T); T = m + 2.
 template <int M>
 struct Transform;
 
@@ -46,7 +44,6 @@ template <>
 struct Transform<2> {
   static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
-  static constexpr float A[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
 };
 
 template <>
@@ -58,18 +55,7 @@ struct Transform<4> {
                                      {0, 1, -1, 2, -2, 0},
                                      {0, 1, 1, 4, 4, 0},
                                      {0, 1, -1, 8, -8, 1}};
-  static constexpr float A[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1},  {1, -1, 1, -1},
-                                    {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
 };
-
-template <int M>
-constexpr bool ATransposed() {
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < M + 2; ++j)
-      if (Transform<M>::AT[i][j] != Transform<M>::A[j][i]) return false;
-  return true;
-}
-static_assert(ATransposed<2>() && ATransposed<4>(), "A must be the transpose of A^T");
 
 // out[R][C] = sum_k mat[R][k] in[k][C] for one lane type L (a vector or a float); zero
 // coefficients are skipped at compile time (the loops are fully unrolled).
@@ -278,134 +264,6 @@ void Run(const Shape& s, const float* x, const float* u, const float* shift, flo
   }
 }
 
-// ---- weight gradient ----------------------------------------------------------------
-// With U = G k G^T and each output tile Y = A^T [U . V] A, the kernel's gradient is
-// dk = G^T dU G where dU[k][c][o] = sum over tiles of V[k][t][c] dM[k][t][o], V the
-// input tiles' transform (as in the forward pass) and dM = A dY A^T the adjoint of the
-// output transform applied to the output gradient's tiles.
-
-// dM[k][t][o] = (A dY A^T)[k] for tile t, dY its m x m output-gradient patch (zero
-// beyond the output), over lanes of output channels starting at o.
-template <int M, typename L, int W>
-inline void OutputGradLanes(const float* const (&rows)[M][M], int64_t o, float* dm,
-                            int64_t plane) {
-  constexpr int T = M + 2;
-  L d[M][M], tmp[T][M], out[T][T];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < M; ++j) {
-      if constexpr (W == 1) d[i][j] = rows[i][j] ? Load1(rows[i][j] + o) : 0.0f;
-      else d[i][j] = rows[i][j] ? Load(rows[i][j] + o) : Vec{};
-    }
-  Left(Transform<M>::A, d, tmp);
-  Right(tmp, Transform<M>::A, out);
-  for (int i = 0; i < T; ++i)
-    for (int j = 0; j < T; ++j) {
-      if constexpr (W == 1) Store1(dm + (i * T + j) * plane + o, out[i][j]);
-      else Store(dm + (i * T + j) * plane + o, out[i][j]);
-    }
-}
-
-template <int M>
-void OutputGradTransform(const Shape& s, const float* dy, int64_t tile, float* dm,
-                         int64_t plane) {
-  const int64_t th = (s.ch + M - 1) / M, tw = (s.cw + M - 1) / M;
-  const int64_t n = tile / (th * tw), ty = tile / tw % th, tx = tile % tw;
-  const float* rows[M][M];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < M; ++j) {
-      const int64_t oy = ty * M + i, ox = tx * M + j;
-      rows[i][j] = (oy < s.ch && ox < s.cw) ? dy + ((n * s.ch + oy) * s.cw + ox) * s.o : nullptr;
-    }
-  int64_t o = 0;
-  for (; o + kLanes <= s.o; o += kLanes) OutputGradLanes<M, Vec, kLanes>(rows, o, dm, plane);
-  for (; o < s.o; ++o) OutputGradLanes<M, float, 1>(rows, o, dm, plane);
-}
-
-// out[r][0:16] += sum_t a[t * a_depth + r] b[t * b_depth + 0:16] for R rows, the sum
-// over t formed on its own first (a block's partial sum: less rounding than one long sum).
-template <int R>
-inline void MicroAcc(const float* a, int64_t a_depth, const float* b, int64_t b_depth,
-                     int64_t depth, float* out, int64_t ldo) {
-  Vec acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec{};
-  for (int64_t t = 0; t < depth; ++t) {
-    const Vec b0 = Load(b + t * b_depth), b1 = Load(b + t * b_depth + kLanes);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const float av = a[t * a_depth + r];
-      acc[r][0] += av * b0;
-      acc[r][1] += av * b1;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    Store(out + r * ldo, Load(out + r * ldo) + acc[r][0]);
-    Store(out + r * ldo + kLanes, Load(out + r * ldo + kLanes) + acc[r][1]);
-  }
-}
-
-inline void MicroAccRows(int rows, const float* a, int64_t a_depth, const float* b,
-                         int64_t b_depth, int64_t depth, float* out, int64_t ldo) {
-  switch (rows) {
-    case 6: return MicroAcc<6>(a, a_depth, b, b_depth, depth, out, ldo);
-    case 5: return MicroAcc<5>(a, a_depth, b, b_depth, depth, out, ldo);
-    case 4: return MicroAcc<4>(a, a_depth, b, b_depth, depth, out, ldo);
-    case 3: return MicroAcc<3>(a, a_depth, b, b_depth, depth, out, ldo);
-    case 2: return MicroAcc<2>(a, a_depth, b, b_depth, depth, out, ldo);
-    default: return MicroAcc<1>(a, a_depth, b, b_depth, depth, out, ldo);
-  }
-}
-
-// dU [(m+2)^2][Cin][16 ceil(Cout/16)]. Tiles go in blocks: all threads transform a
-// block's input and output-gradient tiles, then each thread accumulates whole
-// (position, 16-channel column) slices of dU over the block. Every slice is summed in
-// the same order whatever the number of threads, so the result does not depend on it.
-template <int M>
-void RunWeightGrad(const Shape& s, const float* x, const float* dy, float* du,
-                   int64_t tiles_per_block) {
-  constexpr int T = M + 2, K = T * T;
-  const int64_t th = (s.ch + M - 1) / M, tw = (s.cw + M - 1) / M;
-  const int64_t tiles = s.n * th * tw;
-  const int64_t col_blocks = (s.o + kCols - 1) / kCols, width = col_blocks * kCols;
-  const int64_t block = std::max<int64_t>(1, tiles_per_block);
-  const int64_t blocks = (tiles + block - 1) / block;
-  const int64_t vplane = block * s.c, mplane = block * width;
-  const int64_t size = K * s.c * width;
-  std::unique_ptr<float[]> v(new float[K * vplane]), dm(new float[K * mplane]()),
-      chunk(new float[size]());
-  std::fill(du, du + size, 0.0f);
-#pragma omp parallel
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t first = b * block, count = std::min(block, tiles - first);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < count; ++t) {
-      InputTransform<M>(s, x, first + t, v.get() + t * s.c, vplane);
-      OutputGradTransform<M>(s, dy, first + t, dm.get() + t * width, mplane);
-    }
-    // Each block's partial sums go into `chunk`, every kChunkBlocks blocks into du:
-    // three levels of summation keep rounding low for any block size.
-    const bool flush = (b + 1) % kChunkBlocks == 0 || b + 1 == blocks;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < K * col_blocks; ++item) {
-      const int64_t k = item / col_blocks, cb = item % col_blocks;
-      const float* vk = v.get() + k * vplane;
-      const float* mk = dm.get() + k * mplane + cb * kCols;
-      float* ck = chunk.get() + k * s.c * width + cb * kCols;
-      float* uk = du + k * s.c * width + cb * kCols;
-      for (int64_t c = 0; c < s.c; c += kRows)
-        MicroAccRows(static_cast<int>(std::min<int64_t>(kRows, s.c - c)), vk + c, s.c, mk,
-                     width, count, ck + c * width, width);
-      if (flush) {
-        for (int64_t c = 0; c < s.c; ++c) {
-          for (int l = 0; l < kCols; l += kLanes) {
-            Store(uk + c * width + l, Load(uk + c * width + l) + Load(ck + c * width + l));
-            Store(ck + c * width + l, Vec{});
-          }
-        }
-      }
-    }
-  }
-}
-
 using F32 = ffi::Buffer<ffi::F32>;
 
 ffi::Error Conv(F32 x, F32 u, F32 shift, ffi::ResultBuffer<ffi::F32> y, int64_t tile,
@@ -435,31 +293,6 @@ ffi::Error Conv(F32 x, F32 u, F32 shift, ffi::ResultBuffer<ffi::F32> y, int64_t 
   return ffi::Error::Success();
 }
 
-ffi::Error WeightGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> du, int64_t tile,
-                      int64_t pad_top, int64_t pad_left, int64_t tiles_per_block) {
-  const auto xd = x.dimensions(), yd = dy.dimensions(), ud = du->dimensions();
-  const int64_t k = (tile + 2) * (tile + 2);
-  if (xd.size() != 4 || yd.size() != 4 || ud.size() != 3 || (tile != 2 && tile != 4)) {
-    return ffi::Error::InvalidArgument(
-        "auxtl Winograd weight gradient: expected NHWC input and output gradient, "
-        "[(m+2)^2, C, 16 ceil(O/16)] result and tile m of 2 or 4");
-  }
-  Shape s{xd[0], xd[1], xd[2], xd[3], yd[3], yd[1], yd[2], yd[1], yd[2],
-          pad_top, pad_left, false, false};
-  if (yd[0] != s.n || ud[0] != k || ud[1] != s.c || ud[2] != (s.o + kCols - 1) / kCols * kCols ||
-      pad_top < 0 || pad_left < 0 || pad_top > 2 || pad_left > 2 || s.ch > s.h + 2 * 2 - 2 ||
-      s.cw > s.w + 2 * 2 - 2 || s.ch < 1 || s.cw < 1 || tiles_per_block < 1) {
-    return ffi::Error::InvalidArgument(
-        "auxtl Winograd weight gradient: shapes do not match (input " + std::to_string(s.n) +
-        "x" + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" + std::to_string(s.c) +
-        ", output gradient " + std::to_string(yd[0]) + "x" + std::to_string(s.ch) + "x" +
-        std::to_string(s.cw) + "x" + std::to_string(s.o) + ", tile " + std::to_string(tile) + ")");
-  }
-  auto run = tile == 2 ? RunWeightGrad<2> : RunWeightGrad<4>;
-  run(s, x.typed_data(), dy.typed_data(), du->typed_data(), tiles_per_block);
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AuxtlWinogradConv, Conv,
@@ -475,13 +308,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AuxtlWinogradConv, Conv,
                                   .Attr<int64_t>("conv_w")
                                   .Attr<bool>("relu")
                                   .Attr<bool>("pool"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AuxtlWinogradWeightGrad, WeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("tile")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("tiles_per_block"));

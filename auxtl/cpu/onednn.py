@@ -1,23 +1,22 @@
-"""oneDNN convolutions for XLA:CPU through XLA's FFI: faster training steps on CPU.
+"""oneDNN convolutions for XLA:CPU through XLA's FFI, for the training step.
 
-XLA's CPU convolutions (YNNPACK) are slower than oneDNN's, which PyTorch uses:
-~1.3x for the forward pass and the input gradient, ~2x for the weight gradient
-(benchmarks/NOTES.md, section 6). `auxtl/native/onednn_conv.cc` wraps oneDNN's
-three convolution primitives as XLA FFI handlers. This module compiles it on first
-use with the C++ compiler (`$CXX`, else `c++`) against the headers of the installed
-jaxlib and of oneDNN (the `onednn` extra: `onednn-cpu-gomp` + `onednn-devel-cpu-gomp`),
-caches the library under `$AUXTL_CACHE_DIR` (default `~/.cache/auxtl`), and registers
-the handlers for the CPU platform.
+`auxtl/cpu/native/onednn_conv.cc` wraps oneDNN's three convolution primitives
+(forward, input gradient, weight gradient; the library PyTorch uses on CPU, faster
+there than XLA's own: benchmarks/NOTES.md, section 6) as XLA FFI handlers. This
+module compiles it on first use with the C++ compiler (`$CXX`, else `c++`) against
+the headers of the installed jaxlib and of oneDNN (the `onednn` extra:
+`onednn-cpu-gomp` + `onednn-devel-cpu-gomp`), caches the library under
+`$AUXTL_CACHE_DIR` (auxtl.cpu.native_build) and registers the handlers for the CPU
+platform.
 
 `available()` says whether the convolutions can be used; `status()` says why not in
-words. `auxtl.models.conv` uses them for differentiated convolutions on a single CPU
+words. `auxtl.cpu.conv` uses them for differentiated convolutions on a single CPU
 device (GSPMD cannot partition a custom call, so sharded steps keep XLA's
-convolutions). `AUXTL_ONEDNN=0` turns them off.
+convolutions). The "onednn" component of AUXTL_CPU_KERNELS (`auxtl.cpu.switch`).
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 import platform
 import re
@@ -28,10 +27,9 @@ from importlib import metadata
 import jax
 import numpy as np
 
-from auxtl import native_build
+from auxtl.cpu import native_build, switch
 from auxtl.errors import InputError
 
-ENV_VAR = "AUXTL_ONEDNN"
 SOURCE = native_build.SOURCES / "onednn_conv.cc"
 TARGETS = {"forward": "AuxtlOneDnnConvForward", "input_grad": "AuxtlOneDnnConvInputGrad",
            "weight_grad": "AuxtlOneDnnConvWeightGrad"}
@@ -46,7 +44,7 @@ def available() -> bool:
 
 
 def status() -> str:
-    """"available", or why not: "off (AUXTL_ONEDNN=0)", "unsupported platform ...",
+    """"available", or why not: "off (AUXTL_CPU_KERNELS=0)", "unsupported platform ...",
     "not installed ...", "no C++ compiler ...", "build failed: ...", "load failed: ..."."""
     global _status
     if _status is None:
@@ -55,8 +53,8 @@ def status() -> str:
 
 
 def _set_up() -> str:
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    if not switch.enabled("onednn"):
+        return switch.off_reason()
     if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
         return f"unsupported platform ({sys.platform} {platform.machine()}; Linux x86-64 only)"
     paths = onednn_paths()
@@ -65,7 +63,7 @@ def _set_up() -> str:
     include, libdir = paths
     compiler = native_build.compiler()
     if not compiler:
-        return "no C++ compiler (set CXX, or install g++) to build auxtl/native/onednn_conv.cc"
+        return "no C++ compiler (set CXX, or install g++) to build auxtl/cpu/native/onednn_conv.cc"
     try:
         library = build_library(compiler, include, libdir)
     except (native_build.BuildError, OSError) as error:

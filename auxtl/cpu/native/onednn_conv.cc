@@ -1,7 +1,7 @@
 // oneDNN 2-D convolutions (forward, input gradient, weight gradient) as XLA FFI handlers.
 //
 // Float32, NHWC activations and HWIO kernels (the layout auxtl's convolutions use),
-// any strides and padding, no dilation or groups. auxtl/onednn.py compiles this file
+// any strides and padding, no dilation or groups. auxtl/cpu/onednn.py compiles this file
 // on first use and registers the handlers for XLA's CPU platform; see it for why.
 #include <cstdint>
 #include <exception>

@@ -1,23 +1,24 @@
-"""2-D convolution with faster training on CPU; XLA's own everywhere else.
+"""The training convolution of auxtl.cpu: a custom_vjp 2-D convolution whose CPU
+forward pass and gradients come from auxtl's kernels, XLA's everywhere else.
 
-Differentiated float32 convolutions on a single CPU device run on auxtl's kernels
-through XLA's FFI: 3x3 stride-1 convolutions with at least 8 input channels take
-their forward pass and input gradient from `auxtl.winograd` (Winograd F(4x4, 3x3));
-the other forward passes and input gradients, and every weight gradient, from
-oneDNN (`auxtl.onednn`) where it is installed (benchmarks/NOTES.md, sections 6-7).
-A convolution that is not differentiated runs the primal, XLA's; a conv + BatchNorm
-block in inference mode is fused into one Winograd call by `auxtl.models.fused`.
+Differentiated float32 NHWC convolutions on one CPU device in one process (GSPMD
+cannot partition a custom call):
+- forward pass and input gradient of a 3x3 stride-1 convolution with at least
+  MIN_WINOGRAD_CHANNELS input (output, for the input gradient) channels: Winograd
+  (`auxtl.cpu.winograd`);
+- the other forward passes and input gradients, and every weight gradient: oneDNN
+  (`auxtl.cpu.onednn`) where it is built.
+Any other differentiated convolution on CPU takes XLA's weight gradient summed over
+slices of at most _SLICE_IMAGES images ("sliced"), which XLA:CPU computes faster than
+the whole batch at once.
+Each choice is made when the step is traced, from the switch (`auxtl.cpu.switch`) and
+whether the kernel is built; the lowering picks XLA's own convolutions for GPU and
+TPU (`jax.lax.platform_dependent`). A convolution that is not differentiated runs
+XLA's. Measurements: benchmarks/NOTES.md, sections 1, 6 and 7.
 
-Without oneDNN, XLA's CPU weight gradient is computed per slice of at most 64
-images and the slices summed: it slows down more than linearly with the batch (a
-512x28x28x32->32 convolution: 20 ms for 128 images, 297 ms for 512), while its
-forward pass and input gradient scale well. On GPU and TPU the lowering picks XLA's
-native convolutions and weight gradient for the whole batch
-(`jax.lax.platform_dependent`).
-
-`conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (pass it to
-`nnx.Conv(conv_general_dilated=...)`); shapes it does not cover (dilation, groups,
-non-2-D) go straight to XLA.
+`conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (the
+`ops.conv_general_dilated` hook); shapes it does not cover (dilation, groups,
+non-2-D, a precision or output type) go straight to XLA.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from auxtl import onednn, winograd
+from auxtl.cpu import onednn, switch, winograd
 
 _LAYOUT = ("NHWC", "HWIO", "NHWC")
-# Images per slice of the CPU weight gradient (32 and 64 measured alike, 128 slower).
+# Images per slice of the CPU weight gradient (benchmarks/NOTES.md, section 1).
 _SLICE_IMAGES = 64
 # Fewer input channels than this keep the direct kernels (too little work per tile).
 MIN_WINOGRAD_CHANNELS = 8
@@ -129,12 +130,11 @@ def _xla_input_gradient(dy, kernel, x, strides, padding):
 
 
 def _weight_gradient(x, dy, kernel, strides, padding):
-    # auxtl.winograd.weight_gradient is ~2x faster than oneDNN's and matches XLA
-    # standalone and under vmap, but wired in here the vmapped multi-seed step of
-    # tests/test_seeds.py drifted in one layer (5e-4 relative after 3 steps): unused
-    # until that is explained (benchmarks/NOTES.md, section 7b).
     if not use_onednn(x, kernel, padding):
-        return kernel_gradient(x, dy, kernel.shape, strides, padding)
+        if switch.enabled("sliced"):
+            return kernel_gradient(x, dy, kernel.shape, strides, padding)
+        return xla_kernel_gradient(x, dy, kernel_shape=tuple(kernel.shape),
+                                   strides=strides, padding=padding)
     return lax.platform_dependent(
         x, dy,
         cpu=lambda x, dy: onednn.conv_weight_grad(x, dy, strides, padding, kernel.shape),
@@ -193,10 +193,9 @@ def xla_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
 def sliced_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Array:
     """XLA's weight gradient summed over static slices of at most _SLICE_IMAGES images.
 
-    XLA's CPU weight gradient slows down more than linearly with the batch (a
-    512x28x28x32->32 conv: 20 ms at 128 images, 297 ms at 512); per slice of 32-64
-    images it stays fast. The slices are unrolled (the last may be shorter): inside a
-    `lax.scan` XLA's CPU convolution falls back to a slow loop (seconds).
+    XLA's CPU weight gradient slows down more than linearly with the batch; per slice
+    it stays fast (benchmarks/NOTES.md, section 1). The slices are unrolled (the last
+    may be shorter): inside a `lax.scan` XLA's CPU convolution is much slower.
     """
     parts = [xla_kernel_gradient(x[i:i + _SLICE_IMAGES], dy[i:i + _SLICE_IMAGES],
                                  kernel_shape=kernel_shape, strides=strides, padding=padding)

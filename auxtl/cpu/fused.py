@@ -1,14 +1,14 @@
-"""conv -> BatchNorm on running statistics [-> ReLU] [-> 2x2 max-pool] as one CPU call.
+"""conv -> BatchNorm on running statistics [-> ReLU] [-> 2x2 max-pool] as one CPU call:
+the `ops.conv_bn_inference` hook of auxtl.cpu.
 
 With its running statistics, BatchNorm is a per-channel affine map after the
 convolution: y = conv(x, k) * s + t, s = gamma / sqrt(var + eps), t = beta - mean * s.
-Where nothing differentiates the block (a frozen prefix, evaluation, feature
-extraction), `conv_bn_inference` runs it as one `auxtl.winograd.conv` call: Winograd
-3x3 convolution with s folded into the kernel, shift, ReLU and pooling in its
-epilogue (benchmarks/NOTES.md, section 7). Differentiated, its custom_vjp runs the
-plain composition (`conv.conv2d`, flax's BatchNorm formula, ReLU, pool) forward and
-backward, so gradients are the unfused ones. GPU and TPU lower the plain composition
-(`jax.lax.platform_dependent`).
+`conv_bn` runs such a block as one `auxtl.cpu.winograd.conv` call (s folded into the
+kernel; shift, ReLU and pool in its epilogue) where `applies` holds, else the plain
+composition (`ops.plain_conv_bn_inference`). Differentiated (a block in inference
+mode inside a loss), its custom_vjp runs the plain composition forward and backward,
+so gradients are the unfused ones. GPU and TPU lower the plain composition
+(`jax.lax.platform_dependent`). Measurements: benchmarks/NOTES.md, section 7a.
 """
 
 from __future__ import annotations
@@ -20,19 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from auxtl import winograd
-from auxtl.models import conv
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2/2 max-pool (VALID) as reshape + max.
-
-    Same values as reduce_window, but XLA's CPU backward of this form is about 6x
-    faster than select_and_scatter (36 vs 212 ms on a 512x28x28x32 batch, measured).
-    """
-    n, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2, :]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+from auxtl.cpu import conv, winograd
+from auxtl.models import ops
 
 
 def applies(conv_module: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array) -> bool:
@@ -44,7 +33,7 @@ def applies(conv_module: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array) -> bool:
             and bn.scale is not None and bn.bias is not None and conv_module.bias is None
             and conv_module.mask is None and conv_module.feature_group_count == 1
             and _ones(conv_module.input_dilation) and _ones(conv_module.kernel_dilation)
-            and conv_module.conv_general_dilated is conv.conv_general_dilated):
+            and conv_module.conv_general_dilated is ops.conv_general_dilated):
         return False
     strides = conv_module.strides
     strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
@@ -65,7 +54,10 @@ def padding_of(conv_module: nnx.Conv, x: jax.Array) -> tuple[tuple[int, int], ..
 
 def conv_bn(conv_module: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array, *,
             relu: bool, pool: bool = False) -> jax.Array:
-    """The fused inference block of two modules (`applies` must hold)."""
+    """The inference block of two modules: one fused call where `applies` holds, else
+    `ops.plain_conv_bn_inference`."""
+    if not applies(conv_module, bn, x):
+        return ops.plain_conv_bn_inference(conv_module, bn, x, relu=relu, pool=pool)
     return conv_bn_inference(x, conv_module.kernel[...], bn.mean[...], bn.var[...],
                              bn.scale[...], bn.bias[...], bn.epsilon,
                              padding_of(conv_module, x), relu, pool)
@@ -76,7 +68,7 @@ def _plain(x, kernel, mean, var, scale, bias, epsilon, padding, relu, pool):
     y = conv.conv2d(x, kernel, (1, 1), padding)
     y = (y - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
     y = nnx.relu(y) if relu else y
-    return max_pool_2x2(y) if pool else y
+    return ops.max_pool_2x2(y) if pool else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))

@@ -1,32 +1,30 @@
 """Keep freed host memory mapped, so XLA:CPU's per-step buffers stop page-faulting.
 
 XLA's CPU runtime allocates each execution's temporary buffer with `malloc` and
-frees it when the execution ends (555 MB for the small_cnn pretraining step at 128
-images x 4 rotations). glibc serves a large block from a fresh `mmap` (always above
-32 MB, and for any block too big for a worker thread's arena) and unmaps it on
-`free`, so every step faults every page in again: ~140k page faults and ~0.3 s of
-kernel time per step on a 2-core machine (benchmarks/NOTES.md). Restricting malloc
-to its main arena, without mmap and without trimming the heap, keeps freed pages
-mapped and reuses them from the next step on.
+frees it when the execution ends. glibc serves a large block from a fresh `mmap`
+(always above 32 MB, and for any block too big for a worker thread's arena) and
+unmaps it on `free`, so every step faults every page in again (benchmarks/NOTES.md,
+section 5). Restricting malloc to its main arena, without mmap and without trimming
+the heap, keeps freed pages mapped and reuses them from the next step on.
 
 The setting is process-wide and lasts for the process: `auxtl`'s command line
 applies it at start, unless JAX will run on a GPU or TPU (device buffers do not
-come from malloc); a script calls `keep_freed_memory()` before its first JAX
+come from malloc); a script calls `auxtl.keep_freed_memory()` before its first JAX
 computation. The cost is that the process keeps its peak heap size (it never gives
-freed memory back to the system), and all threads share one malloc arena.
-`AUXTL_KEEP_FREED_MEMORY=0` turns it off.
+freed memory back to the system), and all threads share one malloc arena. The
+"host_memory" component of AUXTL_CPU_KERNELS (`auxtl.cpu.switch`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
 import jax   # importing JAX starts no threads; its first computation does
 
-ENV_VAR = "AUXTL_KEEP_FREED_MEMORY"
+from auxtl.cpu import switch
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _NEVER_TRIM = 2**31 - 1     # bytes of free heap top kept before trimming (int max)
@@ -37,10 +35,9 @@ _status: str | None = None
 def keep_freed_memory() -> str:
     """Configures glibc malloc once per process; returns what was done, in words.
 
-    "applied", or why not: "off (AUXTL_KEEP_FREED_MEMORY=0)", "skipped: ..." (JAX
-    will run on a GPU/TPU: JAX_PLATFORMS or an installed plugin says so), "not
-    glibc (...)", "not applied: JAX's backend had already started", "failed: ...".
-    It must run
+    "applied", or why not: "off (AUXTL_CPU_KERNELS=0)", "skipped: ..." (JAX will run
+    on a GPU/TPU: JAX_PLATFORMS or an installed plugin says so), "not glibc (...)",
+    "not applied: JAX's backend had already started", "failed: ...". It must run
     before the first JAX computation: threads XLA has started keep their own malloc
     arenas, whose large blocks are mmapped whatever the settings.
     """
@@ -51,13 +48,16 @@ def keep_freed_memory() -> str:
 
 
 def status() -> str:
-    """What `keep_freed_memory` did in this process, or "not configured"."""
+    """What `keep_freed_memory` did in this process; "not configured" before it ran
+    (or why it would not run: the switch is off)."""
+    if _status is None and not switch.enabled("host_memory"):
+        return switch.off_reason()
     return _status or "not configured"
 
 
 def _configure() -> str:
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    if not switch.enabled("host_memory"):
+        return switch.off_reason()
     skip = _accelerator_expected()
     if skip:
         return f"skipped: {skip}; the page faults are XLA:CPU's (JAX_PLATFORMS=cpu applies it)"

@@ -1,4 +1,4 @@
-"""Build auxtl's C++ XLA FFI handlers (`auxtl/native/*.cc`) on first use and cache them.
+"""Build auxtl's C++ XLA FFI handlers (`auxtl/cpu/native/*.cc`) on first use and cache them.
 
 A library is compiled once per source text, command, compiler version, jax version and
 whatever else its caller puts in the key (a oneDNN version, this CPU's instruction set

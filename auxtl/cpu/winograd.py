@@ -1,30 +1,22 @@
 """Winograd 3x3 convolutions for XLA:CPU through XLA's FFI, with a fused epilogue.
 
-`auxtl/native/winograd_conv.cc` computes y = pool(relu(conv3x3(x, k) * scale + shift))
+`auxtl/cpu/native/winograd_conv.cc` computes y = pool(relu(conv3x3(x, k) * scale + shift))
 for stride-1 float32 NHWC convolutions with Winograd's F(4x4, 3x3) (F(2x2, 3x3) when
-the output is smaller than 4 pixels), a quarter of the direct multiply-adds, tiled so
-each block's transformed input stays in cache. On the 2-core CPUs measured it runs a
-small_cnn convolution 2-3.5x faster than XLA's or oneDNN's direct kernels
-(benchmarks/NOTES.md, section 7). Outputs differ from a direct convolution's by
-rounding only: relative error ~1e-6 in float32 (tests/test_winograd.py holds it to
-<= 1e-5).
-
-It also computes the weight gradient of such a convolution: dU = sum over tiles and
-images of (B^T d B) x (A dY A^T) at each transform position, summed in blocks, then
-dk = G^T dU G (about 2x faster than oneDNN's weight gradient on the same shapes;
-relative error ~3e-6 at 512x28x28x32, where a single running sum over its 25k
-tiles reached 3e-5). Not yet used by auxtl.models.conv (benchmarks/NOTES.md, 7b).
+the output is smaller than 4 pixels): a quarter of the direct multiply-adds, tiled so
+each block's transformed input stays in cache (benchmarks/NOTES.md, section 7a).
+Outputs differ from a direct convolution's by rounding only, within the bound
+tests/rounding.py derives from the transforms.
 
 The kernel transform (U = G k G^T, with `scale` folded in) runs in JAX; the library is
-compiled on first use with `-march=native -fopenmp` (auxtl.native_build) and cached
-per CPU. `available()` says whether it can be used, `status()` why not.
-`auxtl.models.conv` and `auxtl.models.fused` use it on one CPU device in one process
-(GSPMD cannot partition a custom call). `AUXTL_WINOGRAD=0` turns it off.
+compiled on first use with `-march=native -fopenmp` (auxtl.cpu.native_build) and
+cached per CPU. `available()` says whether it can be used, `status()` why not.
+`auxtl.cpu.conv` and `auxtl.cpu.fused` use it on one CPU device in one process
+(GSPMD cannot partition a custom call). The "winograd" component of
+AUXTL_CPU_KERNELS (`auxtl.cpu.switch`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
@@ -33,13 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from auxtl import native_build
+from auxtl.cpu import native_build, switch
+from auxtl.cpu.onednn import taps
 from auxtl.errors import InputError
 
-ENV_VAR = "AUXTL_WINOGRAD"
 SOURCE = native_build.SOURCES / "winograd_conv.cc"
 TARGET = "AuxtlWinogradConv"
-WEIGHT_GRAD_TARGET = "AuxtlWinogradWeightGrad"
 COLUMNS = 16   # output channels per column block of the transformed kernel (the .cc's kCols)
 # G of F(m x m, 3 x 3) (Lavin & Gray 2016); the input and output transforms are in the .cc.
 G = {2: np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
@@ -55,7 +46,7 @@ def available() -> bool:
 
 
 def status() -> str:
-    """"available", or why not: "off (AUXTL_WINOGRAD=0)", "unsupported platform ...",
+    """"available", or why not: "off (AUXTL_CPU_KERNELS=0)", "unsupported platform ...",
     "no C++ compiler ...", "build failed: ...", "load failed: ..."."""
     global _status
     if _status is None:
@@ -64,20 +55,20 @@ def status() -> str:
 
 
 def _set_up() -> str:
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    if not switch.enabled("winograd"):
+        return switch.off_reason()
     if not sys.platform.startswith("linux"):
         return f"unsupported platform ({sys.platform}; Linux only)"
     compiler = native_build.compiler()
     if not compiler:
-        return "no C++ compiler (set CXX, or install g++) to build auxtl/native/winograd_conv.cc"
+        return "no C++ compiler (set CXX, or install g++) to build auxtl/cpu/native/winograd_conv.cc"
     try:
         library = native_build.build_library(SOURCE, build_command(compiler),
                                              key_parts=key_parts())
     except (native_build.BuildError, OSError) as error:
         return _warn(f"build failed: {error}")
     try:
-        native_build.register(library, [TARGET, WEIGHT_GRAD_TARGET])
+        native_build.register(library, [TARGET])
     except (OSError, AttributeError, RuntimeError, ValueError) as error:
         return _warn(f"load failed: {library}: {error}")
     return "available"
@@ -144,47 +135,9 @@ def conv(x: jax.Array, kernel: jax.Array, padding, *, scale: jax.Array | None = 
         conv_h=np.int64(conv_h), conv_w=np.int64(conv_w), relu=bool(relu), pool=bool(pool))
 
 
-def weight_gradient(x: jax.Array, dy: jax.Array, padding, *,
-                    tiles_per_block: int | None = None) -> jax.Array:
-    """d(loss)/d(kernel) [3, 3, Cin, Cout] of the stride-1 3x3 convolution of `x` (NHWC)
-    with `padding` whose output gradient is `dy`: dU summed over the Winograd tiles by
-    the library, then dk = G^T dU G here."""
-    n, _, _, cin = x.shape
-    conv_h, conv_w, cout = dy.shape[1:]
-    (top, _), (left, _) = padding
-    tile = tile_for(conv_h, conv_w)
-    side, width = tile + 2, -(-cout // COLUMNS) * COLUMNS
-    if tiles_per_block is None:
-        tiles_per_block = _tiles_per_block(side * side, cin, width)
-    du = jax.ffi.ffi_call(WEIGHT_GRAD_TARGET,
-                          jax.ShapeDtypeStruct((side * side, cin, width), jnp.float32),
-                          vmap_method="sequential")(
-        x, dy, tile=np.int64(tile), pad_top=np.int64(top), pad_left=np.int64(left),
-        tiles_per_block=np.int64(tiles_per_block))
-    du = du[:, :, :cout].reshape(side, side, cin, cout)
-    g = jnp.asarray(G[tile], jnp.float32)
-    return jnp.einsum("ai,abco,bj->ijco", g, du, g, precision="highest")
-
-
-def _tiles_per_block(positions: int, cin: int, width: int) -> int:
-    """Tiles per block of the weight gradient: a block's transforms (positions x tiles x
-    (Cin + width) floats) within WEIGHT_GRAD_BLOCK_BYTES, a multiple of 8."""
-    per_tile = positions * (cin + width) * 4
-    return max(8, WEIGHT_GRAD_BLOCK_BYTES // per_tile // 8 * 8)
-
-
-WEIGHT_GRAD_BLOCK_BYTES = 2 << 20
-
-
 _CALL = re.compile(r"custom-call\(.*?custom_call_target=\"" + TARGET + r"\""
                    r".*?operand_layout_constraints=\{f32\[([\d,]*)\]\S*, f32\[[\d,]*\]\S*, "
                    r"f32\[(\d+)\]\S*\}.*?backend_config=\{([^}]*)\}")
-
-
-_WEIGHT_GRAD_CALL = re.compile(
-    r"custom-call\(.*?custom_call_target=\"" + WEIGHT_GRAD_TARGET + r"\""
-    r".*?operand_layout_constraints=\{f32\[([\d,]*)\]\S*, f32\[([\d,]*)\]\S*\}"
-    r".*?backend_config=\{([^}]*)\}")
 
 
 def _int_attr(config: str, name: str) -> int:
@@ -195,11 +148,9 @@ def _int_attr(config: str, name: str) -> int:
 
 
 def convolution_flops(hlo_text: str) -> float:
-    """FLOPs of the Winograd calls (convolutions and weight gradients) in a compiled
-    module's HLO text, counted as XLA counts the direct convolution each stands for
-    (2 per multiply-add that reads inside the input): model FLOPs, not the fewer the
-    Winograd algorithm performs."""
-    from auxtl.onednn import taps
+    """FLOPs of the Winograd calls in a compiled module's HLO text, counted as XLA
+    counts the direct convolution each stands for (2 per multiply-add that reads inside
+    the input): model FLOPs, not the fewer the Winograd algorithm performs."""
     total = 0
     for match in _CALL.finditer(hlo_text):
         x = tuple(int(v) for v in match.group(1).split(","))
@@ -207,11 +158,4 @@ def convolution_flops(hlo_text: str) -> float:
         rows = taps(x[1], _int_attr(config, "conv_h"), 3, 1, _int_attr(config, "pad_top"))
         cols = taps(x[2], _int_attr(config, "conv_w"), 3, 1, _int_attr(config, "pad_left"))
         total += 2 * x[0] * x[3] * cout * rows * cols
-    for match in _WEIGHT_GRAD_CALL.finditer(hlo_text):
-        x = tuple(int(v) for v in match.group(1).split(","))
-        dy = tuple(int(v) for v in match.group(2).split(","))
-        config = match.group(3)
-        rows = taps(x[1], dy[1], 3, 1, _int_attr(config, "pad_top"))
-        cols = taps(x[2], dy[2], 3, 1, _int_attr(config, "pad_left"))
-        total += 2 * x[0] * x[3] * dy[3] * rows * cols
     return float(total)

@@ -1,0 +1,53 @@
+"""What a benchmark ran on (device, versions, host), and the bench's only calls into
+auxtl's CPU kernels: their status, the FLOPs of their custom calls (which XLA's cost
+analysis does not count) and the host-memory setting."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import version
+from typing import Any
+
+import jax
+
+from auxtl import host_memory, onednn, winograd
+
+
+def keep_freed_memory() -> None:
+    """The host-memory setting every benchmark runs under (a no-op when the CLI already
+    applied it)."""
+    host_memory.keep_freed_memory()
+
+
+def custom_call_flops(hlo_text: str) -> float:
+    """FLOPs of auxtl's oneDNN and Winograd convolution custom calls in a compiled module's
+    HLO text, counted as XLA counts the direct convolutions they compute."""
+    return onednn.convolution_flops(hlo_text) + winograd.convolution_flops(hlo_text)
+
+
+def environment() -> dict[str, Any]:
+    """The device, library versions, host and CPU-kernel settings a result was measured
+    with; saved in every benchmark's JSON."""
+    device = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device_kind": device.device_kind,
+            "device_platform": device.platform, "devices_available": jax.device_count(),
+            "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
+            "flax_version": _version("flax"), "python": platform.python_version(),
+            "host": platform.node(), "cpu_count": os.cpu_count(),
+            "default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "host_memory": host_memory.status(), "onednn_convolutions": onednn.status(),
+            "winograd_convolutions": winograd.status()}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment_brief() -> dict[str, str]:
+    """Device kind, backend and JAX version: the part of `environment` every row carries."""
+    return {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "jax_version": jax.__version__}

@@ -1,0 +1,119 @@
+"""The throughput benchmark's text table, header, markdown and examples/s plot, from its
+rows and metadata."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+COLUMNS = ("model", "dtype", "kind", "batch", "ex/step", "median ms", "min-max ms", "ex/s",
+           "GFLOP/step", "TFLOP/s", "MFU %")
+
+
+def _cells(row: dict) -> list[str]:
+    flops, achieved, mfu = row["flops_per_step"], row["achieved_flops_per_s"], row["mfu"]
+    return [row["model"], row["dtype"], row["kind"], str(row["batch_size"]),
+            str(row["examples_per_step"]), f"{row['step_time_median_s'] * 1e3:.2f}",
+            f"{row['step_time_min_s'] * 1e3:.1f}-{row['step_time_max_s'] * 1e3:.1f}",
+            f"{row['examples_per_s']:.1f}",
+            f"{flops / 1e9:.3f}" if flops else "n/a",
+            f"{achieved / 1e12:.4f}" if achieved else "n/a",
+            f"{mfu * 100:.2f}" if mfu is not None else "n/a"]
+
+
+def ok_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows that measured (no "error" field)."""
+    return [r for r in rows if "error" not in r]
+
+
+def format_errors(rows: Sequence[dict]) -> list[str]:
+    """One "FAILED model dtype kind (batch N): first line of the error" per failed row."""
+    return [f"FAILED {r['model']} {r['dtype']} {r['kind']} (batch {r['batch_size']}): "
+            f"{r['error'].splitlines()[0][:200]}" for r in rows if "error" in r]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The measured rows as an aligned text table (COLUMNS), then the failures."""
+    cells = [list(COLUMNS)] + [_cells(r) for r in ok_rows(rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = []
+    for index, line in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(line, widths))))
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines + format_errors(rows))
+
+
+def format_header(meta: dict) -> str:
+    """Backend, devices, JAX version, step counts, CPU-kernel settings (on CPU) and the
+    peak per dtype: the lines printed above the table."""
+    env = meta["environment"]
+    lines = [f"backend: {env['backend']} ({env['device_kind']}, {meta['config']['devices']} of "
+             f"{env['devices_available']} device(s)), jax {env['jax_version']}; median of "
+             f"{meta['config']['steps']} steps after {meta['config']['warmup']} warm-up"]
+    if env["backend"] == "cpu":
+        lines.append(f"host memory: {env.get('host_memory')}; oneDNN convolutions: "
+                     f"{env.get('onednn_convolutions')}; Winograd convolutions: "
+                     f"{env.get('winograd_convolutions')}")
+        if env.get("winograd_convolutions") == "available":
+            lines.append("MFU counts model FLOPs (direct convolutions); Winograd does about "
+                         "1/4 of a 3x3 convolution's multiply-adds, so MFU can pass 100%")
+    for dtype, peak in meta["peaks"].items():
+        lines.append(f"peak {dtype}: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device "
+                     f"({peak['source']}: {peak['detail']}; {peak['precision']})")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], meta: dict) -> str:
+    """throughput.md: the header, the measured rows as a markdown table, the failures
+    and a note on how FLOPs and MFU are counted."""
+    lines = ["# auxtl throughput", "", "```", format_header(meta), "```", "",
+             "| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in ok_rows(rows)]
+    lines += [""] + [f"- {line}" for line in format_errors(rows)] if format_errors(rows) else []
+    lines += ["", "ex/step: examples per step (pretrain: 4 rotations per image). FLOPs from "
+              "XLA's cost analysis of the compiled step (oneDNN and Winograd convolutions counted "
+              "alike, as the direct convolutions they compute: model FLOPs, so with Winograd's "
+              "fewer multiply-adds MFU can pass 100%); MFU = achieved FLOP/s / peak."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_examples_per_s(rows: Sequence[dict], path: pathlib.Path, title: str) -> None:
+    """Horizontal bars of examples/s, one per row, grouped by model and dtype (log scale
+    when the values span more than 30x)."""
+    # matplotlib is imported here, not at the top: it is an optional, heavy dependency
+    # that only the plot needs.
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    groups = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
+    colors = plt.get_cmap("tab10")
+    height = 0.8 / max(len(kinds), 1)
+    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.28 * len(rows) + 0.2 * len(groups)))
+    for k, kind in enumerate(kinds):
+        ys, xs = [], []
+        for g, (model, dtype) in enumerate(groups):
+            for r in rows:
+                if (r["model"], r["dtype"], r["kind"]) == (model, dtype, kind):
+                    ys.append(g + (k - (len(kinds) - 1) / 2) * height)
+                    xs.append(r["examples_per_s"])
+        bars = ax.barh(ys, xs, height=height, color=colors(k), label=kind)
+        ax.bar_label(bars, labels=[f"{x:,.0f}" for x in xs], fontsize=6, padding=2)
+    values = [r["examples_per_s"] for r in rows]
+    log_scale = max(values) / max(min(values), 1e-12) > 30
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels([f"{m}\n{d}" for m, d in groups])
+    ax.invert_yaxis()
+    if log_scale:
+        ax.set_xscale("log")
+    ax.set_xlim(right=max(values) * (3 if log_scale else 1.15))
+    ax.set_xlabel("examples / s" + (" (log scale)" if log_scale else ""))
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
