@@ -6,7 +6,7 @@ step (plus auxtl's oneDNN convolutions, which it does not count), achieved FLOP/
 and MFU against the device's peak (`auxtl.bench.peaks`).
 
 Step kinds:
-  pretrain         full rotation pretraining step (`auxtl.train.make_train_step`);
+  pretrain         full rotation pretraining step (`auxtl.pretrain_step.make_train_step`);
                    every image yields 4 rotated examples
   frozen_prefix    fine-tuning step with the lowest layers frozen (small_cnn: conv1-4
                    of 5; resnets: all but the last stage), gradients for the rest only

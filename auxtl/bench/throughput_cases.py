@@ -15,14 +15,15 @@ from flax import nnx
 from auxtl import freezing, parallel
 from auxtl.bench import BenchError
 from auxtl.data import compute_normalization
-from auxtl.finetune import make_finetune_step, make_logits_fn, make_prefix_fn
+from auxtl.finetune import make_finetune_step, make_logits_fn, make_prefix_fn, norm_stats
 from auxtl.freezing import Phase
 from auxtl.models import make_config
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model
 from auxtl.registry import get_task
-from auxtl.train import TrainState, init_state, make_train_step, split_model
+from auxtl.pretrain_step import init_state, make_train_step, split_model
+from auxtl.train_state import TrainState
 MODEL_INPUTS: dict[str, tuple[int, int, int]] = {
     "small_cnn": (28, 28, 1),
     "resnet18": (32, 32, 3),
@@ -164,30 +165,27 @@ def build_cases(model: str, dtype: str, kinds: Sequence[str], batch_size: int, *
         total = _count(params)
         base_info["param_dtype"] = _dtypes(params)
         params_dev, stats_dev = _fresh((params, stats), replicated)
+        norm = norm_stats(normalization)
 
         def finetune_case(kind: str) -> Case:
             trainable_top = len(names) if kind == "finetune_full" else len(names) - prefix
             phase = Phase(1, f"head+top{trainable_top}")
-            labels_tree = freezing.phase_labels(params, names, len(names), phase)
-            mask = freezing.trainable_mask(labels_tree)
-            frozen = freezing.frozen_layer_names(names, len(names), phase)
-            start = freezing.frozen_prefix_length(names, frozen) if kind == "cached_features" \
-                else 0
-            optimizer = freezing.partitioned_optimizer(
-                labels_tree, {"head": 1e-3, "reused": 1e-3}, name="sgd")
+            plan = freezing.plan_phase(params, names, len(names), phase, learning_rate=1e-3,
+                                       weight_decay=1e-4, optimizer="sgd",
+                                       cache_prefix=kind == "cached_features")
+            mask, frozen, start = plan.mask, plan.frozen, plan.start
             inputs = images
             if start:
-                features = make_prefix_fn(graphdef, start, normalization)(params_dev,
-                                                                         stats_dev, images)
+                features = make_prefix_fn(graphdef, start)(params_dev, stats_dev, images, norm)
                 inputs = jax.device_put(features, sharded)
-            step = make_finetune_step(graphdef, mask, frozen, optimizer, start, normalization)
+            step = make_finetune_step(graphdef, plan)
             state = _fresh(
                 TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                           opt_state=optimizer.init(params),
+                           opt_state=plan.optimizer.init(params),
                            rng=jax.random.key_data(jax.random.key(seed))), replicated)
             trainable = _count([x for x, m in zip(jax.tree.leaves(params),
                                                   jax.tree.leaves(mask)) if m])
-            return Case(step, (state, inputs, labels), True, batch_size, {
+            return Case(step, (state, inputs, labels, norm), True, batch_size, {
                 **base_info, "task": f"{NUM_CLASSES}-way classification", "optimizer": "sgd",
                 "params": total, "trainable_params": trainable, "frozen_layers": list(frozen),
                 "start_layer": start,
@@ -195,8 +193,9 @@ def build_cases(model: str, dtype: str, kinds: Sequence[str], batch_size: int, *
 
         for kind in finetune_kinds:
             if kind == "inference":
-                logits = make_logits_fn(graphdef, 0, normalization)
-                cases[kind] = Case(logits, (params_dev, stats_dev, images), False, batch_size, {
+                logits = make_logits_fn(graphdef, 0)
+                cases[kind] = Case(logits, (params_dev, stats_dev, images, norm), False,
+                                   batch_size, {
                     **base_info, "task": f"{NUM_CLASSES}-way logits", "optimizer": None,
                     "params": total, "trainable_params": 0, "frozen_layers": list(names),
                     "start_layer": 0})

@@ -1,80 +1,58 @@
-"""The trained modes of the transfer sweep: `head`, `staged` and the `scratch` control,
-every seed of a cell sharing one compiled step per phase."""
+"""The trained modes of the transfer sweep: `head`, `staged` and the `scratch` control.
+
+Each (source, budget) is one run of the fine-tuning engine (`auxtl.finetune.finetune_seeds`)
+over every seed at once, in its fixed-step mode: the phases count steps (the same budget
+whatever the subset size), nothing is validated, and the test set scores each seed after
+each phase (`head` after the first, `staged` after the second).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from auxtl import freezing, seeds
 from auxtl.bench.transfer_cells import cell
 from auxtl.bench.transfer_config import TRAINED_MODES, TransferBenchConfig
 from auxtl.bench.transfer_data import BenchData
 from auxtl.bench.transfer_sources import Source
 from auxtl.data import Normalization
-from auxtl.finetune import (StepCache, finetune_step_fn, in_chunks, make_logits_fn,
-                            make_prefix_fn)
-from auxtl.freezing import Phase, carry_over_state
+from auxtl.finetune import FinetuneConfig, StepCache, finetune_seeds
+from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
-from auxtl.train import TrainState
 from auxtl.transfer import build_transfer_model
+
+
 def vmap_seeds(config: TransferBenchConfig) -> bool:
     """vmap the trained modes over seeds: on accelerators by default, not on CPU (see
-    `auxtl.seeds.seed_trainer`)."""
+    `auxtl.seeds.seed_runner`)."""
     if config.vmap_seeds is not None:
         return config.vmap_seeds
     return jax.default_backend() != "cpu"
 
 
 class Trainer:
-    """Builds and caches one compiled seed trainer per phase (jit caches per shape)."""
+    """What every trained cell of a sweep shares: the compiled steps (one per phase plan)
+    and the choice of vmapping seeds."""
 
     def __init__(self, config: TransferBenchConfig):
         self.config = config
         self.cache = StepCache()
         self.vmap = vmap_seeds(config)
 
-    def phase(self, graphdef, params, layer_names, k: int, phase, normalization):
-        """(seed trainer, logits fn, frozen-prefix length, optimizer, labels) for one phase."""
-        labels = freezing.phase_labels(params, layer_names, k, phase)
-        mask = freezing.trainable_mask(labels)
-        frozen = freezing.frozen_layer_names(layer_names, k, phase)
-        start = freezing.frozen_prefix_length(layer_names, frozen)
-        rates = freezing.group_learning_rates(self.config.learning_rate, phase, layer_names[:k])
-        optimizer = freezing.partitioned_optimizer(labels, rates,
-                                                   weight_decay=self.config.weight_decay)
-        key = (graphdef, tuple(jax.tree.leaves(labels)), frozen, start,
-               tuple(sorted(rates.items())), self.config.weight_decay, normalization)
-        run = self.cache.get(("train",) + key, lambda: seeds.seed_trainer(
-            finetune_step_fn(graphdef, mask, frozen, optimizer, start, normalization),
-            vmap=self.vmap))
-        logits = self.cache.get(("logits", graphdef, start, normalization),
-                                lambda: seeds.seed_logits(
-                                    make_logits_fn(graphdef, start, normalization)))
-        return run, logits, start, optimizer, labels
 
-    def prefix(self, graphdef, params, batch_stats, images, stop: int, normalization):
-        """Output of the lowest `stop` layers (inference mode) of one model: the cache
-        every seed shares, since those layers are frozen source weights."""
-        if stop == 0:
-            return jnp.asarray(images)
-        fn = self.cache.get(("prefix", graphdef, stop, normalization),
-                            lambda: make_prefix_fn(graphdef, stop, normalization))
-        return in_chunks(lambda x: fn(params, batch_stats, x), images)
-
-
-def initial_states(models, optimizer, seeds_used: Sequence[int]):
-    """Stacked TrainState of per-seed models: params, stats, optimizer state, step 0."""
-    params = seeds.stack([nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in models])
-    stats = seeds.stack([nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in models])
-    return TrainState(step=jnp.zeros(len(models), jnp.int32), params=params, batch_stats=stats,
-                      opt_state=jax.vmap(optimizer.init)(params),
-                      rng=jnp.stack([jax.random.key_data(jax.random.key(s))
-                                     for s in seeds_used]))
+def bench_phases(config: TransferBenchConfig, transplanted: bool) -> list[tuple[str, Phase]]:
+    """(mode, fixed-step phase) pairs: head then staged for a source; for the scratch
+    control every layer trainable for head_steps + staged_steps."""
+    if not transplanted:
+        return [("scratch", Phase(steps=config.head_steps + config.staged_steps, train="all"))]
+    phases = [("head", Phase(steps=config.head_steps, train="head"))]
+    if "staged" in config.modes:
+        phases.append(("staged", Phase(steps=config.staged_steps,
+                                       train=f"head+top{config.unfreeze}",
+                                       lr_scale=config.staged_lr_scale)))
+    return phases
 
 
 def trained_cells(name: str, source: Source | None, data: BenchData, subsets: dict,
@@ -84,50 +62,29 @@ def trained_cells(name: str, source: Source | None, data: BenchData, subsets: di
     architecture with every layer trainable for head_steps + staged_steps."""
     meta = (source or reference).metadata
     spec = TargetSpec(reuse=config.reuse, top="replace")
-    norm = Normalization.from_json(meta["normalization"])
     shape = data.pool.image_shape
     models = [build_transfer_model(meta, source and source.params, source and source.batch_stats,
                                    spec, num_classes=data.pool.num_classes,
                                    in_channels=shape[-1], seed=seed,
                                    transplant=source is not None)[0]
               for seed in config.seeds]
-    graphdef, params0, stats0 = nnx.split(models[0], nnx.Param, nnx.BatchStat)
-    params0, stats0 = nnx.to_pure_dict(params0), nnx.to_pure_dict(stats0)
-    layer_names = models[0].trunk.layer_names
-    k = config.reuse
-    # Phase.epochs counts steps here: every step budget is fixed, whatever the subset size.
-    if source is None:
-        phases = [("scratch", Phase(config.head_steps + config.staged_steps, "all"))]
-    else:
-        phases = [("head", Phase(config.head_steps, "head"))]
-        if "staged" in config.modes:
-            phases.append(("staged", Phase(config.staged_steps, f"head+top{config.unfreeze}",
-                                           lr_scale=config.staged_lr_scale)))
-    cells, features = [], {}
+    phases = bench_phases(config, source is not None)
+    finetune = FinetuneConfig(phases=tuple(p for _, p in phases),
+                              learning_rate=config.learning_rate,
+                              weight_decay=config.weight_decay, batch_size=config.batch_size)
+    cells = []
     for budget, per_seed in subsets.items():
-        start_time, states, old_labels, step = time.perf_counter(), None, None, 0
-        for mode, phase in phases:
-            run, logits, start, optimizer, labels = trainer.phase(
-                graphdef, params0, layer_names, k, phase, norm)
-            if states is None:
-                states = initial_states(models, optimizer, config.seeds)
-            else:
-                states = states.replace(opt_state=carry_over_state(
-                    states.opt_state, old_labels, jax.vmap(optimizer.init)(states.params),
-                    labels))
-            if start not in features:
-                features[start] = tuple(trainer.prefix(graphdef, params0, stats0, images,
-                                                       start, norm)
-                                        for images in (data.pool.images, data.test.images))
-            pool_x, test_x = features[start]
-            schedule = seeds.batch_schedule(per_seed, config.batch_size, phase.epochs,
-                                            seeds=config.seeds, start=step)
-            states = run(states, pool_x, jnp.asarray(data.pool.labels), jnp.asarray(schedule))
-            step, old_labels = step + phase.epochs, labels
-            accuracy = seeds.seed_accuracies(logits, states.params, states.batch_stats,
-                                             test_x, data.test.labels)
+        start_time = time.perf_counter()
+        results = finetune_seeds(models, config.reuse, finetune, images=data.pool.images,
+                                 labels=data.pool.labels, subsets=per_seed, seeds=config.seeds,
+                                 normalization=Normalization.from_json(meta["normalization"]),
+                                 test=(data.test.images, data.test.labels),
+                                 vmap=trainer.vmap, cache=trainer.cache)
+        for index, (mode, _) in enumerate(phases):
+            accuracy = [r.history[index]["test_accuracy"] for r in results]
             modes = TRAINED_MODES if mode == "scratch" else (mode,)
-            cells += [cell(name, m, budget, config.seeds, accuracy, steps=step)
+            cells += [cell(name, m, budget, config.seeds, accuracy,
+                           steps=results[0].history[index]["step"])
                       for m in modes if m in config.modes]
         log(f"[transfer] {name}: {'+'.join(m for m, _ in phases)} at {budget} labels/class "
             f"in {time.perf_counter() - start_time:.1f} s")
