@@ -52,7 +52,7 @@ def seed_runner(step_fn, *, vmap: bool):
     (accelerators); without, one jitted step runs seed after seed: on XLA's CPU backend
     a conv vmapped over weights becomes a grouped conv, slower than S separate steps,
     and a lax.scan over steps slower than dispatching each step (benchmarks/NOTES.md,
-    "seeds"). Either way one compile per shape, and the host never waits between steps.
+    "Seeds on CPU"). Either way one compile per shape, and the host never waits between steps.
     """
 
     def indexed(state, inputs, labels, index, norm):
