@@ -30,6 +30,11 @@ from auxtl.version import __version__
 TRUNK_FORMAT = "auxtl.trunk/1"
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]} ...{text[-1]}"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -72,7 +77,7 @@ class TaskRecord:
         for key, kind in (("name", "str"), ("weight", "number"), ("params", "object")):
             if key in raw and not _KINDS[kind][0](raw[key]):
                 raise InputError(f"{where}: metadata field {field}.{key} must be "
-                                 f"{_KINDS[kind][1]}, got {raw[key]!r}")
+                                 f"{_KINDS[kind][1]}, got {_shown(raw[key])}")
         if "name" not in raw:
             raise InputError(f"{where}: metadata field 'tasks' holds a task without a 'name'")
         return cls(raw["name"], raw.get("weight", 1.0), dict(raw.get("params", {})),
@@ -85,7 +90,7 @@ _REQUIRED = {"format": "str", "model": "str", "config": "object", "layer_names":
              "auxtl_version": "str"}
 _OPTIONAL = {"feature_dim": "int", "data": "str", "split": "object", "steps": "int",
              "seed": "int", "loss_weighting": "str", "eval": "object", "target": "object",
-             "surgery_report": "object", "source": "object", "finetune": "object",
+             "surgery_report": "objects", "source": "object", "finetune": "object",
              "test_accuracy": "number"}
 _ORDER = ("format", "model", "config", "layer_names", "feature_dim", "input_shape",
           "normalization", "tasks", "auxtl_version")
@@ -117,7 +122,7 @@ class TrunkMetadata:
     loss_weighting: str | None = None
     eval: dict[str, Any] | None = None
     target: TargetSpec | None = None
-    surgery_report: dict[str, Any] | None = None
+    surgery_report: list[dict[str, Any]] | None = None
     source: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
     test_accuracy: float | None = None
@@ -169,7 +174,7 @@ class TrunkMetadata:
             check, words = _KINDS[kind]
             if key in raw and not (raw[key] is None and key in _OPTIONAL) and not check(raw[key]):
                 raise InputError(f"{where}: metadata field {key!r} must be {words}, got "
-                                 f"{raw[key]!r}")
+                                 f"{_shown(raw[key])}")
         fields = {key: raw[key] for key in (*_REQUIRED, *_OPTIONAL) if key in raw}
         fields["config"] = dict(raw["config"])
         for key, read in (("normalization", Normalization.from_json),
