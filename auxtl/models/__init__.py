@@ -82,7 +82,8 @@ def register_model(name: str, config_cls: type, builder: Callable[..., Trunk] | 
                    *, replace: bool = False,
                    fit: Callable[[tuple[int, int, int]], dict[str, Any]] | None = None):
     """Registers the trunk `name`: `config_cls` (a dataclass) and `builder(config, *, rngs)`
-    returning a `Trunk` whose `model_name` is `name` (see `check_model_contract`).
+    returning a `Trunk` whose `model_name` is `name` (see `check_model_contract`); each
+    layer should carry `out_dim` (its output width) so a target trunk can end at it.
 
     `fit(input_shape)` returns the config values an (H, W, C) input decides (default:
     in_channels only). A name registered already by another config or builder is
