@@ -37,8 +37,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from auxtl.errors import AuxtlError, InputError, MissingFileError
-from auxtl.models import build_trunk, list_models
-from auxtl.models.target import build_target_trunk
+from auxtl.models import list_models
 from auxtl.trunk_metadata import TRUNK_FORMAT, TrunkMetadata, as_trunk_metadata
 from auxtl.version import __version__
 
@@ -371,13 +370,8 @@ def _read_metadata(path, folder: pathlib.Path) -> TrunkMetadata:
 
 
 def build_checkpoint_trunk(metadata: TrunkMetadata, *, rngs: nnx.Rngs | None = None):
-    """A fresh module of the checkpoint's architecture (a cut/extended target trunk if
-    the metadata carries a `target` spec), built from the registry by name and config."""
-    metadata = as_trunk_metadata(metadata)
-    rngs = rngs or nnx.Rngs(0)
-    if metadata.target is not None:
-        return build_target_trunk(metadata.model, metadata.config, metadata.target, rngs=rngs)
-    return build_trunk(metadata.model, metadata.config, rngs=rngs)
+    """A fresh module of the checkpoint's architecture (`TrunkMetadata.build_module`)."""
+    return as_trunk_metadata(metadata).build_module(rngs=rngs)
 
 
 def abstract_trunk(metadata: TrunkMetadata):

@@ -21,9 +21,12 @@ import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from flax import nnx
+
 from auxtl.data import Normalization
 from auxtl.errors import InputError
-from auxtl.models.target import TargetSpec
+from auxtl.models import Trunk, build_trunk
+from auxtl.models.target import TargetSpec, build_target_trunk
 from auxtl.splits import SplitRecord
 from auxtl.version import __version__
 
@@ -189,6 +192,14 @@ class TrunkMetadata:
         return cls(**fields,
                    extra={k: v for k, v in raw.items() if k not in fields},
                    nulls=frozenset(k for k in _OPTIONAL if k in raw and raw[k] is None))
+
+    def build_module(self, *, rngs: nnx.Rngs | None = None) -> Trunk:
+        """A fresh module of this architecture (a cut/extended target trunk when `target`
+        is set), built through the model registry by name and config: fresh weights."""
+        rngs = rngs or nnx.Rngs(0)
+        if self.target is not None:
+            return build_target_trunk(self.model, self.config, self.target, rngs=rngs)
+        return build_trunk(self.model, self.config, rngs=rngs)
 
     def replace(self, **changes: Any) -> TrunkMetadata:
         """A copy with fields changed (a field set to a value is no longer a stored null)."""
