@@ -81,7 +81,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from auxtl.checkpoints import read_metadata
-    print(json.dumps(read_metadata(args.path), indent=2))
+    print(json.dumps(read_metadata(args.path).to_json(), indent=2))
     return 0
 
 
@@ -167,11 +167,10 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from auxtl.checkpoints import read_metadata
     from auxtl.data import load_dataset
     from auxtl.freezing import check_phases
-    from auxtl.models.target import num_reused
-    from auxtl.transfer import plan_transfer, run_transfer
+    from auxtl.transfer import run_transfer
+    from auxtl.transplant import plan_transfer, reused_layers
     config = transfer_config_from_args(args)   # flags checked before anything loads
-    metadata = read_metadata(config.trunk)
-    reused = metadata["layer_names"][:num_reused(config.target, len(metadata["layer_names"]))]
+    reused = reused_layers(read_metadata(config.trunk), config.target)
     try:  # before the plan prints or anything trains (or an output folder appears)
         check_phases(config.finetune.phases, reused)
     except InputError as error:
