@@ -24,8 +24,8 @@ from auxtl.finetune import FinetuneConfig, FinetuneResult
 from auxtl.freezing import Phase, parse_phases
 from auxtl.cpu import keep_freed_memory
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
-from auxtl.transfer import TransferConfig, run_transfer
-from auxtl.transplant import build_transfer_model, plan_transfer
+from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
+from auxtl.transplant import build_transfer_model
 from auxtl.version import __version__
 from auxtl import cpu
 

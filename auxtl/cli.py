@@ -167,8 +167,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from auxtl.checkpoints import read_metadata
     from auxtl.data import load_dataset
     from auxtl.freezing import check_phases
-    from auxtl.transfer import run_transfer
-    from auxtl.transplant import plan_transfer, reused_layers
+    from auxtl.transfer import plan_transfer, run_transfer
+    from auxtl.transplant import reused_layers
     config = transfer_config_from_args(args)   # flags checked before anything loads
     reused = reused_layers(read_metadata(config.trunk), config.target)
     try:  # before the plan prints or anything trains (or an output folder appears)

@@ -13,9 +13,10 @@ import json
 import numbers
 import pathlib
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
-from auxtl import checkpoints
+from auxtl import checkpoints, freezing
 from auxtl.data import Dataset, Normalization, compute_normalization, load_dataset
 from auxtl.errors import AuxtlWarning, InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
@@ -24,7 +25,8 @@ from auxtl.models import config_to_json
 from auxtl.models.target import TargetSpec, num_reused
 from auxtl.pretrain import SPLIT_SEED
 from auxtl.splits import SplitRecord, per_class_indices, train_test_split
-from auxtl.transplant import build_transfer_model, target_config
+from auxtl.surgery import SurgeryReport
+from auxtl.transplant import build_transfer_model, plan_surgery, reused_layers, target_config
 from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.stats import mean_interval, paired_difference
 
@@ -173,6 +175,15 @@ def target_normalization(metadata: TrunkMetadata, train: Dataset) -> Normalizati
     if metadata.input_shape[-1] == train.image_shape[-1]:
         return metadata.normalization
     return compute_normalization(train.images)
+
+
+def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int,
+                  phases: Sequence[Phase] = ()) -> SurgeryReport:
+    """The dry run: `phases` checked against the reused layers (InputError naming both),
+    then the surgery report from shapes alone; no weights loaded, nothing trained."""
+    metadata = checkpoints.read_metadata(trunk_path)
+    freezing.check_phases(phases, reused_layers(metadata, spec))
+    return plan_surgery(metadata, spec, num_classes=num_classes, in_channels=in_channels)
 
 
 def run_transfer(config: TransferConfig, dataset: Dataset | None = None,

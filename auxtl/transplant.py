@@ -17,8 +17,7 @@ from typing import Any
 
 from flax import nnx
 
-from auxtl import checkpoints, freezing, surgery
-from auxtl.freezing import Phase
+from auxtl import checkpoints, surgery
 from auxtl.models import build_trunk, make_config, model_entry
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
 from auxtl.trunk_metadata import TrunkMetadata
@@ -103,11 +102,6 @@ def rules_for(metadata: TrunkMetadata, spec: TargetSpec, in_channels: int):
     return transfer_rules(k, adapt)
 
 
-def check_phases(metadata: TrunkMetadata, spec: TargetSpec, phases) -> None:
-    """Refuses phases that do not fit the reused layers (e.g. head+top4 with 3 reused)."""
-    freezing.check_phases(phases, reused_layers(metadata, spec))
-
-
 def build_transfer_model(metadata: TrunkMetadata, source_params, source_stats,
                          spec: TargetSpec, *, num_classes: int, in_channels: int, seed: int,
                          transplant: bool = True):
@@ -126,12 +120,10 @@ def build_transfer_model(metadata: TrunkMetadata, source_params, source_stats,
     return model, report
 
 
-def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int,
-                  phases: Sequence[Phase] = ()):
-    """The dry run: the surgery report, nothing trained and no weights loaded; `phases`
-    are checked against the reused layers first."""
-    metadata = checkpoints.read_metadata(trunk_path)
-    check_phases(metadata, spec, phases)
+def plan_surgery(metadata: TrunkMetadata, spec: TargetSpec, *, num_classes: int,
+                 in_channels: int) -> surgery.SurgeryReport:
+    """The surgery report of a transfer from a trunk with this metadata, from shapes
+    alone: nothing is loaded, initialised or trained."""
     source = checkpoints.abstract_trunk(metadata)
     target = nnx.eval_shape(lambda: new_transfer_model(
         metadata, spec, num_classes=num_classes, in_channels=in_channels, seed=0))
