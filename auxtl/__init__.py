@@ -6,11 +6,13 @@ from `auxtl` directly.
 
 from auxtl import freezing, heads, losses, surgery
 from auxtl.checkpoints import load_trunk, load_trunk_state, read_metadata, save_trunk
+from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.errors import (AuxtlError, BadParameterError, InputError, MissingFileError,
                           UnknownNameError, UnsafeFileError)
 from auxtl.data import Dataset, Normalization, load_dataset, normalize
 from auxtl.splits import SplitRecord, train_test_split
-from auxtl.models import Trunk, build_trunk, global_avg_pool, list_models, make_config
+from auxtl.models import (Trunk, build_trunk, global_avg_pool, list_models, load_model_module,
+                          make_config, register_model)
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain import PretrainConfig, PretrainResult, TaskConfig, run_pretraining
 from auxtl.pretrain_model import PretrainModel, WeightedTask, build_pretrain_model
@@ -23,7 +25,8 @@ from auxtl.finetune import FinetuneConfig, FinetuneResult
 from auxtl.freezing import Phase, parse_phases
 from auxtl.cpu import keep_freed_memory
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
-from auxtl.transfer import TransferConfig, build_transfer_model, plan_transfer, run_transfer
+from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
+from auxtl.transplant import build_transfer_model
 from auxtl.version import __version__
 from auxtl import cpu
 
@@ -31,10 +34,12 @@ cpu.install()   # the CPU kernels into the models' ops hooks (AUXTL_CPU_KERNELS=
 
 __all__ = [
     "freezing", "heads", "losses", "surgery", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",
+    "TrunkMetadata",
     "AuxtlError", "BadParameterError", "InputError", "MissingFileError", "UnknownNameError",
     "UnsafeFileError",
     "Dataset", "Normalization", "load_dataset", "normalize", "SplitRecord", "train_test_split",
-    "Trunk", "build_trunk", "global_avg_pool", "list_models", "make_config",
+    "Trunk", "build_trunk", "global_avg_pool", "list_models", "make_config", "register_model",
+    "load_model_module",
     "OptimizerConfig", "make_optimizer",
     "PretrainConfig", "PretrainResult", "TaskConfig", "run_pretraining",
     "PretrainModel", "WeightedTask", "build_pretrain_model",

@@ -37,12 +37,10 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from auxtl.errors import AuxtlError, InputError, MissingFileError
-from auxtl.models import build_trunk, list_models
+from auxtl.models import list_models
+from auxtl.trunk_metadata import TRUNK_FORMAT, TrunkMetadata, as_trunk_metadata
 from auxtl.version import __version__
 
-TRUNK_FORMAT = "auxtl.trunk/1"
-_METADATA_KEYS = ("format", "model", "config", "layer_names", "input_shape",
-                  "normalization", "tasks", "auxtl_version")
 
 
 def _composite_checkpointer() -> ocp.Checkpointer:
@@ -157,34 +155,31 @@ def atomic_save(path: str | os.PathLike, write) -> pathlib.Path:
 
 
 def trunk_metadata(trunk, *, config_json: dict[str, Any], input_shape, normalization,
-                   tasks: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict:
-    return {
-        "format": TRUNK_FORMAT,
-        "model": trunk.model_name,
-        "config": config_json,
-        "layer_names": list(trunk.layer_names),
-        "feature_dim": trunk.feature_dim,
-        "input_shape": list(input_shape),
-        "normalization": normalization.to_json(),
-        "tasks": tasks,
-        "auxtl_version": __version__,
-        **(extra or {}),
-    }
+                   tasks: list[dict[str, Any]], extra: dict[str, Any] | None = None,
+                   ) -> TrunkMetadata:
+    """The metadata of `trunk` (its model name, layer names and feature size read from the
+    module); `extra` holds further checkpoint JSON keys (data, split, steps, seed, ...),
+    read into their typed fields (unknown keys into `TrunkMetadata.extra`)."""
+    return TrunkMetadata.from_json({
+        "format": TRUNK_FORMAT, "model": trunk.model_name, "config": config_json,
+        "layer_names": list(trunk.layer_names), "feature_dim": trunk.feature_dim,
+        "input_shape": list(input_shape), "normalization": normalization.to_json(),
+        "tasks": list(tasks), "auxtl_version": __version__, **(extra or {})},
+        where=f"metadata of a {trunk.model_name} trunk")
 
 
-def save_trunk(path, *, trunk_params, trunk_batch_stats, metadata: dict[str, Any],
-               head_params=None) -> pathlib.Path:
-    """Writes a self-describing trunk checkpoint to `path` (atomically)."""
-    missing = [k for k in _METADATA_KEYS if k not in metadata]
-    if missing:
-        raise InputError(f"trunk metadata lacks {missing}")
-    json.dumps(metadata)  # fail before writing anything if it is not JSON
+def save_trunk(path, *, trunk_params, trunk_batch_stats,
+               metadata: TrunkMetadata | dict[str, Any], head_params=None) -> pathlib.Path:
+    """Writes a self-describing trunk checkpoint to `path` (atomically). `metadata` may
+    also be a dict in the checkpoint's JSON form (checked as `TrunkMetadata.from_json`)."""
+    document = as_trunk_metadata(metadata, f"metadata for {str(path)!r}").to_json()
+    json.dumps(document)  # fail before writing anything if it is not JSON
 
     def write(tmp):
         items = {
             "trunk": ocp.args.StandardSave({"params": trunk_params,
                                             "batch_stats": trunk_batch_stats}),
-            "metadata": ocp.args.JsonSave(metadata),
+            "metadata": ocp.args.JsonSave(document),
         }
         if head_params:
             items["heads"] = ocp.args.StandardSave(head_params)
@@ -355,41 +350,38 @@ def _drop_late_callbacks_into_closed_loops() -> None:
     sys.unraisablehook = hook
 
 
-def read_metadata(path) -> dict[str, Any]:
-    """The JSON metadata of a trunk checkpoint, validated (see `validate_checkpoint`)."""
+def read_metadata(path) -> TrunkMetadata:
+    """The typed metadata of a trunk checkpoint, validated (see `validate_checkpoint`).
+
+    It also reads like a dict of the JSON (`metadata["layer_names"]`), for older scripts.
+    """
     return _read_metadata(path, validate_checkpoint(path))
 
 
-def _read_metadata(path, folder: pathlib.Path) -> dict[str, Any]:
-    path = pathlib.Path(path).absolute()
-    metadata = _restore(folder, path, metadata=ocp.args.JsonRestore())["metadata"]
-    if not isinstance(metadata, dict) or metadata.get("format") != TRUNK_FORMAT:
-        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
-        raise InputError(f"{str(path)!r} has format {found!r}, expected {TRUNK_FORMAT!r}")
-    if metadata.get("model") not in list_models():
-        raise InputError(f"{str(path)!r} names model {metadata.get('model')!r}, "
-                         f"which this auxtl does not know ({', '.join(list_models())})")
+def _read_metadata(path, folder: pathlib.Path) -> TrunkMetadata:
+    shown = repr(str(pathlib.Path(path).absolute()))
+    raw = _restore(folder, path, metadata=ocp.args.JsonRestore())["metadata"]
+    metadata = TrunkMetadata.from_json(raw, where=f"checkpoint {shown}")  # format checked
+    if metadata.model not in list_models():
+        raise InputError(f"{shown} names model {metadata.model!r}, which this auxtl does not "
+                         f"know ({', '.join(list_models())}); a model of your own must be "
+                         f"registered first (auxtl.register_model, auxtl.load_model_module)")
     return metadata
 
 
-def build_checkpoint_trunk(metadata: dict[str, Any], *, rngs: nnx.Rngs | None = None):
-    """A fresh module of the checkpoint's architecture (a cut/extended target trunk if
-    the metadata carries a `target` spec), built from the registry by name and config."""
-    from auxtl.models.target import TargetSpec, build_target_trunk
-    rngs = rngs or nnx.Rngs(0)
-    if "target" in metadata:
-        return build_target_trunk(metadata["model"], metadata["config"],
-                                  TargetSpec.from_json(metadata["target"]), rngs=rngs)
-    return build_trunk(metadata["model"], metadata["config"], rngs=rngs)
+def build_checkpoint_trunk(metadata: TrunkMetadata, *, rngs: nnx.Rngs | None = None):
+    """A fresh module of the checkpoint's architecture (`TrunkMetadata.build_module`)."""
+    return as_trunk_metadata(metadata).build_module(rngs=rngs)
 
 
-def abstract_trunk(metadata: dict[str, Any]):
+def abstract_trunk(metadata: TrunkMetadata):
     """The trunk module with abstract (shape-only) variables, from metadata alone."""
     return nnx.eval_shape(lambda: build_checkpoint_trunk(metadata))
 
 
-def load_trunk_state(path) -> tuple[dict, dict, dict]:
-    """(params, batch_stats, metadata) of a trunk checkpoint as plain nested dicts."""
+def load_trunk_state(path) -> tuple[dict, dict, TrunkMetadata]:
+    """(params, batch_stats, metadata) of a trunk checkpoint: plain nested dicts of arrays
+    and the typed metadata."""
     folder = validate_checkpoint(path)
     metadata = _read_metadata(path, folder)
     abstract_module = abstract_trunk(metadata)

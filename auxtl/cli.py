@@ -11,10 +11,21 @@ import warnings
 from typing import Any
 
 from auxtl import cpu
+from auxtl.bench.throughput import main as throughput_main
+from auxtl.bench.transfer import main as transfer_main
+from auxtl.checkpoints import read_metadata
+from auxtl.data import load_dataset
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
-from auxtl.freezing import PHASES_GRAMMAR
+from auxtl.finetune import FinetuneConfig
+from auxtl.freezing import PHASES_GRAMMAR, check_phases, parse_phases
+from auxtl.models import list_models
+from auxtl.models.target import TargetSpec
 from auxtl.optim import OptimizerConfig
-from auxtl.pretrain import PretrainConfig, TaskConfig
+from auxtl.parallel import initialize_distributed
+from auxtl.pretrain import PretrainConfig, TaskConfig, run_pretraining
+from auxtl.registry import list_tasks, load_task_module, task_class
+from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
+from auxtl.transplant import reused_layers
 
 
 def _parse_value(text: str) -> Any:
@@ -56,13 +67,11 @@ def parse_key_values(args: list[str], flag: str) -> dict[str, Any]:
 
 
 def _load_task_modules(paths: list[str]) -> None:
-    from auxtl.registry import load_task_module
     for path in paths:
         load_task_module(path)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from auxtl.registry import list_tasks, task_class
     _load_task_modules(args.task_module)
     names = list_tasks()
     width = max(map(len, names), default=0)
@@ -74,14 +83,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from auxtl.models import list_models
     print("\n".join(list_models()))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from auxtl.checkpoints import read_metadata
-    print(json.dumps(read_metadata(args.path), indent=2))
+    print(json.dumps(read_metadata(args.path).to_json(), indent=2))
     return 0
 
 
@@ -104,9 +111,7 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.coordinator:
-        from auxtl.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from auxtl.pretrain import run_pretraining
     _load_task_modules(args.task_module)
     config = pretrain_config_from_args(args)
     result = run_pretraining(config)
@@ -125,10 +130,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def transfer_config_from_args(args: argparse.Namespace):
     """The TransferConfig the flags describe; a bad flag raises InputError naming it (the
     flags parsed here; the configs check their own values: counts, rates, seeds)."""
-    from auxtl.finetune import FinetuneConfig
-    from auxtl.freezing import parse_phases
-    from auxtl.models.target import TargetSpec
-    from auxtl.transfer import TransferConfig
     if args.reuse == "all":
         reuse = None
     else:
@@ -164,14 +165,8 @@ def transfer_config_from_args(args: argparse.Namespace):
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from auxtl.checkpoints import read_metadata
-    from auxtl.data import load_dataset
-    from auxtl.freezing import check_phases
-    from auxtl.models.target import num_reused
-    from auxtl.transfer import plan_transfer, run_transfer
     config = transfer_config_from_args(args)   # flags checked before anything loads
-    metadata = read_metadata(config.trunk)
-    reused = metadata["layer_names"][:num_reused(config.target, len(metadata["layer_names"]))]
+    reused = reused_layers(read_metadata(config.trunk), config.target)
     try:  # before the plan prints or anything trains (or an output folder appears)
         check_phases(config.finetune.phases, reused)
     except InputError as error:
@@ -197,11 +192,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.benchmark == "throughput":
-        from auxtl.bench.throughput import main as throughput_main
         throughput_main(args.rest)
         return 0
     if args.benchmark == "transfer":
-        from auxtl.bench.transfer import main as transfer_main
         transfer_main(args.rest)
         return 0
     raise InputError(f"unknown benchmark {args.benchmark!r}; available: throughput, transfer")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl import cifar
 from auxtl.errors import InputError, MissingFileError
 
 EMBEDDED_DATASETS = ("mnist5k", "digits")
@@ -207,7 +208,6 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_cifar10(path: pathlib.Path, spec: str, *, test: bool) -> Dataset:
-    from auxtl import cifar
     if not path.is_dir():
         raise InputError(f"data spec {spec!r}: {str(path)!r} is not a folder of CIFAR-10 batches")
     images, labels = cifar.read_split(path, test=test)

@@ -182,13 +182,14 @@ def _load_plugins() -> None:
                               f"({entry_point.value}) failed: {error}") from error
 
 
-def load_task_module(path: str | pathlib.Path) -> None:
-    """Imports a user's task file so its `@register_task` classes register."""
+def import_user_file(path: str | pathlib.Path, *, kind: str, package: str) -> None:
+    """Imports a user's Python file once (as `package.<stem>_<hash>`), so that the
+    registrations it runs take effect; MissingFileError when there is no such file."""
     path = pathlib.Path(path).resolve()
     if not path.is_file():
-        raise MissingFileError(f"task module {str(path)!r} does not exist")
+        raise MissingFileError(f"{kind} module {str(path)!r} does not exist")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-    module_name = f"auxtl_user_tasks.{path.stem}_{digest}"
+    module_name = f"{package}.{path.stem}_{digest}"
     if module_name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -199,6 +200,11 @@ def load_task_module(path: str | pathlib.Path) -> None:
     except BaseException:
         del sys.modules[module_name]
         raise
+
+
+def load_task_module(path: str | pathlib.Path) -> None:
+    """Imports a user's task file so its `@register_task` classes register."""
+    import_user_file(path, kind="task", package="auxtl_user_tasks")
 
 
 def list_tasks() -> list[str]:

@@ -123,23 +123,33 @@ class SplitRecord:
                 ds.subset(test, name=f"{ds.name}[test]"))
 
 
-def labeled_subset(ds: Dataset, *, per_class: int, seed: int) -> Dataset:
-    """Keeps `per_class` examples of every class present, chosen by a seeded shuffle.
+def per_class_indices(labels, counts: tuple[int, ...], *, seed: int,
+                      name: str = "the data") -> list[np.ndarray]:
+    """Disjoint index sets, sorted; set j takes counts[j] examples of every class.
 
-    Each class keeps its first `per_class` examples in one permutation of the
-    whole set, so for a fixed seed a smaller subset is contained in a larger one.
+    One seeded permutation of all examples decides: each class gives its first
+    counts[0] members in that order to set 0, the next counts[1] to set 1, and so
+    on. So for a fixed seed a smaller set 0 is contained in a larger one, and
+    `ds.subset(per_class_indices(ds.labels, (n,), seed=s)[0])` is an n-per-class
+    labeled subset of `ds` (`name` is used in errors).
     """
-    if ds.labels is None:
-        raise InputError(f"labeled_subset needs labels, but {ds.name!r} is unlabeled")
-    if per_class < 1:
-        raise InputError(f"per_class must be >= 1, got {per_class}")
-    order = np.random.default_rng(seed).permutation(len(ds))
-    chosen = []
-    for c in np.unique(ds.labels):
-        members = order[ds.labels[order] == c]
-        if len(members) < per_class:
-            raise InputError(f"class {int(c)} of {ds.name!r} has {len(members)} examples, "
-                             f"fewer than per_class={per_class}")
-        chosen.append(members[:per_class])
-    return ds.subset(np.sort(np.concatenate(chosen)),
-                     name=f"{ds.name}[{per_class}/class]")
+    if labels is None:
+        raise InputError(f"per-class subsets need labels, but {name!r} is unlabeled")
+    counts = tuple(counts)
+    if not counts or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1
+                         for c in counts):
+        raise InputError(f"per-class counts must be whole numbers >= 1, got {list(counts)}")
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    picked: list[list[int]] = [[] for _ in counts]
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        if len(members) < sum(counts):
+            raise InputError(f"class {int(label)} of {name!r} has {len(members)} examples, "
+                             f"fewer than the {sum(counts)} needed "
+                             f"({' + '.join(map(str, counts))} per class)")
+        offset = 0
+        for j, count in enumerate(counts):
+            picked[j].extend(members[offset:offset + count].tolist())
+            offset += count
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in picked]

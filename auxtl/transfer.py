@@ -1,9 +1,9 @@
 """Transfer from a trunk checkpoint to a labeled target task, with a scratch baseline.
 
-checkpoint -> target architecture (models.target) -> surgery.transplant of the
-lowest k layers (batch statistics with them; first conv adapted if the channel
-count differs) -> phases of freezing/unfreezing (finetune) -> test accuracy,
-beside the same architecture trained from scratch for the same steps, per seed.
+checkpoint -> the target model with the source's lowest k layers (auxtl.transplant)
+-> phases of freezing/unfreezing (finetune) -> test accuracy, beside the same
+architecture trained from scratch for the same steps, per seed. Here: the splits
+(held-out test split, N labels per class), the runs and their summary.
 """
 
 from __future__ import annotations
@@ -12,23 +12,22 @@ import dataclasses
 import json
 import numbers
 import pathlib
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-from flax import nnx
-
-from auxtl import checkpoints, freezing, surgery
+from auxtl import checkpoints, freezing
 from auxtl.data import Dataset, Normalization, compute_normalization, load_dataset
 from auxtl.errors import AuxtlWarning, InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
 from auxtl.freezing import Phase
-from auxtl.models import build_trunk, config_to_json, make_config
-from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
+from auxtl.models import config_to_json
+from auxtl.models.target import TargetSpec, num_reused
 from auxtl.pretrain import SPLIT_SEED
-from auxtl.splits import SplitRecord, train_test_split
+from auxtl.splits import SplitRecord, per_class_indices, train_test_split
+from auxtl.surgery import SurgeryReport
+from auxtl.transplant import build_transfer_model, plan_surgery, reused_layers, target_config
+from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.stats import mean_interval, paired_difference
 
 
@@ -80,23 +79,6 @@ class LabeledSplits:
     test: Dataset
 
 
-def per_class_indices(labels: np.ndarray, counts: tuple[int, ...], *,
-                      seed: int) -> list[np.ndarray]:
-    """Disjoint index sets; set j takes counts[j] examples of every class (seeded order)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    picked: list[list[int]] = [[] for _ in counts]
-    for label in np.unique(labels):
-        members = order[labels[order] == label]
-        if len(members) < sum(counts):
-            raise InputError(f"class {int(label)} has {len(members)} examples, fewer than the "
-                             f"{sum(counts)} needed ({' + '.join(map(str, counts))} per class)")
-        offset = 0
-        for j, count in enumerate(counts):
-            picked[j].extend(members[offset:offset + count].tolist())
-            offset += count
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in picked]
-
-
 DEFAULT_TEST_FRACTION = 0.1  # the test split of data the trunk was not pretrained on
 
 
@@ -104,7 +86,7 @@ class SplitWarning(AuxtlWarning):
     """The test split may hold images the trunk was pretrained on (test accuracy inflated)."""
 
 
-def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None, *,
+def held_out_split(metadata: TrunkMetadata, dataset: Dataset, data: str | None, *,
                    trunk: str | None = None) -> tuple[SplitRecord, str]:
     """The held-out split transfer tests on, and a line saying which and why.
 
@@ -118,8 +100,8 @@ def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None,
                             seed=SPLIT_SEED)
     default = (f"test split: {DEFAULT_TEST_FRACTION:.0%} of {data!r} (seed {SPLIT_SEED})")
     name = f"trunk {trunk!r}" if trunk else "the trunk"
-    if metadata.get("split") is not None:
-        recorded = SplitRecord.from_json(metadata["split"])
+    if metadata.split is not None:
+        recorded = metadata.split
         reason = recorded.mismatch(target)
         if reason is None:
             return dataclasses.replace(recorded, data=data), (
@@ -141,7 +123,7 @@ def held_out_split(metadata: dict[str, Any], dataset: Dataset, data: str | None,
             return target, f"{default}; same data name, other contents (not honoured)"
         return target, (f"{default}; the trunk was pretrained on other data "
                         f"({recorded.data!r}, another content hash)")
-    source = metadata.get("data")
+    source = metadata.data
     if source is None or source == data:
         seen = "on unknown data" if source is None else f"on {source!r} too"
         warnings.warn(SplitWarning(
@@ -170,106 +152,8 @@ def labeled_splits(dataset: Dataset, *, labels_per_class: int, val_per_class: in
     else:
         pool, test = split.split(dataset)
     train_index, val_index = per_class_indices(pool.labels, (labels_per_class, val_per_class),
-                                               seed=seed)
+                                               seed=seed, name=dataset.name)
     return LabeledSplits(pool.subset(train_index), pool.subset(val_index), test)
-
-
-def transfer_rules(k: int, adapt_paths: Sequence[str] = ()) -> list[surgery.Rule]:
-    """Copy the lowest k layers; the leaves at `adapt_paths` (the kernels that read the
-    input, see `input_channel_paths`) are copied with their input channels adapted."""
-    rules = surgery.lower_layers_rules(k)
-    if k > 0 and adapt_paths:
-        rules = [surgery.Rule(f"^{re.escape(path)}$", "copy", on_mismatch="adapt_channels",
-                              label=f"input channels of {path}") for path in adapt_paths] + rules
-    return rules
-
-
-def target_config(metadata: dict[str, Any], in_channels: int):
-    """The source trunk's config with the target data's channel count."""
-    return make_config(metadata["model"], None,
-                       **{**metadata["config"], "in_channels": in_channels})
-
-
-def new_transfer_model(metadata: dict[str, Any], spec: TargetSpec, *, num_classes: int,
-                       in_channels: int, seed: int) -> TransferModel:
-    """The target architecture with fresh weights."""
-    rngs = nnx.Rngs(seed)
-    trunk = build_target_trunk(metadata["model"], target_config(metadata, in_channels), spec,
-                               rngs=rngs)
-    return TransferModel(trunk, num_classes, rngs=rngs)
-
-
-def variables(module) -> dict[str, Any]:
-    """{"params", "batch_stats"} of a module as plain dicts: what surgery moves together."""
-    return {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param)),
-            "batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))}
-
-
-def _trunk_shapes(metadata: dict[str, Any], in_channels: int) -> dict[str, tuple]:
-    """Path -> shape of the source architecture's variables for `in_channels` (nothing
-    is allocated)."""
-    trunk = nnx.eval_shape(lambda: build_trunk(metadata["model"],
-                                               target_config(metadata, in_channels),
-                                               rngs=nnx.Rngs(0)))
-    return {path: tuple(leaf.shape) for path, leaf in surgery.flatten(variables(trunk)).items()}
-
-
-def input_channel_paths(metadata: dict[str, Any], in_channels: int) -> tuple[str, ...]:
-    """The paths whose shape depends on the input channel count: the kernel(s) of the
-    convolution(s) reading the image, found for any registered trunk by building its
-    architecture (shapes only) for the source's and the target's channel count and
-    comparing. Empty when the counts agree."""
-    source_channels = int(metadata["input_shape"][-1])
-    if in_channels == source_channels:
-        return ()
-    source, target = _trunk_shapes(metadata, source_channels), _trunk_shapes(metadata,
-                                                                             in_channels)
-    return tuple(path for path, shape in target.items()
-                 if path in source and source[path] != shape)
-
-
-def rules_for(metadata: dict[str, Any], spec: TargetSpec, in_channels: int):
-    k = num_reused(spec, len(metadata["layer_names"]))
-    adapt = tuple(path for path in (input_channel_paths(metadata, in_channels) if k else ())
-                  if (surgery.layer_index(path) is not None and surgery.layer_index(path) < k))
-    return transfer_rules(k, adapt)
-
-
-def check_phases(metadata: dict[str, Any], spec: TargetSpec, phases) -> None:
-    """Refuses phases that do not fit the reused layers (e.g. head+top4 with 3 reused)."""
-    k = num_reused(spec, len(metadata["layer_names"]))
-    freezing.check_phases(phases, metadata["layer_names"][:k])
-
-
-def build_transfer_model(metadata: dict[str, Any], source_params, source_stats,
-                         spec: TargetSpec, *, num_classes: int, in_channels: int, seed: int,
-                         transplant: bool = True):
-    """The target model, with the source's lowest k layers transplanted (or all fresh).
-
-    Returns (model, report); report is None when `transplant` is False (scratch).
-    """
-    model = new_transfer_model(metadata, spec, num_classes=num_classes,
-                               in_channels=in_channels, seed=seed)
-    if not transplant:
-        return model, None
-    tree, report = surgery.transplant({"params": source_params, "batch_stats": source_stats},
-                                      variables(model.trunk),
-                                      rules_for(metadata, spec, in_channels))
-    nnx.update(model.trunk, tree["params"], tree["batch_stats"])
-    return model, report
-
-
-def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int,
-                  phases: Sequence[Phase] = ()):
-    """The dry run: the surgery report, nothing trained and no weights loaded; `phases`
-    are checked against the reused layers first."""
-    metadata = checkpoints.read_metadata(trunk_path)
-    check_phases(metadata, spec, phases)
-    source = nnx.eval_shape(lambda: checkpoints.build_checkpoint_trunk(metadata))
-    target = nnx.eval_shape(lambda: new_transfer_model(
-        metadata, spec, num_classes=num_classes, in_channels=in_channels, seed=0))
-    return surgery.plan(variables(source), variables(target.trunk),
-                        rules_for(metadata, spec, in_channels))
 
 
 @dataclasses.dataclass
@@ -286,18 +170,26 @@ def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
                                cache_features=False)
 
 
-def target_normalization(metadata: dict[str, Any], train: Dataset) -> Normalization:
+def target_normalization(metadata: TrunkMetadata, train: Dataset) -> Normalization:
     """The trunk's own normalisation when channels match (what its layers expect)."""
-    if list(metadata["input_shape"][-1:]) == [train.image_shape[-1]]:
-        return Normalization.from_json(metadata["normalization"])
+    if metadata.input_shape[-1] == train.image_shape[-1]:
+        return metadata.normalization
     return compute_normalization(train.images)
+
+
+def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int,
+                  phases: Sequence[Phase] = ()) -> SurgeryReport:
+    """The dry run: `phases` checked against the reused layers (InputError naming both),
+    then the surgery report from shapes alone; no weights loaded, nothing trained."""
+    metadata = checkpoints.read_metadata(trunk_path)
+    freezing.check_phases(phases, reused_layers(metadata, spec))
+    return plan_surgery(metadata, spec, num_classes=num_classes, in_channels=in_channels)
 
 
 def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
                  log=print) -> dict[str, Any]:
     """Transfer (and baseline) for each seed; returns and writes the summary."""
-    metadata = checkpoints.read_metadata(config.trunk)
-    source_params, source_stats, _ = checkpoints.load_trunk_state(config.trunk)
+    source_params, source_stats, metadata = checkpoints.load_trunk_state(config.trunk)
     dataset = load_dataset(config.data) if dataset is None else dataset
     if dataset.labels is None:
         raise InputError(f"transfer needs labeled data; {config.data!r} has no labels")
@@ -320,7 +212,7 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
             metadata, source_params, source_stats, config.target, num_classes=num_classes,
             in_channels=in_channels, seed=seed)
         report = report or seed_report
-        k = num_reused(config.target, len(metadata["layer_names"]))
+        k = num_reused(config.target, len(metadata.layer_names))
         fine = dataclasses.replace(config.finetune, seed=seed)
         transferred = finetune(model, k, fine, normalization=normalization, cache=cache,
                                progress=config.progress, desc=f"transfer seed {seed}", **data)
@@ -373,7 +265,8 @@ def summarize(results: list[SeedResult], config: TransferConfig, report) -> dict
     return summary
 
 
-def save_transfer_model(path, model, result: FinetuneResult, source_metadata, config,
+def save_transfer_model(path, model, result: FinetuneResult, source_metadata: TrunkMetadata,
+                        config,
                         report, normalization, input_shape, *,
                         split: SplitRecord | None = None) -> pathlib.Path:
     """The fine-tuned target model as a self-describing checkpoint (report included, and
@@ -386,8 +279,8 @@ def save_transfer_model(path, model, result: FinetuneResult, source_metadata, co
         tasks=[{"name": "classification", "weight": 1.0,
                 "params": {"num_classes": int(model.head.out_features)}}],
         extra={"target": config.target.to_json(), "surgery_report": report.to_json(),
-               "source": {"path": str(config.trunk), "model": source_metadata["model"],
-                          "tasks": source_metadata["tasks"]},
+               "source": {"path": str(config.trunk), "model": source_metadata.model,
+                          "tasks": [t.to_json() for t in source_metadata.tasks]},
                "finetune": config.finetune.to_json(),
                "test_accuracy": result.test_accuracy,
                **({"split": split.to_json()} if split else {})})

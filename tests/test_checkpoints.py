@@ -1,5 +1,7 @@
 import errno
+import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -39,6 +41,65 @@ def test_metadata_describes_the_trunk(trained):
     assert metadata["config"]["widths"] == [8, 8, 16, 16, 16]
     assert len(metadata["normalization"]["mean"]) == 1
     assert metadata["auxtl_version"] == auxtl.__version__
+
+
+def test_metadata_is_typed_and_is_the_json_on_disk(trained):
+    metadata = auxtl.read_metadata(trained.trunk_path)
+    assert isinstance(metadata, auxtl.TrunkMetadata)
+    assert metadata.layer_names == ("conv1", "conv2", "conv3", "conv4", "conv5", "fc")
+    assert metadata.input_shape == (28, 28, 1)
+    assert isinstance(metadata.normalization, auxtl.Normalization)
+    assert isinstance(metadata.split, auxtl.SplitRecord) and metadata.steps == 6
+    assert metadata.tasks[0].name == "rotation" and metadata.extra == {}
+    on_disk = json.loads((checkpoints.resolve_checkpoint(trained.trunk_path)
+                          / "metadata" / "metadata").read_text())
+    assert metadata.to_json() == on_disk
+    assert auxtl.TrunkMetadata.from_json(on_disk) == metadata
+    # the compatibility layer: a read-only mapping over the JSON
+    assert dict(metadata) == on_disk and list(metadata.keys()) == list(on_disk)
+    assert metadata.get("target") is None and "split" in metadata
+    with pytest.raises(KeyError):
+        metadata["target"]
+
+
+def test_an_older_checkpoint_reads_back_unchanged(trained, tmp_path):
+    """JSON as auxtl wrote it before TrunkMetadata (no feature_dim, no split, a null
+    data, a key this auxtl does not know) round-trips exactly through save and read."""
+    params, stats, metadata = checkpoints.load_trunk_state(trained.trunk_path)
+    old = {k: v for k, v in metadata.to_json().items() if k not in ("feature_dim", "split")}
+    old.update(data=None, plugin_notes={"by": "a newer auxtl", "n": [1, 2]})
+    checkpoints.save_trunk(tmp_path / "old", trunk_params=params, trunk_batch_stats=stats,
+                           metadata=old)
+    read = auxtl.read_metadata(tmp_path / "old")
+    assert read.to_json() == old
+    assert read.extra == {"plugin_notes": {"by": "a newer auxtl", "n": [1, 2]}}
+    assert read.data is None and read.split is None and read.feature_dim is None
+    assert read.replace(data="mnist5k").to_json()["data"] == "mnist5k"
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"layer_names": None}, "metadata lacks the field(s) layer_names"),
+    ({"input_shape": [28, "28", 1]}, "field 'input_shape' must be a list of positive whole"),
+    ({"normalization": {"mean": [0.5]}}, "field 'normalization' is malformed"),
+    ({"steps": "six"}, "field 'steps' must be a whole number, got 'six'"),
+    ({"split": {"seed": 0}}, "field 'split' is malformed"),
+    ({"tasks": [{"weight": 1.0}]}, "holds a task without a 'name'"),
+    ({"format": "auxtl.trunk/9"}, "has format 'auxtl.trunk/9', expected 'auxtl.trunk/1'"),
+])
+def test_bad_metadata_names_the_checkpoint_and_the_field(trained, tmp_path, change, fragment):
+    folder = tmp_path / "bad"
+    shutil.copytree(checkpoints.resolve_checkpoint(trained.trunk_path), folder)
+    raw = json.loads((folder / "metadata" / "metadata").read_text())
+    raw.update(change)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    (folder / "metadata" / "metadata").write_text(json.dumps(raw))
+    with pytest.raises(auxtl.InputError, match=re.escape(fragment)) as caught:
+        auxtl.read_metadata(folder)
+    assert str(folder) in str(caught.value)
+    with pytest.raises(auxtl.InputError, match=re.escape(fragment)):
+        checkpoints.save_trunk(tmp_path / "again", trunk_params={}, trunk_batch_stats={},
+                               metadata=raw)
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_failed_save_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from PIL import Image
 from auxtl import data
 from auxtl.data import (Dataset, Normalization, batch_indices, compute_normalization,
                         load_dataset, normalize, validate_images, validate_labels)
-from auxtl.splits import SplitRecord, content_hash, labeled_subset, train_test_split
+from auxtl.splits import SplitRecord, content_hash, train_test_split
 
 
 def _toy(n=60, classes=3, shape=(4, 4, 1), seed=0, labeled=True) -> Dataset:
@@ -273,23 +273,6 @@ def test_a_split_recorded_on_unlabeled_data_is_recomputed_unstratified_on_labele
     _, unlabeled_test = train_test_split(unlabeled, test_fraction=0.3, seed=2)
     np.testing.assert_array_equal(test.images, unlabeled_test.images)
     assert test.labels is not None
-
-
-def test_labeled_subset_counts_nesting_and_errors():
-    ds = load_dataset("digits")
-    small = labeled_subset(ds, per_class=3, seed=1)
-    large = labeled_subset(ds, per_class=10, seed=1)
-    assert np.bincount(small.labels).tolist() == [3] * 10
-    assert np.bincount(large.labels).tolist() == [10] * 10
-    large_bytes = {im.tobytes() for im in large.images}
-    assert all(im.tobytes() in large_bytes for im in small.images)
-    np.testing.assert_array_equal(labeled_subset(ds, per_class=3, seed=1).images, small.images)
-    assert not np.array_equal(labeled_subset(ds, per_class=3, seed=2).images, small.images)
-    with pytest.raises(ValueError, match=r"class 3 .* has 1 examples, fewer than per_class=2"):
-        labeled_subset(Dataset("d", np.zeros((7, 2, 2), np.uint8), [0, 0, 1, 1, 2, 2, 3]),
-                       per_class=2, seed=0)
-    with pytest.raises(ValueError, match="unlabeled"):
-        labeled_subset(_toy(labeled=False), per_class=1, seed=0)
 
 
 def test_subset_and_repr():

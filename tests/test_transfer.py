@@ -12,6 +12,7 @@ from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
 from auxtl.transfer import TransferConfig, labeled_splits, run_transfer
 from auxtl.pretrain import SPLIT_SEED
+from auxtl.splits import per_class_indices
 from conftest import leaves_equal, tiny_config
 
 
@@ -40,6 +41,28 @@ def test_labeled_splits_are_disjoint_per_class_and_keep_the_test_split(mnist):
     assert not (rows(splits.train) | rows(splits.val)) & rows(splits.test)
     again = labeled_splits(mnist, labels_per_class=4, val_per_class=2, seed=3)
     assert np.array_equal(again.train.images, splits.train.images)
+
+
+def test_per_class_indices_counts_nesting_and_errors():
+    """The one labeled-subset function (was also splits.labeled_subset)."""
+    ds = auxtl.load_dataset("digits")
+    small, = per_class_indices(ds.labels, (3,), seed=1)
+    large, = per_class_indices(ds.labels, (10,), seed=1)
+    assert np.bincount(ds.labels[small]).tolist() == [3] * 10
+    assert np.bincount(ds.labels[large]).tolist() == [10] * 10
+    assert set(small) <= set(large)  # a seed's smaller subset is inside its larger one
+    train, val = per_class_indices(ds.labels, (3, 7), seed=1)
+    assert np.array_equal(train, small) and not set(train) & set(val)
+    assert np.array_equal(np.sort(np.concatenate([train, val])), large)
+    assert np.array_equal(per_class_indices(ds.labels, (3,), seed=1)[0], small)
+    assert not np.array_equal(per_class_indices(ds.labels, (3,), seed=2)[0], small)
+    assert transfer.per_class_indices is per_class_indices  # the name the bench calls
+    with pytest.raises(ValueError, match=r"class 3 of 'd' has 1 examples, fewer than the 2"):
+        per_class_indices(np.array([0, 0, 1, 1, 2, 2, 3]), (2,), seed=0, name="d")
+    with pytest.raises(ValueError, match="'u' is unlabeled"):
+        per_class_indices(None, (1,), seed=0, name="u")
+    with pytest.raises(ValueError, match="whole numbers >= 1"):
+        per_class_indices(ds.labels, (0,), seed=0)
 
 
 def test_transfer_run_writes_summary_report_and_a_loadable_model(trunk_path, tmp_path, mnist):

@@ -12,7 +12,7 @@ from auxtl import checkpoints, cli, surgery
 from auxtl.data import Normalization
 from auxtl.models import config_to_json, make_config
 from auxtl.models.target import TargetSpec
-from auxtl.transfer import build_transfer_model, new_transfer_model, rules_for, variables
+from auxtl.transplant import build_transfer_model, new_transfer_model, rules_for, variables
 from conftest import gamma
 
 SMALL = {"small_cnn": dict(widths=(4, 4, 4, 4, 4), fc_dim=4),
@@ -78,7 +78,7 @@ def test_every_trunk_adapts_its_first_convolution(model, source_channels, target
 
 @pytest.mark.parametrize("model", auxtl.list_models())
 def test_the_input_kernels_are_found_from_the_architecture(model):
-    from auxtl.transfer import input_channel_paths
+    from auxtl.transplant import input_channel_paths
     _, metadata = source_trunk(model, 1)
     assert input_channel_paths(metadata, 3) == (
         FIRST_CONV.get(model, "params/layers/0/conv/kernel"),)

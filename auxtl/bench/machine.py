@@ -11,19 +11,19 @@ from typing import Any
 
 import jax
 
-from auxtl import host_memory, onednn, winograd
+from auxtl import cpu
 
 
 def keep_freed_memory() -> None:
     """The host-memory setting every benchmark runs under (a no-op when the CLI already
-    applied it)."""
-    host_memory.keep_freed_memory()
+    applied it); see `auxtl.cpu`."""
+    cpu.keep_freed_memory()
 
 
 def custom_call_flops(hlo_text: str) -> float:
-    """FLOPs of auxtl's oneDNN and Winograd convolution custom calls in a compiled module's
-    HLO text, counted as XLA counts the direct convolutions they compute."""
-    return onednn.convolution_flops(hlo_text) + winograd.convolution_flops(hlo_text)
+    """FLOPs of auxtl's CPU-kernel custom calls in a compiled module's HLO text, counted
+    as XLA counts the direct convolutions they compute (`auxtl.cpu.convolution_flops`)."""
+    return cpu.convolution_flops(hlo_text)
 
 
 def environment() -> dict[str, Any]:
@@ -36,8 +36,7 @@ def environment() -> dict[str, Any]:
             "flax_version": _version("flax"), "python": platform.python_version(),
             "host": platform.node(), "cpu_count": os.cpu_count(),
             "default_matmul_precision": jax.config.jax_default_matmul_precision,
-            "host_memory": host_memory.status(), "onednn_convolutions": onednn.status(),
-            "winograd_convolutions": winograd.status()}
+            "cpu_kernels": cpu.status()}
 
 
 def _version(package: str) -> str | None:

@@ -2,7 +2,7 @@
 
 For each model x compute dtype x step kind: step time (median, min/max, IQR after
 warm-up), examples/s, FLOPs per step from XLA's cost analysis of the compiled
-step (plus auxtl's oneDNN convolutions, which it does not count), achieved FLOP/s
+step (plus auxtl.cpu's convolution kernels, which it does not count), achieved FLOP/s
 and MFU against the device's peak (`auxtl.bench.peaks`).
 
 Step kinds:

@@ -52,12 +52,12 @@ def format_header(meta: dict) -> str:
              f"{env['devices_available']} device(s)), jax {env['jax_version']}; median of "
              f"{meta['config']['steps']} steps after {meta['config']['warmup']} warm-up"]
     if env["backend"] == "cpu":
-        lines.append(f"host memory: {env.get('host_memory')}; oneDNN convolutions: "
-                     f"{env.get('onednn_convolutions')}; Winograd convolutions: "
-                     f"{env.get('winograd_convolutions')}")
-        if env.get("winograd_convolutions") == "available":
-            lines.append("MFU counts model FLOPs (direct convolutions); Winograd does about "
-                         "1/4 of a 3x3 convolution's multiply-adds, so MFU can pass 100%")
+        kernels = env.get("cpu_kernels") or {}
+        lines.append("CPU kernels (auxtl.cpu): " + "; ".join(
+            f"{name}: {state}" for name, state in kernels.items()))
+        if any(state in ("available", "active") for state in kernels.values()):
+            lines.append("MFU counts model FLOPs (direct convolutions); a fast convolution "
+                         "algorithm does fewer multiply-adds, so MFU can pass 100%")
     for dtype, peak in meta["peaks"].items():
         lines.append(f"peak {dtype}: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device "
                      f"({peak['source']}: {peak['detail']}; {peak['precision']})")
@@ -73,8 +73,8 @@ def markdown_table(rows: Sequence[dict], meta: dict) -> str:
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in ok_rows(rows)]
     lines += [""] + [f"- {line}" for line in format_errors(rows)] if format_errors(rows) else []
     lines += ["", "ex/step: examples per step (pretrain: 4 rotations per image). FLOPs from "
-              "XLA's cost analysis of the compiled step (oneDNN and Winograd convolutions counted "
-              "alike, as the direct convolutions they compute: model FLOPs, so with Winograd's "
+              "XLA's cost analysis of the compiled step (auxtl.cpu's convolution kernels counted "
+              "as the direct convolutions they compute: model FLOPs, so with a fast algorithm's "
               "fewer multiply-adds MFU can pass 100%); MFU = achieved FLOP/s / peak."]
     return "\n".join(lines) + "\n"
 

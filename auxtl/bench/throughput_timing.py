@@ -21,7 +21,7 @@ def cost_flops(analysis) -> float | None:
 
 def compiled_step_flops(compiled) -> tuple[float | None, float]:
     """(FLOPs per device of a compiled step, or None, and the part of them that is
-    auxtl's oneDNN and Winograd convolutions): XLA counts no custom calls, so those are
+    auxtl.cpu's convolution kernels): XLA counts no custom calls, so those are
     counted from the compiled HLO the way XLA counts a convolution and added."""
     text = compiled.as_text()
     custom = custom_call_flops(text)
@@ -36,7 +36,7 @@ def compile_case(case: Case) -> tuple[Any, float, dict[str, Any]]:
     module), so it is multiplied by the device count. The lowered (pre-optimisation,
     global) module's count is kept beside it as a cross-check, and used when the
     backend gives no compiled count. XLA counts no custom calls, so the FLOPs of
-    auxtl's oneDNN convolutions are counted from the compiled HLO and added.
+    auxtl.cpu's convolution kernels are counted from the compiled HLO and added.
     """
     start = time.perf_counter()
     lowered = case.fn.lower(*case.args)
@@ -48,7 +48,7 @@ def compile_case(case: Case) -> tuple[Any, float, dict[str, Any]]:
     if compiled_flops is not None:
         flops, source = compiled_flops * devices, "xla compiled cost_analysis"
         if custom_flops:
-            source += " + oneDNN/Winograd convolutions counted from the compiled HLO"
+            source += " + auxtl.cpu convolutions counted from the compiled HLO"
     elif lowered_flops is not None:
         flops, source = lowered_flops, "xla lowered cost_analysis"
     else:

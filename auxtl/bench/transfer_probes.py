@@ -14,13 +14,12 @@ from auxtl.bench.transfer_cells import cell
 from auxtl.bench.transfer_config import TransferBenchConfig
 from auxtl.bench.transfer_data import BenchData
 from auxtl.bench.transfer_sources import Source
-from auxtl.data import Normalization
 def probe_cells(source: Source, data: BenchData, subsets: dict, config: TransferBenchConfig,
                 log: Callable[[str], None]) -> list[dict]:
     """linear (every depth) and knn (top reused depth) for every budget, seeds vmapped."""
     trunk = checkpoints.build_checkpoint_trunk(source.metadata)
     nnx.update(trunk, source.params, source.batch_stats)
-    norm = Normalization.from_json(source.metadata["normalization"])
+    norm = source.metadata.normalization
     start = time.perf_counter()
     pool = probes.depth_features(trunk, data.pool.images, norm)
     test = probes.depth_features(trunk, data.test.images, norm)

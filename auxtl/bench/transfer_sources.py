@@ -22,6 +22,7 @@ from auxtl.data import compute_normalization
 from auxtl.models import build_trunk, config_to_json, make_config
 from auxtl.pretrain import PretrainConfig, TaskConfig, run_pretraining
 from auxtl.registry import get_task, list_tasks
+from auxtl.trunk_metadata import TrunkMetadata
 def expand_sources(names: Sequence[str]) -> tuple[str, ...]:
     """() -> every registered task, MIX, random, scratch; 'tasks' -> every registered task."""
     names = tuple(names) or ("tasks", MIX, RANDOM, SCRATCH)
@@ -115,7 +116,7 @@ class Source:
     """A trunk checkpoint loaded once per sweep."""
 
     name: str
-    metadata: dict
+    metadata: TrunkMetadata
     params: Any
     batch_stats: Any
 

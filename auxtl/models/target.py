@@ -61,7 +61,7 @@ def build_target_trunk(model: str, config, spec: TargetSpec, *, rngs: nnx.Rngs) 
     names = list(base.layer_names)[:count]
     if not layers and not spec.add:
         raise InputError("the target trunk would have no layers: reuse at least one or add some")
-    dim = layers[-1].out_dim if layers else None
+    dim = _output_width(base, count) if layers else None
     for index, width in enumerate(spec.add, start=1):
         if dim is None:
             raise InputError("added dense layers need at least one layer below them")
@@ -70,6 +70,19 @@ def build_target_trunk(model: str, config, spec: TargetSpec, *, rngs: nnx.Rngs) 
         dim = width
     return Trunk(layers, names, feature_dim=dim, model_name=base.model_name,
                  in_channels=base.in_channels)
+
+
+def _output_width(base: Trunk, count: int) -> int:
+    """Feature width after the lowest `count` layers: the trunk's own at the top, else the
+    layer's `out_dim` (part of the layer contract for models cut below their top)."""
+    width = getattr(base.layers[count - 1], "out_dim", None)
+    if width is None and count == len(base.layers):
+        return base.feature_dim
+    if width is None:
+        raise InputError(f"layer {base.layer_names[count - 1]!r} of model "
+                         f"{base.model_name!r} has no `out_dim` (its output width), which a "
+                         f"target trunk ending at that layer needs")
+    return width
 
 
 class TransferModel(nnx.Module):

@@ -1,0 +1,141 @@
+"""The public model registry: a user's own trunk registered from a file goes the whole way
+(pretrain, save, load, transfer); registrations that break the contract are named."""
+
+import dataclasses
+import textwrap
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import auxtl
+from auxtl import models
+from auxtl.finetune import FinetuneConfig
+from auxtl.freezing import Phase
+from auxtl.models.target import TargetSpec
+from auxtl.transfer import TransferConfig, run_transfer
+from conftest import tiny_config
+
+USER_MODEL = textwrap.dedent('''
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import auxtl
+
+
+    @dataclasses.dataclass(frozen=True)
+    class PairConfig:
+        in_channels: int = 1
+        width: int = 6
+
+
+    class Block(nnx.Module):
+        """conv 3x3 + BatchNorm + ReLU + 2x2 mean pool; `out_dim` for target trunks."""
+
+        def __init__(self, cin, cout, *, rngs):
+            self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(cout, rngs=rngs)
+            self.out_dim = cout
+
+        def __call__(self, x, *, train):
+            x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+            n, h, w, c = x.shape
+            return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+    @auxtl.register_model("user_pair", PairConfig)
+    def build_pair(config, *, rngs):
+        layers = [Block(config.in_channels, config.width, rngs=rngs),
+                  Block(config.width, config.width, rngs=rngs)]
+        return auxtl.Trunk(layers, ["low", "high"], feature_dim=config.width,
+                           model_name="user_pair", in_channels=config.in_channels)
+''')
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "pair_model.py"
+    path.write_text(USER_MODEL)
+    auxtl.load_model_module(path)
+    auxtl.load_model_module(path)  # a second load is a no-op, not a clash
+    yield path
+    models.MODELS.pop("user_pair", None)
+
+
+def test_a_user_trunk_pretrains_saves_loads_and_transfers(user_model, tmp_path, mnist_small):
+    assert "user_pair" in auxtl.list_models()
+    result = auxtl.run_pretraining(tiny_config(model="user_pair", model_overrides={},
+                                               steps=4, out=str(tmp_path / "p")), mnist_small)
+    metadata = auxtl.read_metadata(result.trunk_path)
+    assert (metadata.model, metadata.layer_names) == ("user_pair", ("low", "high"))
+    assert metadata.config == {"in_channels": 1, "width": 6}
+    # loaded through the registry: the same function as the trained module
+    trunk = auxtl.load_trunk(result.trunk_path)
+    trained = nnx.merge(result.graphdef, result.state.params, result.state.batch_stats).trunk
+    x = auxtl.normalize(mnist_small.images[:8], metadata.normalization)
+    np.testing.assert_array_equal(np.asarray(trunk(x)), np.asarray(trained(x)))
+    # transfer of the lower layer, with the scratch baseline
+    summary = run_transfer(TransferConfig(
+        trunk=str(result.trunk_path), labels_per_class=2, val_per_class=2, seeds=(0,),
+        target=TargetSpec(reuse=1, top="replace"),
+        finetune=FinetuneConfig(phases=(Phase(1, "head"),), batch_size=10),
+        out=str(tmp_path / "t"), progress=False), mnist_small, log=lambda _: None)
+    assert summary["surgery"]["copied"] > 0 and summary["surgery"]["kept"] > 0
+    assert auxtl.load_trunk(tmp_path / "t" / "model").layer_names == ("low", "high")
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodConfig:
+    in_channels: int = 1
+
+
+def good_builder(config, *, rngs):
+    return auxtl.build_trunk("small_cnn", None, rngs=rngs)
+
+
+@pytest.mark.parametrize("config_cls,builder,fragment", [
+    (dict, good_builder, "config must be a dataclass"),
+    (dataclasses.make_dataclass("NoDefault", [("in_channels", int)]), good_builder,
+     r"field\(s\) \['in_channels'\] have no default"),
+    (dataclasses.make_dataclass("NoChannels", [("width", int, 4)]), good_builder,
+     "no field 'in_channels'"),
+    (GoodConfig, "build", "builder must be callable"),
+    (GoodConfig, lambda config: None, r"cannot be called as builder\(config, rngs=...\)"),
+])
+def test_registration_checks_the_contract(config_cls, builder, fragment):
+    with pytest.raises(auxtl.BadParameterError, match=fragment):
+        auxtl.register_model("broken", config_cls, builder)
+    assert "broken" not in auxtl.list_models()
+
+
+def test_a_taken_name_needs_replace(tmp_path):
+    with pytest.raises(auxtl.InputError, match="'small_cnn' is already registered"):
+        auxtl.register_model("small_cnn", GoodConfig, good_builder)
+    with pytest.raises(auxtl.InputError, match="non-empty identifier"):
+        auxtl.register_model("no spaces", GoodConfig, good_builder)
+    try:
+        auxtl.register_model("user_wrong", GoodConfig, good_builder)
+        auxtl.register_model("user_wrong", GoodConfig, good_builder)  # same again: fine
+        with pytest.raises(auxtl.BadParameterError, match="model_name='user_wrong'"):
+            auxtl.build_trunk("user_wrong", rngs=nnx.Rngs(0))  # returns a small_cnn
+        auxtl.register_model("user_wrong", GoodConfig, lambda config, *, rngs: None,
+                             replace=True)
+        with pytest.raises(auxtl.BadParameterError, match="got NoneType"):
+            auxtl.build_trunk("user_wrong", rngs=nnx.Rngs(0))
+    finally:
+        models.MODELS.pop("user_wrong", None)
+
+
+def test_unknown_models_and_missing_files_are_named(tmp_path):
+    with pytest.raises(auxtl.InputError, match="unknown model 'nope'; known models: nin"):
+        auxtl.make_config("nope")
+    with pytest.raises(auxtl.MissingFileError, match="model module .* does not exist"):
+        auxtl.load_model_module(tmp_path / "absent.py")
+
+
+def test_builtin_fit_hooks_keep_their_input_rules():
+    assert auxtl.make_config("resnet18", (96, 96, 3)).large_stem
+    assert not auxtl.make_config("resnet18", (32, 32, 3)).large_stem
+    assert auxtl.make_config("small_cnn", (28, 28, 3)).in_channels == 3
