@@ -21,7 +21,7 @@ from auxtl.data import Normalization
 from auxtl.finetune import FinetuneConfig, StepCache, finetune_seeds
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
-from auxtl.transfer import build_transfer_model
+from auxtl.transplant import build_transfer_model
 
 
 def vmap_seeds(config: TransferBenchConfig) -> bool:
