@@ -41,14 +41,14 @@ from flax import nnx
 import auxtl
 from auxtl import checkpoints
 from auxtl.data import Dataset, compute_normalization
-from auxtl.splits import train_test_split
 from auxtl.finetune import FinetuneConfig, StepCache, finetune, score
 from auxtl.freezing import Phase
 from auxtl.models import config_to_json, make_config
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
 from auxtl.stats import mean_interval, paired_difference
-from auxtl.transfer import (build_transfer_model, per_class_indices, scratch_config,
-                            target_normalization)
+from auxtl.splits import per_class_indices, train_test_split
+from auxtl.transfer import scratch_config, target_normalization
+from auxtl.transplant import build_transfer_model
 
 A_CLASSES = tuple(range(8))
 B_CLASSES = (8, 9)

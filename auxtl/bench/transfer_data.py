@@ -14,7 +14,7 @@ from auxtl.bench.transfer_config import ALL
 from auxtl.data import load_dataset
 from auxtl.pretrain import SPLIT_SEED
 from auxtl.splits import train_test_split
-from auxtl.transfer import per_class_indices
+from auxtl.splits import per_class_indices
 @dataclasses.dataclass(frozen=True)
 class BenchData:
     """`pool`: unlabeled pretraining images and the labeled subsets' source; `test`: scored
@@ -43,7 +43,7 @@ def load_bench_data(spec: str) -> BenchData:
 
 def labeled_indices(labels: np.ndarray, budget: int | str, seed: int) -> np.ndarray:
     """Indices into the pool: `budget` examples of every class, drawn by
-    `auxtl.transfer.per_class_indices` with this seed (one permutation per seed, so a
+    `auxtl.splits.per_class_indices` with this seed (one permutation per seed, so a
     seed's smaller budgets are subsets of its larger ones); `all` = the whole pool."""
     if budget == ALL:
         return np.arange(len(labels))
