@@ -30,7 +30,7 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch, bug):
     def broken(config, dataset=None):
         raise bug("an internal bug")
 
-    monkeypatch.setattr("auxtl.pretrain.run_pretraining", broken)
+    monkeypatch.setattr("auxtl.cli.run_pretraining", broken)
     with pytest.raises(bug, match="an internal bug"):
         cli.main(["pretrain", "--no-progress", "--out", "unused"])
     assert not pathlib.Path("unused").exists()
