@@ -38,7 +38,7 @@ from flax import nnx
 
 from auxtl.errors import AuxtlError, InputError, MissingFileError
 from auxtl.models import list_models
-from auxtl.trunk_metadata import TRUNK_FORMAT, TrunkMetadata, as_trunk_metadata
+from auxtl.trunk_metadata import TaskRecord, TRUNK_FORMAT, TrunkMetadata, as_trunk_metadata
 from auxtl.version import __version__
 
 
@@ -155,16 +155,18 @@ def atomic_save(path: str | os.PathLike, write) -> pathlib.Path:
 
 
 def trunk_metadata(trunk, *, config_json: dict[str, Any], input_shape, normalization,
-                   tasks: list[dict[str, Any]], extra: dict[str, Any] | None = None,
+                   tasks: list, extra: dict[str, Any] | None = None,
                    ) -> TrunkMetadata:
     """The metadata of `trunk` (its model name, layer names and feature size read from the
     module); `extra` holds further checkpoint JSON keys (data, split, steps, seed, ...),
-    read into their typed fields (unknown keys into `TrunkMetadata.extra`)."""
+    read into their typed fields (unknown keys into `TrunkMetadata.extra`). `tasks`:
+    TaskRecords or their JSON objects."""
     return TrunkMetadata.from_json({
         "format": TRUNK_FORMAT, "model": trunk.model_name, "config": config_json,
         "layer_names": list(trunk.layer_names), "feature_dim": trunk.feature_dim,
         "input_shape": list(input_shape), "normalization": normalization.to_json(),
-        "tasks": list(tasks), "auxtl_version": __version__, **(extra or {})},
+        "tasks": [t.to_json() if isinstance(t, TaskRecord) else t for t in tasks],
+        "auxtl_version": __version__, **(extra or {})},
         where=f"metadata of a {trunk.model_name} trunk")
 
 

@@ -19,6 +19,7 @@ engine for one model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -123,6 +124,21 @@ def _prefix_shared(states: TrainState, start: int) -> bool:
     return True
 
 
+def _prefix_digest(params, batch_stats, start: int, norm: NormStats) -> str:
+    """sha256 of one model's lowest `start` trunk layers (params and statistics) and of
+    the normalization: what, besides the data, their output depends on."""
+    digest = hashlib.sha256()
+    heads = tuple(f"trunk/layers/{i}/" for i in range(start))
+    for tree, prefix_only in ((params, True), (batch_stats, True), (norm._asdict(), False)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = freezing.path_str(path)
+            if not prefix_only or name.startswith(heads):
+                value = np.asarray(leaf)
+                digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
+                digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def _check_budgets(phases: Sequence[Phase], sizes: list[int], val) -> bool:
     """True for epoch budgets (validated), False for fixed steps; refuses a mix."""
     by_epochs = {p.steps is None for p in phases}
@@ -173,7 +189,7 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     states = TrainState(step=jnp.zeros(count, jnp.int32), params=stack(params),
                         batch_stats=stack(batch_stats), opt_state=None,
                         rng=stack([jax.random.key_data(jax.random.key(s)) for s in seeds]))
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    labels = jnp.asarray(labels)
     global_steps = np.zeros(count, np.int64)
     best = [{"accuracy": -1.0, "params": _snapshot(p), "batch_stats": _snapshot(b)}
             for p, b in zip(params, batch_stats)]
@@ -201,12 +217,14 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
         logits = cache.get(("logits", graphdef, plan.start, vmap), lambda: (
             seed_logits(logits_fn(graphdef, plan.start)) if vmap
             else make_logits_fn(graphdef, plan.start)))
-        features = lambda x: x  # noqa: E731
+        features = lambda x: jnp.asarray(x)  # noqa: E731
         if plan.start:
             prefix = cache.get(("prefix", graphdef, plan.start),
                                lambda: make_prefix_fn(graphdef, plan.start))
             first = unstack(states.params, 0), unstack(states.batch_stats, 0)
-            features = lambda x: in_chunks(lambda c: prefix(*first, c, norm), x)  # noqa: E731
+            key = ("features", graphdef, plan.start, _prefix_digest(*first, plan.start, norm))
+            features = lambda x: cache.features(key, x, lambda data: in_chunks(  # noqa: E731
+                lambda c: prefix(*first, c, norm), jnp.asarray(data)))
         inputs = features(images)
         scored = val if by_epochs else test
         scored_inputs = None if scored is None else features(scored[0])

@@ -8,6 +8,8 @@ counts included) and a `StepCache` can share it with no stale closure.
 
 from __future__ import annotations
 
+import collections
+
 from typing import Any, NamedTuple
 
 import jax
@@ -24,15 +26,36 @@ from auxtl.train_state import TrainState
 
 class StepCache:
     """Compiled functions keyed by everything they close over (graphdef + `PhasePlan.key`
-    for steps), reused across phases, seeds and calls."""
+    for steps), reused across phases, seeds and calls; and the last `keep_features`
+    frozen-prefix outputs of shared data (`features`)."""
 
-    def __init__(self):
+    def __init__(self, keep_features: int = 4):
         self._steps: dict[tuple, Any] = {}
+        self._features: collections.OrderedDict[tuple, tuple[Any, Any]] = (
+            collections.OrderedDict())
+        self._keep = keep_features
 
     def get(self, key: tuple, build):
         if key not in self._steps:
             self._steps[key] = build()
         return self._steps[key]
+
+    def features(self, key: tuple, data, compute):
+        """`compute(data)`, remembered for the most recent (key, data object) pairs.
+
+        `key` must name everything the result depends on besides `data` (for a frozen
+        prefix: graphdef, depth, a digest of its weights and of the normalization);
+        `data` is identified by the object itself, which the cache holds.
+        """
+        slot = (key, id(data))
+        if slot in self._features and self._features[slot][0] is data:
+            self._features.move_to_end(slot)
+            return self._features[slot][1]
+        value = compute(data)
+        self._features[slot] = (data, value)
+        while len(self._features) > self._keep:
+            self._features.popitem(last=False)
+        return value
 
 
 class NormStats(NamedTuple):

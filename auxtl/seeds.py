@@ -44,7 +44,9 @@ def batch_schedule(subsets: Sequence[np.ndarray], batch_size: int, steps: int, *
 def seed_runner(step_fn, *, vmap: bool):
     """(states[S], inputs, labels, schedule[S, T, B], active[S], norm) -> (states after T
     steps of each active seed, losses): inactive seeds' states come back exactly as they
-    went in; losses[s] holds seed s's T per-step losses (device scalars, none if inactive).
+    went in; losses[s] holds seed s's T per-step losses (an (S, T) device array with
+    `vmap`, where an inactive seed's row is meaningless; else per-seed lists of device
+    scalars, empty for an inactive seed): read them after `jax.device_get`.
 
     `step_fn(state, inputs, labels, norm) -> (state, metrics)` is one seed's pure step;
     `inputs`/`labels` are shared by all seeds and indexed by the schedule inside the
@@ -72,8 +74,7 @@ def seed_runner(step_fn, *, vmap: bool):
             for t in range(schedule.shape[1]):
                 states, loss = step(states, inputs, labels, schedule[:, t], active, norm)
                 losses.append(loss)
-            return states, [[loss[s] for loss in losses] if on else []
-                            for s, on in enumerate(np.asarray(active))]
+            return states, jnp.stack(losses, axis=1)   # (S, T): one array, one transfer
     else:
         step = jax.jit(indexed, donate_argnums=0)
 

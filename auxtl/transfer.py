@@ -27,7 +27,7 @@ from auxtl.pretrain import SPLIT_SEED
 from auxtl.splits import SplitRecord, per_class_indices, train_test_split
 from auxtl.surgery import SurgeryReport
 from auxtl.transplant import build_transfer_model, plan_surgery, reused_layers, target_config
-from auxtl.trunk_metadata import TrunkMetadata
+from auxtl.trunk_metadata import TrunkMetadata, as_trunk_metadata
 from auxtl.stats import mean_interval, paired_difference
 
 
@@ -96,6 +96,7 @@ def held_out_split(metadata: TrunkMetadata, dataset: Dataset, data: str | None, 
     A trunk that records no split (older auxtl, imported) whose data may be the
     target's (same data spec, or unknown): the default split and a SplitWarning.
     """
+    metadata = as_trunk_metadata(metadata)
     target = SplitRecord.of(dataset, data=data, test_fraction=DEFAULT_TEST_FRACTION,
                             seed=SPLIT_SEED)
     default = (f"test split: {DEFAULT_TEST_FRACTION:.0%} of {data!r} (seed {SPLIT_SEED})")
@@ -164,14 +165,18 @@ class SeedResult:
 
 
 def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
-    """Same budget, everything trainable from step 0 (early stopping on the same validation)."""
-    epochs = sum(p.epochs for p in config.phases)
-    return dataclasses.replace(config, phases=(Phase(epochs=epochs, train="all"),),
-                               cache_features=False)
+    """Same budget (epochs, or steps when the phases count steps), everything trainable
+    from step 0 (early stopping on the same validation)."""
+    if all(p.steps is not None for p in config.phases):
+        phase = Phase(steps=sum(p.steps for p in config.phases), train="all")
+    else:
+        phase = Phase(epochs=sum(p.epochs or 0 for p in config.phases), train="all")
+    return dataclasses.replace(config, phases=(phase,), cache_features=False)
 
 
 def target_normalization(metadata: TrunkMetadata, train: Dataset) -> Normalization:
     """The trunk's own normalisation when channels match (what its layers expect)."""
+    metadata = as_trunk_metadata(metadata)
     if metadata.input_shape[-1] == train.image_shape[-1]:
         return metadata.normalization
     return compute_normalization(train.images)

@@ -20,7 +20,7 @@ from flax import nnx
 from auxtl import checkpoints, surgery
 from auxtl.models import build_trunk, make_config, model_entry
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
-from auxtl.trunk_metadata import TrunkMetadata
+from auxtl.trunk_metadata import TrunkMetadata, as_trunk_metadata
 
 
 def transfer_rules(k: int, adapt_paths: Sequence[str] = ()) -> list[surgery.Rule]:
@@ -35,12 +35,14 @@ def transfer_rules(k: int, adapt_paths: Sequence[str] = ()) -> list[surgery.Rule
 
 def target_config(metadata: TrunkMetadata, in_channels: int):
     """The source trunk's config with the target data's channel count."""
+    metadata = as_trunk_metadata(metadata)
     return make_config(metadata.model, None, **{**metadata.config, "in_channels": in_channels})
 
 
 def new_transfer_model(metadata: TrunkMetadata, spec: TargetSpec, *, num_classes: int,
                        in_channels: int, seed: int) -> TransferModel:
     """The target architecture with fresh weights."""
+    metadata = as_trunk_metadata(metadata)
     rngs = nnx.Rngs(seed)
     trunk = build_target_trunk(metadata.model, target_config(metadata, in_channels), spec,
                                rngs=rngs)
@@ -80,6 +82,7 @@ def input_channel_paths(metadata: TrunkMetadata, in_channels: int) -> tuple[str,
     convolution(s) reading the image, found for any registered trunk by building its
     architecture (shapes only) for the source's and the target's channel count and
     comparing. Empty when the counts agree."""
+    metadata = as_trunk_metadata(metadata)
     source_channels = int(metadata.input_shape[-1])
     if in_channels == source_channels:
         return ()
@@ -90,12 +93,14 @@ def input_channel_paths(metadata: TrunkMetadata, in_channels: int) -> tuple[str,
 
 def reused_layers(metadata: TrunkMetadata, spec: TargetSpec) -> tuple[str, ...]:
     """Names of the source layers the target reuses (the lowest `spec.reuse`)."""
+    metadata = as_trunk_metadata(metadata)
     return metadata.layer_names[:num_reused(spec, len(metadata.layer_names))]
 
 
 def rules_for(metadata: TrunkMetadata, spec: TargetSpec, in_channels: int):
     """The surgery rules of a transfer from `metadata`'s trunk into `spec` on data with
     `in_channels` channels."""
+    metadata = as_trunk_metadata(metadata)
     k = len(reused_layers(metadata, spec))
     adapt = tuple(path for path in (input_channel_paths(metadata, in_channels) if k else ())
                   if (surgery.layer_index(path) is not None and surgery.layer_index(path) < k))
@@ -109,6 +114,7 @@ def build_transfer_model(metadata: TrunkMetadata, source_params, source_stats,
 
     Returns (model, report); report is None when `transplant` is False (scratch).
     """
+    metadata = as_trunk_metadata(metadata)
     model = new_transfer_model(metadata, spec, num_classes=num_classes,
                                in_channels=in_channels, seed=seed)
     if not transplant:
@@ -124,6 +130,7 @@ def plan_surgery(metadata: TrunkMetadata, spec: TargetSpec, *, num_classes: int,
                  in_channels: int) -> surgery.SurgeryReport:
     """The surgery report of a transfer from a trunk with this metadata, from shapes
     alone: nothing is loaded, initialised or trained."""
+    metadata = as_trunk_metadata(metadata)
     source = checkpoints.abstract_trunk(metadata)
     target = nnx.eval_shape(lambda: new_transfer_model(
         metadata, spec, num_classes=num_classes, in_channels=in_channels, seed=0))

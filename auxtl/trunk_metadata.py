@@ -9,9 +9,10 @@ the same JSON back: for every checkpoint auxtl has written,
 optional keys stored as null stay null).
 
 Compatibility layer: scripts written when `auxtl.read_metadata` returned a dict
-keep working, because TrunkMetadata also reads like a read-only mapping over its
-JSON form (`metadata["normalization"]`, `.get("split")`, `.keys()`, `dict(m)`).
-New code reads the attributes.
+keep working, because TrunkMetadata is also a read-only `collections.abc.Mapping` over
+its JSON form (`metadata["normalization"]`, `.get("split")`, `.keys()`, `dict(m)`,
+`isinstance(m, Mapping)`). It is not a dict: `json.dumps(m.to_json())`, not
+`json.dumps(m)`. New code reads the attributes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ _ORDER = ("format", "model", "config", "layer_names", "feature_dim", "input_shap
 
 
 @dataclasses.dataclass(frozen=True)
-class TrunkMetadata:
+class TrunkMetadata(Mapping):
     """What a trunk checkpoint says about itself (see the module docstring).
 
     Required: model (registry name), config (the model config as JSON), layer_names

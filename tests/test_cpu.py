@@ -31,6 +31,19 @@ def test_switch_values():
         assert switch.enabled_components("winogard,onednn") == {"onednn"}
 
 
+def test_a_replaced_variable_still_turns_its_component_off_and_names_the_switch(monkeypatch):
+    monkeypatch.setattr(switch, "_warned", set())
+    monkeypatch.delenv(switch.ENV_VAR, raising=False)
+    monkeypatch.setenv("AUXTL_ONEDNN", "0")
+    with pytest.warns(AuxtlWarning, match="AUXTL_ONEDNN is replaced by AUXTL_CPU_KERNELS"):
+        assert not switch.enabled("onednn")
+    assert switch.enabled("winograd") and switch.enabled("sliced")
+    assert switch.off_reason("onednn") == "off (AUXTL_ONEDNN=0; use AUXTL_CPU_KERNELS)"
+    assert "AUXTL_ONEDNN=0" in switch.describe()
+    monkeypatch.setenv("AUXTL_ONEDNN", "1")      # on: nothing changes (warned once already)
+    assert switch.enabled("onednn")
+
+
 @pytest.fixture
 def reinstall(monkeypatch):
     """Lets a test change AUXTL_CPU_KERNELS and install(); puts back the environment

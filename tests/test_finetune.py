@@ -93,6 +93,45 @@ def test_scratch_baseline_has_the_same_budget():
     from auxtl.transfer import scratch_config
     scratch = scratch_config(config)
     assert scratch.phases == (Phase(7, "all"),)
+    steps = ft.FinetuneConfig(phases=(Phase(steps=30, train="head"), Phase(steps=20)))
+    assert scratch_config(steps).phases == (Phase(steps=50, train="all"),)
+
+
+def test_step_cache_remembers_features_per_key_and_data_object():
+    cache, calls = ft.StepCache(keep_features=2), []
+    compute = lambda x: calls.append(x) or x.sum()   # noqa: E731
+    a, b, c = np.ones(3), np.ones(3), np.zeros(3)
+    assert cache.features(("k",), a, compute) == 3 and cache.features(("k",), a, compute) == 3
+    assert len(calls) == 1                       # same key, same object: computed once
+    cache.features(("k",), b, compute)           # equal values, another object: computed
+    cache.features(("other",), a, compute)       # another key (other weights): computed
+    assert len(calls) == 3
+    cache.features(("k",), c, compute)           # a third entry evicts the oldest, ("k", a)
+    cache.features(("k",), a, compute)
+    assert len(calls) == 5
+
+
+def test_a_shared_cache_computes_the_frozen_prefix_once_for_the_same_data(data, monkeypatch):
+    """Two engine calls with the same images, frozen weights and normalization (the
+    benchmark's budgets of one source) share the prefix output; another normalization
+    does not."""
+    computed = []
+    real = ft.StepCache.features
+
+    def counting(self, key, x, compute):
+        return real(self, key, x, lambda d: computed.append(key) or compute(d))
+
+    monkeypatch.setattr(ft.StepCache, "features", counting)
+    config = ft.FinetuneConfig(phases=(Phase(1, "head"),), batch_size=20)
+    cache = ft.StepCache()
+    first = ft.finetune(small_model(), 6, config, cache=cache, **data)
+    again = ft.finetune(small_model(), 6, config, cache=cache, **data)
+    assert len(computed) == 2                    # train and val, once
+    assert_same_result(first, again)
+    from auxtl.data import Normalization
+    ft.finetune(small_model(), 6, config, cache=cache, **{
+        **data, "normalization": Normalization((0.5,), (0.2,))})
+    assert len(computed) == 4
 
 
 @pytest.mark.parametrize("cache_features", [True, False])

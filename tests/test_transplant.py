@@ -1,5 +1,7 @@
 """auxtl.transplant: the model-aware rules, without training (shapes only, fast)."""
 
+from collections.abc import Mapping
+
 import pytest
 from flax import nnx
 
@@ -51,6 +53,9 @@ def test_reused_layers_and_phases_follow_the_spec():
     assert transplant.reused_layers(metadata, TargetSpec(reuse=2)) == ("conv1", "conv2")
     assert transplant.reused_layers(metadata, TargetSpec()) == metadata.layer_names
     reused = transplant.reused_layers(metadata, TargetSpec(reuse=2))
+    # a script passing the JSON dict (what read_metadata returned before) still works
+    assert transplant.reused_layers(metadata.to_json(), TargetSpec(reuse=2)) == reused
+    assert isinstance(metadata, Mapping) and dict(metadata) == metadata.to_json()
     freezing.check_phases((Phase(1, "head+top2"),), reused)
     with pytest.raises(auxtl.InputError, match="top3"):
         freezing.check_phases((Phase(1, "head+top3"),), reused)

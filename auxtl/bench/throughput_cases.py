@@ -165,7 +165,7 @@ def build_cases(model: str, dtype: str, kinds: Sequence[str], batch_size: int, *
         total = _count(params)
         base_info["param_dtype"] = _dtypes(params)
         params_dev, stats_dev = _fresh((params, stats), replicated)
-        norm = norm_stats(normalization)
+        norm = jax.device_put(norm_stats(normalization), replicated)   # on device once
 
         def finetune_case(kind: str) -> Case:
             trainable_top = len(names) if kind == "finetune_full" else len(names) - prefix

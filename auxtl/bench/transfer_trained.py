@@ -17,7 +17,6 @@ from auxtl.bench.transfer_cells import cell
 from auxtl.bench.transfer_config import TRAINED_MODES, TransferBenchConfig
 from auxtl.bench.transfer_data import BenchData
 from auxtl.bench.transfer_sources import Source
-from auxtl.data import Normalization
 from auxtl.finetune import FinetuneConfig, StepCache, finetune_seeds
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
@@ -77,7 +76,7 @@ def trained_cells(name: str, source: Source | None, data: BenchData, subsets: di
         start_time = time.perf_counter()
         results = finetune_seeds(models, config.reuse, finetune, images=data.pool.images,
                                  labels=data.pool.labels, subsets=per_seed, seeds=config.seeds,
-                                 normalization=Normalization.from_json(meta["normalization"]),
+                                 normalization=meta.normalization,
                                  test=(data.test.images, data.test.labels),
                                  vmap=trainer.vmap, cache=trainer.cache)
         for index, (mode, _) in enumerate(phases):

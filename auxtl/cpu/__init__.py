@@ -42,7 +42,7 @@ def status() -> dict[str, str]:
     "host_memory" (what `keep_freed_memory` did, or "not configured")."""
     return {"switch": switch.describe(), "winograd": winograd.status(),
             "onednn": onednn.status(),
-            "sliced": "active" if switch.enabled("sliced") else switch.off_reason(),
+            "sliced": "active" if switch.enabled("sliced") else switch.off_reason("sliced"),
             "host_memory": host_memory.status()}
 
 

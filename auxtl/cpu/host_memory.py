@@ -51,13 +51,13 @@ def status() -> str:
     """What `keep_freed_memory` did in this process; "not configured" before it ran
     (or why it would not run: the switch is off)."""
     if _status is None and not switch.enabled("host_memory"):
-        return switch.off_reason()
+        return switch.off_reason("host_memory")
     return _status or "not configured"
 
 
 def _configure() -> str:
     if not switch.enabled("host_memory"):
-        return switch.off_reason()
+        return switch.off_reason("host_memory")
     skip = _accelerator_expected()
     if skip:
         return f"skipped: {skip}; the page faults are XLA:CPU's (JAX_PLATFORMS=cpu applies it)"

@@ -54,7 +54,7 @@ def status() -> str:
 
 def _set_up() -> str:
     if not switch.enabled("onednn"):
-        return switch.off_reason()
+        return switch.off_reason("onednn")
     if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
         return f"unsupported platform ({sys.platform} {platform.machine()}; Linux x86-64 only)"
     paths = onednn_paths()

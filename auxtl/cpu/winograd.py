@@ -56,7 +56,7 @@ def status() -> str:
 
 def _set_up() -> str:
     if not switch.enabled("winograd"):
-        return switch.off_reason()
+        return switch.off_reason("winograd")
     if not sys.platform.startswith("linux"):
         return f"unsupported platform ({sys.platform}; Linux only)"
     compiler = native_build.compiler()

@@ -168,7 +168,7 @@ def make_config(name: str, input_shape: tuple[int, int, int] | None = None,
     if unknown:
         raise InputError(f"unknown config field(s) {unknown} for model {name!r}; "
                          f"valid fields: {sorted(fields)}")
-    fitted = {} if input_shape is None else dict(_FITS[name](tuple(input_shape)))
+    fitted = {} if input_shape is None else dict(_FITS.get(name, _fit_channels)(tuple(input_shape)))
     defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
     for key, value in overrides.items():
         _check_override(name, key, defaults[key], value)
