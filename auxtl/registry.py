@@ -5,6 +5,8 @@ A task is a class registered under a name with `@auxtl.register_task("name")`.
 built-in package `auxtl.tasks` (one module per task), installed packages that
 declare the entry-point group `auxtl.tasks`, and user files loaded with
 `load_task_module(path)` (the CLI's `--task-module`).
+An entry point that fails to import is skipped with an AuxtlWarning
+(`load_entry_points`, which the model registry shares).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import inspect
 import pathlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Collection
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 from flax import nnx
 
-from auxtl.errors import BadParameterError, InputError, MissingFileError, UnknownNameError
+from auxtl.errors import (AuxtlWarning, BadParameterError, InputError, MissingFileError,
+                          UnknownNameError)
 
 ENTRY_POINT_GROUP = "auxtl.tasks"
 
@@ -165,21 +169,39 @@ def _origin(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def load_entry_points(group: str, kind: str) -> list[str]:
+    """Loads every installed entry point of `group` (so their registrations run) and
+    returns the names of those that loaded. One that fails to load is skipped with an
+    `AuxtlWarning` naming it (name, value) and its error, so a broken plugin neither
+    hides the others nor stops auxtl; `kind` ("task", "model") words the warning."""
+    loaded = []
+    for entry_point in importlib.metadata.entry_points(group=group):
+        try:
+            entry_point.load()
+        except Exception as error:  # any error of a third party's import: reported, skipped
+            detail = " ".join(f"{type(error).__name__}: {error}".split())
+            warnings.warn(f"skipped the {kind} plugin {entry_point.name!r} "
+                          f"({entry_point.value}, entry point group {group!r}): it failed "
+                          f"to load: {detail}", AuxtlWarning, stacklevel=2)
+        else:
+            loaded.append(entry_point.name)
+    return loaded
+
+
 def _load_plugins() -> None:
-    """Imports built-in task modules and entry points once."""
+    """Imports the built-in task modules and the `auxtl.tasks` entry points, once."""
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
-    _PLUGINS_LOADED = True
-    import auxtl.tasks as builtin
-    for module in pkgutil.iter_modules(builtin.__path__):
-        importlib.import_module(f"{builtin.__name__}.{module.name}")
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            entry_point.load()
-        except Exception as error:  # a broken plugin must not hide the others
-            raise ImportError(f"loading auxtl task plugin {entry_point.name!r} "
-                              f"({entry_point.value}) failed: {error}") from error
+    _PLUGINS_LOADED = True   # first: a plugin that lists tasks as it loads must not recurse
+    try:
+        import auxtl.tasks as builtin
+        for module in pkgutil.iter_modules(builtin.__path__):
+            importlib.import_module(f"{builtin.__name__}.{module.name}")
+    except BaseException:    # a broken built-in is a bug: raised, and again next call
+        _PLUGINS_LOADED = False
+        raise
+    load_entry_points(ENTRY_POINT_GROUP, "task")
 
 
 def import_user_file(path: str | pathlib.Path, *, kind: str, package: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import auxtl
-from auxtl import models
+from auxtl import cli, models
 from auxtl.finetune import FinetuneConfig
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
@@ -139,3 +139,41 @@ def test_builtin_fit_hooks_keep_their_input_rules():
     assert auxtl.make_config("resnet18", (96, 96, 3)).large_stem
     assert not auxtl.make_config("resnet18", (32, 32, 3)).large_stem
     assert auxtl.make_config("small_cnn", (28, 28, 3)).in_channels == 3
+
+
+def test_the_cli_pretrains_and_transfers_a_user_model_from_its_file(tmp_path, capsys):
+    """--model-module on pretrain, models and transfer: the checkpoint names the user's
+    model, and transfer rebuilds that trunk from the checkpoint once the file is loaded."""
+    path = tmp_path / "cli_model.py"
+    path.write_text(USER_MODEL.replace("user_pair", "user_cli"))
+    try:
+        assert cli.main(["models", "--model-module", str(path)]) == 0
+        assert "user_cli" in capsys.readouterr().out.split()
+        out = tmp_path / "p"
+        assert cli.main(["pretrain", "--model-module", str(path), "--model", "user_cli",
+                         "--data", "digits", "--steps", "2", "--batch-size", "8",
+                         "--log-every", "1", "--no-progress", "--out", str(out)]) == 0
+        assert f"trunk checkpoint: {out / 'trunk'}" in capsys.readouterr().out
+        assert cli.main(["inspect", str(out / "trunk"), "--model-module", str(path)]) == 0
+        assert '"model": "user_cli"' in capsys.readouterr().out
+        assert cli.main(["transfer", "--model-module", str(path), "--trunk", str(out / "trunk"),
+                         "--data", "digits", "--reuse", "1", "--top", "replace",
+                         "--labels-per-class", "2", "--val-per-class", "2",
+                         "--phases", "head:1", "--batch-size", "10", "--seeds", "1",
+                         "--no-baseline", "--no-progress", "--out", str(tmp_path / "t")]) == 0
+        assert "transfer test accuracy" in capsys.readouterr().out
+        assert auxtl.load_trunk(tmp_path / "t" / "model").layer_names == ("low", "high")
+    finally:
+        models.MODELS.pop("user_cli", None)
+
+
+@pytest.mark.parametrize("command", [
+    ["models"], ["inspect", "never/read"], ["pretrain", "--model", "small_cnn", "--out", "OUT"],
+    ["transfer", "--trunk", "never/read", "--out", "OUT"]])
+def test_a_missing_model_module_is_one_error_line_naming_it(command, tmp_path, capsys):
+    absent = tmp_path / "absent_model.py"
+    argv = [str(tmp_path / "o") if arg == "OUT" else arg for arg in command]
+    assert cli.main([*argv, "--model-module", str(absent)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not (tmp_path / "o").exists()
+    assert err == f"auxtl: error: model module {str(absent)!r} does not exist\n"

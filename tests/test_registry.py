@@ -1,11 +1,15 @@
+import importlib.metadata
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
 import auxtl
+from auxtl import cli, models, registry
+from auxtl.errors import AuxtlWarning
 
 FLIP_TASK = textwrap.dedent('''
     """Horizontal-flip prediction, written against auxtl's public API only."""
@@ -172,3 +176,74 @@ def test_a_complete_task_without_task_base_is_accepted():
 
     assert auxtl.task_class("standalone_flip") is Standalone
     assert isinstance(auxtl.get_task("standalone_flip"), auxtl.Task)
+
+
+PLUGIN_MODEL = textwrap.dedent('''
+    import dataclasses
+    import auxtl
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        in_channels: int = 1
+
+    @auxtl.register_model("{name}", Config)
+    def build(config, *, rngs):
+        raise NotImplementedError  # registered, never built here
+''')
+
+
+def fake_entry_points(monkeypatch, tmp_path, group, good_name, good_text):
+    """`importlib.metadata.entry_points(group=...)` answering `group` with a broken plugin
+    (its module does not exist) listed before a good one (a module file in tmp_path)."""
+    module = f"auxtl_fake_plugin_{good_name}"
+    (tmp_path / f"{module}.py").write_text(good_text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entries = [importlib.metadata.EntryPoint("broken", "auxtl_no_such_plugin_module", group),
+               importlib.metadata.EntryPoint(good_name, module, group)]
+    real = importlib.metadata.entry_points
+
+    def entry_points(**selection):
+        return entries if selection == {"group": group} else real(**selection)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+@pytest.mark.parametrize("kind", ["task", "model"])
+def test_a_broken_plugin_is_a_warning_and_the_others_load(kind, monkeypatch, tmp_path):
+    name = f"{kind}_plugin_ok"
+    if kind == "task":
+        fake_entry_points(monkeypatch, tmp_path, "auxtl.tasks", name, FLIP_TASK.format(name=name))
+        owner, table, listing = registry, registry._REGISTRY, auxtl.list_tasks
+    else:
+        fake_entry_points(monkeypatch, tmp_path, "auxtl.models", name,
+                          PLUGIN_MODEL.format(name=name))
+        owner, table, listing = models, models.MODELS, auxtl.list_models
+    monkeypatch.setattr(owner, "_PLUGINS_LOADED", False)
+    try:
+        with pytest.warns(AuxtlWarning) as caught:
+            assert name in listing()
+        [warning] = caught
+        message = str(warning.message)
+        assert f"{kind} plugin 'broken' (auxtl_no_such_plugin_module, entry point group " \
+               f"'auxtl.{kind}s')" in message
+        assert "ModuleNotFoundError: No module named 'auxtl_no_such_plugin_module'" in message
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # loaded once: the second call warns no more
+            assert name in listing()
+    finally:
+        table.pop(name, None)
+
+
+def test_the_cli_prints_a_broken_plugin_as_one_warning_line(monkeypatch, tmp_path, capsys):
+    fake_entry_points(monkeypatch, tmp_path, "auxtl.models", "cli_plugin_ok",
+                      PLUGIN_MODEL.format(name="cli_plugin_ok"))
+    monkeypatch.setattr(models, "_PLUGINS_LOADED", False)
+    try:
+        assert cli.main(["models"]) == 0
+    finally:
+        models.MODELS.pop("cli_plugin_ok", None)
+    out, err = capsys.readouterr()
+    assert "cli_plugin_ok" in out.split() and "small_cnn" in out.split()
+    assert err.startswith("auxtl: warning: skipped the model plugin 'broken' ")
+    assert len(err.splitlines()) == 1, err

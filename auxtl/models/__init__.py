@@ -12,7 +12,6 @@ loads once its file is loaded again.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,7 +23,7 @@ from auxtl.models.nin import NINConfig, build_nin
 from auxtl.models.resnet import ResNet50Config, ResNetConfig, build_resnet, build_resnet50
 from auxtl.models.small_cnn import SmallCNNConfig, build_small_cnn
 from auxtl.models.trunk import Trunk, global_avg_pool
-from auxtl.registry import import_user_file
+from auxtl.registry import import_user_file, load_entry_points
 
 __all__ = ["Trunk", "global_avg_pool", "SmallCNNConfig", "ResNetConfig",
            "ResNet50Config", "NINConfig", "MODELS", "register_model", "load_model_module",
@@ -124,17 +123,13 @@ register_model("nin", NINConfig, build_nin)
 
 
 def _load_plugins() -> None:
-    """Imports the entry points of group `auxtl.models` once."""
+    """Imports the entry points of group `auxtl.models` once; one that fails to load is
+    skipped with an AuxtlWarning (`auxtl.registry.load_entry_points`)."""
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            entry_point.load()
-        except Exception as error:  # a broken plugin must not hide the others
-            raise ImportError(f"loading auxtl model plugin {entry_point.name!r} "
-                              f"({entry_point.value}) failed: {error}") from error
+    load_entry_points(ENTRY_POINT_GROUP, "model")
 
 
 def load_model_module(path) -> None:
