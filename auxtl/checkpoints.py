@@ -367,7 +367,8 @@ def _read_metadata(path, folder: pathlib.Path) -> TrunkMetadata:
     if metadata.model not in list_models():
         raise InputError(f"{shown} names model {metadata.model!r}, which this auxtl does not "
                          f"know ({', '.join(list_models())}); a model of your own must be "
-                         f"registered first (auxtl.register_model, auxtl.load_model_module)")
+                         f"registered first (auxtl.register_model or auxtl.load_model_module; "
+                         f"on the command line --model-module FILE)")
     return metadata
 
 
