@@ -9,7 +9,6 @@ counts included) and a `StepCache` can share it with no stale closure.
 from __future__ import annotations
 
 import collections
-
 from typing import Any, NamedTuple
 
 import jax
