@@ -19,12 +19,23 @@ from auxtl.data import batch_indices
 
 
 def stack(trees: Sequence):
-    """Per-seed pytrees -> one pytree with a leading seed axis."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+    """Per-seed pytrees -> one pytree with a leading seed axis (one compiled call, not
+    one per leaf: the engine stacks and unstacks its states every epoch)."""
+    return _stack(list(trees))
 
 
 def unstack(tree, index: int):
-    """Seed `index` of a stacked pytree."""
+    """Seed `index` of a stacked pytree (one compiled call)."""
+    return _unstack(tree, index)
+
+
+@jax.jit
+def _stack(trees):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+@jax.jit
+def _unstack(tree, index):
     return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
