@@ -111,16 +111,23 @@ def _model_trees(models):
             [nnx.to_pure_dict(b) for _, _, b in splits])
 
 
+def _prefix_leaves(params, batch_stats, start: int):
+    """(path, leaf) of the params and statistics in the lowest `start` trunk layers."""
+    heads = tuple(f"trunk/layers/{i}/" for i in range(start))
+    for tree in (params, batch_stats):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = freezing.path_str(path)
+            if name.startswith(heads):
+                yield name, leaf
+
+
 def _prefix_shared(states: TrainState, start: int) -> bool:
     """Whether every seed holds bit-identical params and statistics in the lowest `start`
     trunk layers (then one prefix output serves them all)."""
-    heads = tuple(f"trunk/layers/{i}/" for i in range(start))
-    for tree in (states.params, states.batch_stats):
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            if freezing.path_str(path).startswith(heads):
-                values = np.asarray(leaf)
-                if not all(np.array_equal(values[0], v) for v in values[1:]):
-                    return False
+    for _, leaf in _prefix_leaves(states.params, states.batch_stats, start):
+        values = np.asarray(leaf)
+        if not all(np.array_equal(values[0], v) for v in values[1:]):
+            return False
     return True
 
 
@@ -128,14 +135,10 @@ def _prefix_digest(params, batch_stats, start: int, norm: NormStats) -> str:
     """sha256 of one model's lowest `start` trunk layers (params and statistics) and of
     the normalization: what, besides the data, their output depends on."""
     digest = hashlib.sha256()
-    heads = tuple(f"trunk/layers/{i}/" for i in range(start))
-    for tree, prefix_only in ((params, True), (batch_stats, True), (norm._asdict(), False)):
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            name = freezing.path_str(path)
-            if not prefix_only or name.startswith(heads):
-                value = np.asarray(leaf)
-                digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
-                digest.update(value.tobytes())
+    for name, leaf in [*_prefix_leaves(params, batch_stats, start), *norm._asdict().items()]:
+        value = np.asarray(leaf)
+        digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
     return digest.hexdigest()
 
 
