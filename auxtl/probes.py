@@ -146,12 +146,13 @@ def _last_argmax(values: jax.Array) -> jax.Array:
 
 def _standardizer(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Train-statistics standardisation (n, d) -> (mean, scale), both (d,). A feature equal
-    on every train row is centred on that value (exactly 0) with scale 1, not blown up
-    from rounding noise."""
+    on every train row carries nothing to fit: it gets that value as mean and an infinite
+    scale, so it standardises to exactly 0 on train, validation and test alike (instead
+    of rounding noise blown up to unit variance)."""
     constant = jnp.all(x == x[:1], axis=0)
     std = jnp.std(x, axis=0)
     mean = jnp.where(constant, x[0], jnp.mean(x, axis=0))
-    return mean, jnp.where(constant | (std == 0), 1.0, std)
+    return mean, jnp.where(constant | (std == 0), jnp.inf, std)
 
 
 def _spectral(x: jax.Array, targets: jax.Array):
