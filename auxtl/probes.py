@@ -107,7 +107,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int, num_classes: int) 
 
 # Ridge strengths alpha, ascending: lambda = alpha * ||X||_F^2 / n on the standardised
 # train features X (= alpha x the number of varying features): from nearly least squares
-# (interpolation when n <= d) to the constant classifier.
+# (interpolation when n <= d) to heavy shrinkage (weights ~ X^T Y_c / lambda, class-mean
+# templates).
 DEFAULT_L2_GRID = tuple(float(10.0 ** e) for e in np.arange(-3.0, 4.01, 0.5))
 DEFAULT_K_GRID = (1, 3, 5, 10, 20)
 
@@ -226,14 +227,15 @@ def ridge_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, num_classes: 
     its L2 strength chosen per seed on validation; seeds vmapped, one compile per shape.
 
     Per seed: features standardised with the TRAIN mean and std (a feature constant on
-    train is only centred), one-hot targets centred (so the bias, the train class
+    train standardises to 0 everywhere: ignored), one-hot targets centred (so the bias, the train class
     frequencies, is unregularised), lambda = alpha * ||X||_F^2 / n for every alpha in
     `l2_grid` (the grid is scaled by trace(X^T X) / n, which after standardisation is the
     number of varying features: alpha is dimensionless for any n and d). All strengths
     come from one eigendecomposition of the smaller Gram (n x n when n <= d, else d x d),
-    float32, HIGHEST matmul precision, eigenvalues clipped at 0 so every solve has
-    eig + lambda >= lambda > 0. The alpha with the best validation accuracy is chosen,
-    ties to the LARGER alpha (the simpler model); the test set is scored once with it.
+    in float32 (HIGHEST matmul precision on accelerators), eigenvalues clipped at 0 so
+    every solve has eig + lambda >= lambda > 0. The alpha with the best validation
+    accuracy is chosen, ties to the LARGER alpha (the simpler model); only that alpha's
+    classifier is applied to the test set.
 
     Args: train (S, n, d)/(S, n); val (S, v, d)/(S, v); test (m, d)/(m,); integer labels
     in [0, num_classes); `l2_grid` positive, strictly increasing.
@@ -285,7 +287,7 @@ def knn_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, num_classes: in
     votes for its label with weight exp(cos / temperature) (large temperature: majority
     vote; temperature -> 0: 1-NN). Every k in `k_grid` is capped at n (duplicates after
     capping count once); the k with the best validation accuracy is chosen, ties to the
-    LARGER k; the test set is scored once with it.
+    LARGER k; only that k's vote is scored on the test set.
 
     Args: as `ridge_probe`; `k_grid` positive integers, strictly increasing;
     `temperature` > 0.

@@ -192,13 +192,6 @@ def test_the_test_split_never_changes_the_choice(probe, grid_name, grid):
     for result in (permuted, replaced):
         np.testing.assert_array_equal(result.hyperparameter, base.hyperparameter)
         np.testing.assert_array_equal(result.val_accuracy, base.val_accuracy)
-    # ...while the test accuracy is the chosen value's score on whichever test set is given.
-    for s in range(3):
-        chosen = {grid_name: (float(base.hyperparameter[s]) if grid_name == "l2_grid"
-                              else int(base.hyperparameter[s]),)}
-        again = probe(tx[s:s + 1], ty[s:s + 1], vx[s:s + 1], vy[s:s + 1], other_x, other_y,
-                      num_classes=3, **chosen)
-        assert float(again.test_accuracy[0]) == float(replaced.test_accuracy[s])
 
 
 @pytest.mark.parametrize("probe, grid_name, grid", PROBES)
