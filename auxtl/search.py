@@ -33,6 +33,7 @@ from auxtl.transfer import (TransferConfig, held_out_split, labeled_splits, scra
 from auxtl.transplant import build_transfer_model, plan_surgery
 from auxtl.trunk_metadata import TrunkMetadata
 
+
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
     """The grid: reuse depths K (None: every K from 1 to the trunk's layer count that the
@@ -124,12 +125,10 @@ def search_cells(space: SearchSpace, layers: int,
     else:
         depths = list(space.reuse)
         for k in depths:
-            if k > layers:
-                raise InputError(f"reuse (--search-reuse) {k} is outside 1..{layers}, the "
-                                 f"trunk's number of layers")
-            reason = buildable(k)
+            reason = (f"outside 1..{layers}, the trunk's number of layers" if k > layers
+                      else buildable(k))
             if reason is not None:
-                raise InputError(f"reuse (--search-reuse) {k} cannot be built: {reason}")
+                raise InputError(f"reuse (--search-reuse) {k} cannot be used: {reason}")
     return tuple(sorted({Cell(k, capped(n, k)) for k in depths for n in space.unfreeze}))
 
 
@@ -216,9 +215,8 @@ def named(values: tuple[float, float, float] | None) -> dict[str, float] | None:
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-    """The validation grid, the pick, and what test says of the pick only: its accuracy
-    per seed, its scratch baseline's (None without one) and their paired difference.
-    `hindsight`: every cell on test, after the pick (None unless asked)."""
+    """The validation grid, the pick, and test of the pick only: per seed, its scratch
+    baseline's (None without one); `hindsight`: every cell on test (None unless asked)."""
 
     grid: tuple[CellScore, ...]
     pick: Cell
@@ -241,14 +239,11 @@ class SearchResult:
                                                                    self.scratch_accuracies))
 
     def to_json(self) -> dict[str, Any]:
-        return {"grid": [s.to_json() for s in self.grid], "pick": self.pick.to_json(),
-                "unfreeze": list(self.unfreeze), "test_accuracies": list(self.test_accuracies),
-                "test": self.test, "scratch_accuracies": self.scratch_accuracies and list(
-                    self.scratch_accuracies), "scratch": self.scratch,
-                "difference": self.difference, "hindsight": self.hindsight}
+        return {**json.loads(json.dumps(dataclasses.asdict(self))),   # tuples as lists
+                "grid": [s.to_json() for s in self.grid], "pick": self.pick.to_json(),
+                "test": self.test, "scratch": self.scratch, "difference": self.difference}
 
-    def lines(self) -> list[str]:
-        """What the command line prints after the grid."""
+    def lines(self) -> list[str]:  # what the command line prints after the grid
         out = [f"picked on validation: {self.pick.label}",
                f"picked test accuracy: {_interval(self.test)} over "
                f"{len(self.test_accuracies)} seed(s)"]
@@ -285,13 +280,17 @@ def run_scratch(cell: Cell, metadata, config: TransferConfig, data: list[SeedDat
     """The picked architecture from scratch, as `run_transfer`'s baseline: the same budget,
     everything trainable, early stopping on the same validation; test accuracy per seed."""
     recipe = scratch_config(cell_recipe(config.finetune, cell))
-    return tuple(finetune(
-        build_transfer_model(metadata, None, None, dataclasses.replace(config.target, reuse=cell.reuse),
-                             num_classes=num_classes, in_channels=d.in_channels, seed=d.seed,
-                             transplant=False)[0],
-        cell.reuse, dataclasses.replace(recipe, seed=d.seed), train=d.train, val=d.val,
-        test=d.test, normalization=d.normalization, cache=cache, progress=config.progress,
-        desc=f"scratch seed {d.seed}").test_accuracy for d in data)
+    spec = dataclasses.replace(config.target, reuse=cell.reuse)
+    accuracies = []
+    for d in data:
+        fresh, _ = build_transfer_model(metadata, None, None, spec, num_classes=num_classes,
+                                        in_channels=d.in_channels, seed=d.seed, transplant=False)
+        accuracies.append(finetune(fresh, cell.reuse, dataclasses.replace(recipe, seed=d.seed),
+                                   train=d.train, val=d.val, test=d.test,
+                                   normalization=d.normalization, cache=cache,
+                                   progress=config.progress, desc=f"scratch seed {d.seed}"
+                                   ).test_accuracy)
+    return tuple(accuracies)
 
 
 def hindsight_summary(tests: dict[Cell, tuple[float, ...]], chosen: Cell) -> dict[str, Any]:

@@ -40,9 +40,9 @@ def trunk(tmp_path_factory, mnist):
 
 def flags(trunk, out, *extra):
     return ["transfer", "--trunk", trunk, "--data", "mnist5k", "--labels-per-class", "3",
-            "--val-per-class", "3", "--phases", "head:1,head+top1:1@0.1", "--batch-size", "10",
-            "--seeds", "2", "--no-progress", "--out", str(out), "--search",
-            "--search-reuse", "1,2", "--search-unfreeze", "0,1,all", *extra]
+            "--val-per-class", "3", "--phases", "head:3,head+top1:3@0.3", "--lr", "0.03",
+            "--batch-size", "10", "--seeds", "2", "--no-progress", "--out", str(out),
+            "--search", "--search-reuse", "1,2", "--search-unfreeze", "0,1,all", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,11 @@ def test_search_flags_need_search(trunk, tmp_path, capsys):
     assert cli.main(["transfer", "--trunk", trunk, "--search-hindsight",
                      "--out", str(tmp_path / "out")]) == 2
     assert "--search-hindsight needs --search" in capsys.readouterr().err
+
+
+def test_cli_search_dry_run_lists_the_cells_and_trains_nothing(trunk, tmp_path, capsys):
+    assert cli.main(flags(trunk, tmp_path / "out", "--dry-run")) == 0
+    assert capsys.readouterr().out.strip() == (
+        "search: 5 cells x 2 seed(s), chosen on validation: K=1 N=0, K=1 N=all, K=2 N=0, "
+        "K=2 N=1, K=2 N=all")
+    assert not (tmp_path / "out").exists()
