@@ -201,10 +201,9 @@ def cmd_search(args: argparse.Namespace, config: TransferConfig, space: SearchSp
 def cmd_transfer(args: argparse.Namespace) -> int:
     config = transfer_config_from_args(args)   # flags checked before anything loads
     space = search_space_from_args(args)
-    if space is not None:
-        _load_model_modules(args.model_module)
-        return cmd_search(args, config, space)
     _load_model_modules(args.model_module)     # a user's trunk, rebuilt from the checkpoint
+    if space is not None:
+        return cmd_search(args, config, space)
     reused = reused_layers(read_metadata(config.trunk), config.target)
     try:  # before the plan prints or anything trains (or an output folder appears)
         check_phases(config.finetune.phases, reused)
