@@ -26,6 +26,7 @@ from auxtl.freezing import Phase, parse_phases
 from auxtl.cpu import keep_freed_memory
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk
 from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
+from auxtl.search import SearchResult, SearchSpace, search_transfer
 from auxtl.transplant import build_transfer_model
 from auxtl.version import __version__
 from auxtl import cpu
@@ -48,4 +49,5 @@ __all__ = [
     "FinetuneConfig", "FinetuneResult", "finetune", "Phase", "parse_phases", "keep_freed_memory",
     "TargetSpec", "TransferModel", "build_target_trunk",
     "TransferConfig", "build_transfer_model", "plan_transfer", "run_transfer", "__version__",
+    "SearchResult", "SearchSpace", "search_transfer",
 ]

@@ -24,6 +24,7 @@ from auxtl.optim import OptimizerConfig
 from auxtl.parallel import initialize_distributed
 from auxtl.pretrain import PretrainConfig, TaskConfig, run_pretraining
 from auxtl.registry import list_tasks, load_task_module, task_class
+from auxtl.search import SearchSpace, plan_search, search_transfer
 from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
 from auxtl.transplant import reused_layers
 
@@ -173,9 +174,36 @@ def transfer_config_from_args(args: argparse.Namespace):
                           progress=not args.no_progress)
 
 
+def search_space_from_args(args: argparse.Namespace) -> SearchSpace | None:
+    """--search's SearchSpace (None without --search); a bad or stray flag: InputError."""
+    given = [flag for flag, value in (("--search-reuse", args.search_reuse),
+                                      ("--search-unfreeze", args.search_unfreeze),
+                                      ("--search-hindsight", args.search_hindsight)) if value]
+    if not args.search and given:
+        raise InputError(f"{given[0]} needs --search")
+    if args.search and args.reuse != "all":
+        raise InputError(f"--reuse {args.reuse}: --search chooses the depth (--search-reuse)")
+    return SearchSpace.from_flags(args.search_reuse, args.search_unfreeze) if args.search else None
+
+
+def cmd_search(args: argparse.Namespace, config: TransferConfig, space: SearchSpace) -> int:
+    dataset = load_dataset(config.data)
+    cells = plan_search(config, space, dataset)   # refuses before anything trains
+    print(f"search: {len(cells)} cells x {len(config.seeds)} seed(s), chosen on validation: "
+          + ", ".join(c.label for c in cells))
+    if not args.dry_run:
+        result = search_transfer(config, space, dataset, hindsight=args.search_hindsight)
+        print("\n".join(result.lines() + ([f"results: {config.out}/search.json"]
+                                           if config.out else [])))
+    return 0
+
+
 def cmd_transfer(args: argparse.Namespace) -> int:
     config = transfer_config_from_args(args)   # flags checked before anything loads
+    space = search_space_from_args(args)
     _load_model_modules(args.model_module)     # a user's trunk, rebuilt from the checkpoint
+    if space is not None:
+        return cmd_search(args, config, space)
     reused = reused_layers(read_metadata(config.trunk), config.target)
     try:  # before the plan prints or anything trains (or an output folder appears)
         check_phases(config.finetune.phases, reused)
@@ -309,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-baseline", action="store_true", help="skip the scratch baseline")
     t.add_argument("--no-feature-cache", action="store_true")
     t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")
+    t.add_argument("--search", action="store_true",
+                   help="sweep reuse depth K x unfrozen top reused layers N on validation, "
+                        "print the grid, test only the pick (OUT/search.json)")
+    t.add_argument("--search-reuse", metavar="K,...",
+                   help="depths to try (default: every K the trunk and target allow)")
+    t.add_argument("--search-unfreeze", metavar="N,...",
+                   help="top reused layers fine-tuned in phase 2, numbers or 'all' "
+                        "(default 0,1,2,all; capped at K)")
+    t.add_argument("--search-hindsight", action="store_true",
+                   help="after the pick, score every cell on test too (analysis only)")
     t.add_argument("--out", default="runs/transfer")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_transfer)

@@ -113,8 +113,8 @@ ORDER = ("errors", "version", "registry", "tasks", "losses", "heads", "models.op
          "models", "models.target", "cifar", "data", "splits", "pretrain_model", "optim",
          "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
          "trunk_metadata", "checkpoints", "pretrain", "surgery", "transplant", "freezing",
-         "finetune_step", "seeds", "finetune", "stats", "probes", "transfer", "cpu", "bench",
-         "cli")
+         "finetune_step", "seeds", "finetune", "stats", "probes", "transfer", "search", "cpu",
+         "bench", "cli")
 # The registry imports the built-in task package to register its tasks, whose files
 # import auxtl's public API like any user's task file: a plug-in edge, not a design one.
 PLUGIN_EDGES = {("auxtl.registry", "auxtl.tasks")}
