@@ -110,9 +110,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # groups above it (a group is a module or package, the longest that matches).
 ORDER = ("errors", "version", "registry", "tasks", "losses", "heads", "models.ops",
          "models.layers", "models.trunk", "models.small_cnn", "models.resnet", "models.nin",
-         "models", "models.target", "cifar", "data", "splits", "pretrain_model", "optim",
-         "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
-         "trunk_metadata", "checkpoints", "pretrain", "surgery", "transplant", "freezing",
+         "models", "models.target", "cifar", "data", "resize", "splits", "pretrain_model",
+         "optim", "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
+         "trunk_metadata", "checkpoints", "pretrain", "target_data", "surgery", "transplant",
+         "freezing",
          "finetune_step", "seeds", "finetune", "stats", "probes", "transfer", "cpu", "bench",
          "cli")
 # The registry imports the built-in task package to register its tasks, whose files
