@@ -150,10 +150,13 @@ def choose_normalization(metadata: TrunkMetadata, pool: Dataset, split: SplitRec
                   "image shape")
     else:
         norm = compute_normalization(pool.images)
-        shown = "unknown data" if recorded is None and metadata.data is None else repr(
-            recorded.data if recorded is not None else metadata.data)
-        reason = (f"the target is not the trunk's pretraining data ({shown}"
-                  f"{', another content hash' if recorded is not None else ''})")
+        if recorded is None and metadata.data is None:
+            reason = "the trunk records neither its pretraining data nor a content hash"
+        else:
+            why = (f"{recorded.data!r}, another content hash" if recorded is not None
+                   else f"{metadata.data!r}, another image shape" if metadata.data == data
+                   else repr(metadata.data))
+            reason = f"the target is not the trunk's pretraining data ({why})"
         record = {"source": "target", **norm.to_json(),
                   "computed_on": {"data": pool.name, "examples": len(pool),
                                   "test_excluded": True}, "reason": reason}

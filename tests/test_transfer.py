@@ -259,8 +259,13 @@ def test_a_trunk_without_a_recorded_split_warns_that_the_split_cannot_be_honoure
         digits_trunk, tmp_path, data):
     old = without_split(digits_trunk, tmp_path / "old", data=data)
     with pytest.warns(UserWarning, match="records no pretraining split") as caught:
-        run_transfer(digits_quick(old, None), log=lambda _: None)
+        summary = run_transfer(digits_quick(old, None), log=lambda _: None)
     assert "may hold images pretraining trained on" in str(caught[0].message)
+    # no content hash: the trunk's normalisation only when it names the same data
+    assert summary["normalization"]["source"] == ("trunk" if data else "target")
+    assert summary["normalization"]["reason"] == (
+        "the trunk records no content hash but names the same data ('digits') and image shape"
+        if data else "the trunk records neither its pretraining data nor a content hash")
 
 
 def test_no_warning_when_the_old_trunk_names_other_data(digits_trunk, tmp_path):
