@@ -171,7 +171,7 @@ def transfer_config_from_args(args: argparse.Namespace):
                           labels_per_class=args.labels_per_class,
                           val_per_class=args.val_per_class, target=target, finetune=finetune,
                           seeds=seeds, baseline=not args.no_baseline, out=args.out,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, resize=args.resize)
 
 
 def search_space_from_args(args: argparse.Namespace) -> SearchSpace | None:
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the layers above --reuse, or keep them freshly initialised")
     t.add_argument("--add", default="", metavar="W1,W2", help="dense layers to add on top")
     t.add_argument("--data", default="mnist5k")
+    t.add_argument("--resize", default="auto", choices=["auto", "on", "off"],
+                   help="resize the target images to the trunk's pretraining resolution when "
+                        "they differ (auto: with a notice; on: the same; off: keep them)")
     t.add_argument("--labels-per-class", type=int, default=10,
                    help="labeled training examples per class (>= 1)")
     t.add_argument("--val-per-class", type=int, default=None,

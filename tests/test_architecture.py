@@ -110,11 +110,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # groups above it (a group is a module or package, the longest that matches).
 ORDER = ("errors", "version", "registry", "tasks", "losses", "heads", "models.ops",
          "models.layers", "models.trunk", "models.small_cnn", "models.resnet", "models.nin",
-         "models", "models.target", "cifar", "data", "splits", "pretrain_model", "optim",
-         "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
-         "trunk_metadata", "checkpoints", "pretrain", "surgery", "transplant", "freezing",
-         "finetune_step", "seeds", "finetune", "stats", "probes", "transfer", "search", "cpu",
-         "bench", "cli")
+         "models", "models.target", "cifar", "data", "resize", "splits", "pretrain_model",
+         "optim", "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
+         "trunk_metadata", "checkpoints", "pretrain", "target_data", "surgery", "transplant",
+         "freezing", "finetune_step", "seeds", "finetune", "stats", "probes", "transfer",
+         "search", "cpu", "bench", "cli")
 # The registry imports the built-in task package to register its tasks, whose files
 # import auxtl's public API like any user's task file: a plug-in edge, not a design one.
 PLUGIN_EDGES = {("auxtl.registry", "auxtl.tasks")}

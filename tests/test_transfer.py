@@ -11,7 +11,10 @@ from auxtl.finetune import FinetuneConfig
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
 from auxtl.transfer import TransferConfig, labeled_splits, run_transfer
+from auxtl.data import compute_normalization
+from auxtl.errors import InputError
 from auxtl.pretrain import SPLIT_SEED
+from auxtl.resize import resize_dataset
 from auxtl.splits import per_class_indices
 from conftest import leaves_equal, tiny_config
 
@@ -106,15 +109,26 @@ def test_frozen_transplanted_layers_equal_the_source_after_fine_tuning(trunk_pat
     assert not leaves_equal(params["layers"][3], source_params["layers"][3])
 
 
-def test_rgb_target_adapts_the_first_convolution(trunk_path, tmp_path):
+def test_rgb_target_of_another_size_is_resized_and_adapts_the_first_convolution(
+        trunk_path, tmp_path):
+    """An npz of 20x20 RGB images into a trunk pretrained on 28x28 grey ones: resized to
+    28x28 (labels kept), the first convolution adapted, normalised with its own three
+    channels' statistics over its training pool."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (300, 28, 28, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (300, 20, 20, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(3), 100).astype(np.int32)
     np.savez(tmp_path / "rgb.npz", images=images, labels=labels)
     config = quick(trunk_path, tmp_path / "rgb", data=f"npz:{tmp_path / 'rgb.npz'}",
                    seeds=(0,), baseline=False, target=TargetSpec(reuse=2))
-    summary = run_transfer(config, log=lambda _: None)
+    lines = []
+    summary = run_transfer(config, log=lines.append)
     assert summary["surgery"]["adapted"] == 1
+    assert summary["resize"] == {"mode": "auto", "from": [20, 20], "to": [28, 28]}
+    notice = f"resizing {config.data} images 20x20 -> 28x28"
+    assert sum(line.startswith(notice) for line in lines) == 1
+    assert summary["normalization"]["source"] == "target"
+    assert len(summary["normalization"]["mean"]) == 3
+    assert auxtl.read_metadata(tmp_path / "rgb" / "model")["input_shape"] == [28, 28, 3]
 
 
 def test_cli_dry_run_prints_the_plan_and_builds_nothing(trunk_path, tmp_path, capsys):
@@ -189,6 +203,12 @@ def test_transfer_on_the_pretraining_data_tests_only_on_its_held_out_images(
     assert tested == held_out                      # the whole held-out split, nothing else
     assert summary["split"]["test_fraction"] == 0.05
     assert summary["split"]["test_examples"] == len(held_out)
+    # the pretraining data itself: the trunk's own normalisation, and the record says why
+    assert summary["resize"] is None
+    assert summary["normalization"] == {
+        **auxtl.read_metadata(digits_trunk)["normalization"], "source": "trunk",
+        "computed_on": None,
+        "reason": "the target is the trunk's pretraining data ('digits', same content hash)"}
     # the fine-tuned model carries the split it was tested on, for a transfer from it
     model_split = auxtl.read_metadata(tmp_path / "t" / "model")["split"]
     assert model_split == auxtl.read_metadata(digits_trunk)["split"]
@@ -239,8 +259,13 @@ def test_a_trunk_without_a_recorded_split_warns_that_the_split_cannot_be_honoure
         digits_trunk, tmp_path, data):
     old = without_split(digits_trunk, tmp_path / "old", data=data)
     with pytest.warns(UserWarning, match="records no pretraining split") as caught:
-        run_transfer(digits_quick(old, None), log=lambda _: None)
+        summary = run_transfer(digits_quick(old, None), log=lambda _: None)
     assert "may hold images pretraining trained on" in str(caught[0].message)
+    # no content hash: the trunk's normalisation only when it names the same data
+    assert summary["normalization"]["source"] == ("trunk" if data else "target")
+    assert summary["normalization"]["reason"] == (
+        "the trunk records no content hash but names the same data ('digits') and image shape"
+        if data else "the trunk records neither its pretraining data nor a content hash")
 
 
 def test_no_warning_when_the_old_trunk_names_other_data(digits_trunk, tmp_path):
@@ -273,3 +298,56 @@ def test_same_images_with_other_labels_cannot_honour_a_stratified_split(digits_t
         warnings.simplefilter("error")
         split, note = transfer.held_out_split(metadata, digits, "digits")
     assert split.test_fraction == 0.05 and "held out of 'digits'" in note
+
+
+# --------------------------------------------------------------------------- cross-dataset
+
+def digits_cli(trunk, out, *flags) -> list[str]:
+    return ["transfer", "--trunk", str(trunk), "--data", "digits", "--reuse", "2",
+            "--labels-per-class", "3", "--val-per-class", "3", "--phases", "head:1",
+            "--batch-size", "10", "--seeds", "1", "--no-baseline", "--no-progress",
+            "--out", str(out), *flags]
+
+
+def test_cli_resizes_digits_to_the_trunks_resolution_and_records_the_normalization(
+        trunk_path, tmp_path, capsys):
+    assert cli.main(digits_cli(trunk_path, tmp_path / "d")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert ("resizing digits images 8x8 -> 28x28 (the trunk's pretraining resolution; "
+            "--resize off to keep them)") in printed
+    written = json.loads((tmp_path / "d" / "transfer.json").read_text())
+    assert written["resize"] == {"mode": "auto", "from": [8, 8], "to": [28, 28]}
+    assert written["config"]["resize"] == "auto"
+    # not the trunk's pretraining data (mnist): the target's own statistics over its
+    # training pool (the resized data less the test split), never over test
+    digits = auxtl.load_dataset("digits")
+    pool, test = auxtl.train_test_split(resize_dataset(digits, (28, 28)), test_fraction=0.1,
+                                        seed=SPLIT_SEED)
+    own = compute_normalization(pool.images)
+    record = written["normalization"]
+    assert record["source"] == "target" and "not the trunk's pretraining data" in record["reason"]
+    assert (record["mean"], record["std"]) == (list(own.mean), list(own.std))
+    assert record["computed_on"]["examples"] == len(pool) == len(digits) - len(test)
+    assert sum(line.startswith("normalization: the target's own") for line in printed) == 1
+    # the model is 28x28 and carries the normalisation it was trained with, and why
+    metadata = auxtl.read_metadata(tmp_path / "d" / "model")
+    assert metadata["input_shape"] == [28, 28, 1]
+    assert metadata["normalization"] == {"mean": record["mean"], "std": record["std"]}
+    assert metadata["normalization_record"] == record
+    assert metadata["resize"] == written["resize"]
+
+
+def test_resize_off_keeps_the_target_size(trunk_path, tmp_path):
+    lines = []
+    summary = run_transfer(digits_quick(trunk_path, tmp_path / "off", resize="off"),
+                           log=lines.append)
+    assert summary["resize"] is None and summary["config"]["resize"] == "off"
+    assert "keeping digits images at 8x8 (--resize off; the trunk was pretrained at 28x28)" \
+        in lines
+    assert not any(line.startswith("resizing") for line in lines)
+    assert auxtl.read_metadata(tmp_path / "off" / "model")["input_shape"] == [8, 8, 1]
+
+
+def test_resize_modes_are_checked():
+    with pytest.raises(InputError, match=r"resize \(--resize\) must be one of auto, on, off"):
+        TransferConfig(trunk="t", resize="yes")
