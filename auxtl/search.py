@@ -28,8 +28,8 @@ from auxtl.errors import InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune, score
 from auxtl.models.target import TargetSpec
 from auxtl.stats import mean_interval, paired_difference
-from auxtl.transfer import (TransferConfig, held_out_split, labeled_splits, scratch_config,
-                            target_normalization)
+from auxtl.target_data import prepare_target, seed_splits
+from auxtl.transfer import TransferConfig, scratch_config
 from auxtl.transplant import build_transfer_model, plan_surgery
 from auxtl.trunk_metadata import TrunkMetadata
 
@@ -196,17 +196,14 @@ class SeedData:
     in_channels: int
 
 
-def seed_data(dataset: Dataset, metadata: TrunkMetadata, split, config: TransferConfig,
-              seed: int) -> SeedData:
-    """The labeled/validation subsets of `seed` and the shared test split; mirrors the
-    per-seed preparation of `auxtl.transfer.run_transfer` (same subsets per seed)."""
-    val_per_class = config.val_per_class or max(config.labels_per_class, 5)
-    splits = labeled_splits(dataset, labels_per_class=config.labels_per_class,
-                            val_per_class=val_per_class, seed=seed, split=split)
+def seed_data(target, config: TransferConfig, seed: int) -> SeedData:
+    """The labeled/validation subsets of `seed` and the shared test split of the prepared
+    target (`auxtl.target_data.prepare_target`), exactly as run_transfer's."""
+    splits = seed_splits(target, config, seed)
     return SeedData(seed, (splits.train.images, splits.train.labels),
                     (splits.val.images, splits.val.labels),
                     (splits.test.images, splits.test.labels),
-                    target_normalization(metadata, splits.train), splits.train.image_shape[-1])
+                    target.normalization, splits.train.image_shape[-1])
 
 
 def named(values: tuple[float, float, float] | None) -> dict[str, float] | None:
@@ -343,9 +340,8 @@ def search_transfer(config: TransferConfig, space: SearchSpace = SearchSpace(),
     dataset = load_dataset(config.data) if dataset is None else dataset
     cells = plan_search(config, space, dataset)
     source_params, source_stats, metadata = checkpoints.load_trunk_state(config.trunk)
-    split, note = held_out_split(metadata, dataset, config.data, trunk=config.trunk)
-    log(note)
-    data = [seed_data(dataset, metadata, split, config, seed) for seed in config.seeds]
+    target = prepare_target(metadata, dataset, config, log)
+    data = [seed_data(target, config, seed) for seed in config.seeds]
     cache = StepCache(keep_features=2 * len(data))   # every seed's train and val prefix
     scores, kept, best = [], {}, None
     for depth in sorted({c.reuse for c in cells}):
@@ -378,7 +374,9 @@ def search_transfer(config: TransferConfig, space: SearchSpace = SearchSpace(),
         out.mkdir(parents=True, exist_ok=True)
         (out / "search.json").write_text(json.dumps(
             {"config": config.to_json(), "space": space.to_json(),
-             "split": {**split.to_json(), "test_examples": len(data[0].test[1]), "note": note},
+             "split": {**target.split.to_json(), "test_examples": len(data[0].test[1]),
+                       "note": target.split_note},
+             "normalization": target.normalization_record, "resize": target.resize,
              **result.to_json()}, indent=2))
     return result
 
