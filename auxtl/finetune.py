@@ -20,7 +20,9 @@ augments each training batch inside the compiled step (`finetune_step.augment_im
 validation and test never), which rules out the cached frozen prefix (the frozen
 layers still get no gradient and run in inference mode); `schedule` ("constant",
 "cosine") with `warmup` (a fraction of each phase's steps) shapes every group's rate
-over each phase, restarting at each phase; `min_steps_per_epoch` makes an epoch at least
+over each phase's full budget (epochs x steps per epoch, or steps; a seed that
+`patience` stops ends before its schedule does), restarting at each phase (a carried
+group keeps its moments, not its schedule count); `min_steps_per_epoch` makes an epoch at least
 that many steps (one pass over the labeled subset, continued in the same batch order
 when the subset is too small: 10 labeled images would otherwise be one step an epoch),
 with validation after each such epoch.

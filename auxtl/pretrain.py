@@ -4,6 +4,11 @@ data -> held-out split -> normalisation -> trunk + heads -> jitted steps (metric
 pulled to the host every `log_every` steps) -> evaluation -> self-describing
 trunk checkpoint, metrics.jsonl, metrics.png, summary.json.
 
+The budget is `steps`, or `epochs` (passes over the training split, after the held-out
+split): steps = ceil(epochs * n_train / batch_size), resolved before anything is
+written (`PretrainConfig.resolved`), so config.json and the resume check hold the
+steps; summary.json records steps, examples_seen (steps * batch_size) and epochs.
+
 Reliability: the config is checked before anything is built or written; a fresh
 run refuses a folder holding another run (--resume continues it, --overwrite
 replaces it); a run stops at the first NaN/Inf loss without checkpointing it; and

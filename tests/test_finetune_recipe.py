@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from auxtl import cli
 from auxtl import finetune as ft
 from auxtl.data import compute_normalization
 from auxtl import freezing, optim
@@ -269,3 +270,17 @@ def test_step_phases_schedule_over_their_steps(data, monkeypatch):
                       seeds=[0, 1], normalization=data["normalization"], vmap=True)
     assert [c["total_steps"] for c in calls] == [3, 2]
     assert all(c["augment"] == "flip" and c["max_shift"] == 3 for c in calls)
+
+
+def test_transfer_flags_reach_the_finetune_config():
+    parse = lambda *flags: cli.transfer_config_from_args(  # noqa: E731
+        cli.build_parser().parse_args(["transfer", "--trunk", "t", *flags])).finetune
+    config = parse("--augment", "shift+flip", "--schedule", "cosine", "--warmup", "0.1",
+                   "--min-steps-per-epoch", "4")
+    assert (config.augment, config.schedule, config.warmup, config.min_steps_per_epoch) == (
+        "shift+flip", "cosine", 0.1, 4)
+    defaults = parse()
+    assert (defaults.augment, defaults.schedule, defaults.warmup,
+            defaults.min_steps_per_epoch) == ("none", "constant", 0.0, 1)
+    with pytest.raises(InputError, match="--warmup"):
+        parse("--warmup", "1.5")
