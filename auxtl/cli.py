@@ -17,12 +17,13 @@ from auxtl.checkpoints import read_metadata
 from auxtl.data import load_dataset
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
 from auxtl.finetune import FinetuneConfig
+from auxtl.finetune_step import AUGMENTS
 from auxtl.freezing import PHASES_GRAMMAR, check_phases, parse_phases
 from auxtl.models import list_models, load_model_module
 from auxtl.models.target import TargetSpec
-from auxtl.optim import OptimizerConfig
+from auxtl.optim import FINETUNE_SCHEDULES, OptimizerConfig
 from auxtl.parallel import initialize_distributed
-from auxtl.pretrain import PretrainConfig, TaskConfig, run_pretraining
+from auxtl.pretrain import DEFAULT_STEPS, PretrainConfig, TaskConfig, run_pretraining
 from auxtl.registry import list_tasks, load_task_module, task_class
 from auxtl.search import SearchSpace, plan_search, search_transfer
 from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
@@ -111,7 +112,8 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         data=args.data, model=args.model,
         model_overrides=parse_key_values(args.model_arg, "--model-arg"),
         loss_weighting=args.loss_weighting,
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, optimizer=optimizer,
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        optimizer=optimizer,
         test_fraction=args.test_fraction, log_every=args.log_every,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         eval_batch_size=defaults.eval_batch_size, out=args.out, resume=args.resume,
@@ -131,6 +133,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             key = f"{task.name}/{metric}"
             if key in held_out:
                 print(f"held-out {task.name} {metric}: {held_out[key]:.4f}")
+    budget = result.budget
+    print(f"trained {budget['steps']} steps: {budget['examples_seen']} examples, "
+          f"{budget['epochs']:.3g} epochs of the training split")
     if result.trunk_path:
         print(f"trunk checkpoint: {result.trunk_path}")
         print(f"metrics: {result.out / 'metrics.jsonl'}  plot: {result.out / 'metrics.png'}")
@@ -165,7 +170,10 @@ def transfer_config_from_args(args: argparse.Namespace):
     finetune = FinetuneConfig(phases=phases, learning_rate=args.lr,
                               weight_decay=args.weight_decay, optimizer=args.optimizer,
                               batch_size=args.batch_size,
-                              cache_features=not args.no_feature_cache)
+                              cache_features=not args.no_feature_cache,
+                              augment=args.augment, schedule=args.schedule,
+                              warmup=args.warmup,
+                              min_steps_per_epoch=args.min_steps_per_epoch)
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     return TransferConfig(trunk=args.trunk, data=args.data,
                           labels_per_class=args.labels_per_class,
@@ -285,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     _add_model_module(p)
-    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--steps", type=int, default=defaults.steps,
+                   help=f"training steps (default {DEFAULT_STEPS}; or give --epochs)")
+    p.add_argument("--epochs", type=float, default=defaults.epochs,
+                   help="budget in passes over the training split: "
+                        "steps = ceil(EPOCHS * training images / batch size)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--optimizer", default=opt.name, choices=["sgd", "adamw"])
@@ -339,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=int, default=5, help="number of seeds (>= 1)")
     t.add_argument("--no-baseline", action="store_true", help="skip the scratch baseline")
     t.add_argument("--no-feature-cache", action="store_true")
+    t.add_argument("--augment", default="none", choices=list(AUGMENTS),
+                   help="training-batch augmentation in fine-tuning (both models)")
+    t.add_argument("--schedule", default="constant", choices=list(FINETUNE_SCHEDULES),
+                   help="each phase's learning rates: constant or warmup+cosine to 0")
+    t.add_argument("--warmup", type=float, default=0.0, metavar="FRACTION",
+                   help="warmup from 0 over this fraction of each phase's steps")
+    t.add_argument("--min-steps-per-epoch", type=int, default=1, metavar="N",
+                   help="an epoch is one pass over the labeled images, at least N steps")
     t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")
     t.add_argument("--search", action="store_true",
                    help="sweep reuse depth K x unfrozen top reused layers N on validation, "

@@ -14,6 +14,18 @@ all phases is kept per seed, "keep the unfreezing only if validation improves", 
 `patience` stops a seed's phase early), or a fixed number of steps with no validation
 (the benchmark's mode: the test set only scores, after each phase). `finetune` is the
 engine for one model.
+
+Recipe settings (`FinetuneConfig`): `augment` ("none", "shift", "flip", "shift+flip")
+augments each training batch inside the compiled step (`finetune_step.augment_images`;
+validation and test never), which rules out the cached frozen prefix (the frozen
+layers still get no gradient and run in inference mode); `schedule` ("constant",
+"cosine") with `warmup` (a fraction of each phase's steps) shapes every group's rate
+over each phase's full budget (epochs x steps per epoch, or steps; a seed that
+`patience` stops ends before its schedule does), restarting at each phase (a carried
+group keeps its moments, not its schedule count); `min_steps_per_epoch` makes an epoch at least
+that many steps (one pass over the labeled subset, continued in the same batch order
+when the subset is too small: 10 labeled images would otherwise be one step an epoch),
+with validation after each such epoch.
 """
 
 from __future__ import annotations
@@ -33,10 +45,11 @@ from tqdm.auto import tqdm
 from auxtl import freezing
 from auxtl.data import Normalization
 from auxtl.errors import InputError
-from auxtl.finetune_step import (NormStats, StepCache, finetune_step_fn, in_chunks, logits_fn,
-                                 make_finetune_step, make_logits_fn, make_prefix_fn,
-                                 norm_stats)
+from auxtl.finetune_step import (AUGMENTS, NormStats, StepCache, default_max_shift,
+                                 finetune_step_fn, in_chunks, logits_fn, make_finetune_step,
+                                 make_logits_fn, make_prefix_fn, norm_stats)
 from auxtl.freezing import Phase
+from auxtl.optim import FINETUNE_SCHEDULES
 from auxtl.seeds import batch_schedule, seed_correct, seed_logits, seed_runner, stack, unstack
 from auxtl.train_state import TrainState
 
@@ -56,6 +69,11 @@ class FinetuneConfig:
     cache_features: bool = True
     layer_decay: float | None = None   # discriminative fine-tuning of unfrozen reused layers
     seed: int = 0
+    augment: str = "none"              # "none", "shift", "flip" or "shift+flip" (training only)
+    max_shift: int | None = None       # pixels; None: default_max_shift(H, W)
+    schedule: str = "constant"         # each phase's rates: "constant" or "cosine"
+    warmup: float = 0.0                # fraction of each phase's steps, rising from 0
+    min_steps_per_epoch: int = 1       # an epoch: one pass over the subset, at least this
 
     def __post_init__(self):
         phases = tuple(self.phases)
@@ -65,8 +83,7 @@ class FinetuneConfig:
         if bad:
             raise InputError(f"phases must be auxtl.Phase objects, got {bad[0]!r}")
         object.__setattr__(self, "phases", phases)
-        if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, numbers.Integral)
-                or self.batch_size < 1):
+        if not _whole(self.batch_size) or self.batch_size < 1:
             raise InputError(f"batch size (--batch-size) must be a whole number >= 1, "
                              f"got {self.batch_size!r}")
         if not self.learning_rate > 0:
@@ -76,11 +93,30 @@ class FinetuneConfig:
                              f"got {self.weight_decay!r}")
         if self.layer_decay is not None and not self.layer_decay > 0:
             raise InputError(f"layer_decay must be positive or None, got {self.layer_decay!r}")
+        if self.augment not in AUGMENTS:
+            raise InputError(f"augmentation (--augment) must be one of {AUGMENTS}, "
+                             f"got {self.augment!r}")
+        if self.max_shift is not None and not (_whole(self.max_shift) and self.max_shift >= 1):
+            raise InputError(f"max_shift must be a whole number of pixels >= 1 or None, "
+                             f"got {self.max_shift!r}")
+        if self.schedule not in FINETUNE_SCHEDULES:
+            raise InputError(f"schedule (--schedule) must be one of {FINETUNE_SCHEDULES}, "
+                             f"got {self.schedule!r}")
+        if not (isinstance(self.warmup, numbers.Real) and 0.0 <= self.warmup < 1.0):
+            raise InputError(f"warmup (--warmup) must be a fraction in [0, 1), "
+                             f"got {self.warmup!r}")
+        if not (_whole(self.min_steps_per_epoch) and self.min_steps_per_epoch >= 1):
+            raise InputError(f"min_steps_per_epoch (--min-steps-per-epoch) must be a whole "
+                             f"number >= 1, got {self.min_steps_per_epoch!r}")
 
     def to_json(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         raw["phases"] = [p.to_json() for p in self.phases]
         return raw
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -187,7 +223,8 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     sizes = [len(s) for s in subsets]
     by_epochs = _check_budgets(config.phases, sizes, val)
     batch = min(config.batch_size, min(sizes))
-    steps_per_epoch = max(sizes[0] // batch, 1)
+    steps_per_epoch = max(sizes[0] // batch, config.min_steps_per_epoch)
+    max_shift = config.max_shift or default_max_shift(*np.shape(images)[1:3])
     template = params[0]
     states = TrainState(step=jnp.zeros(count, jnp.int32), params=stack(params),
                         batch_stats=stack(batch_stats), opt_state=None,
@@ -207,7 +244,10 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
         planned = lambda cache_prefix: freezing.plan_phase(  # noqa: E731
             template, layer_names, num_reused, phase, learning_rate=config.learning_rate,
             weight_decay=config.weight_decay, optimizer=config.optimizer,
-            layer_decay=config.layer_decay, cache_prefix=cache_prefix)
+            layer_decay=config.layer_decay, cache_prefix=cache_prefix,
+            schedule=config.schedule, warmup=config.warmup,
+            total_steps=phase.epochs * steps_per_epoch if by_epochs else phase.steps,
+            augment=config.augment, max_shift=max_shift)
         plan = planned(config.cache_features)
         if plan.start and count > 1 and not _prefix_shared(states, plan.start):
             plan = planned(False)

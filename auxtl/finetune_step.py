@@ -1,6 +1,8 @@
 """The compiled pieces of fine-tuning: the step, inference logits and the frozen prefix.
 
 Each is built from a model's graphdef and a phase plan (`auxtl.freezing.plan_phase`);
+a plan with augmentation (`plan.augment`) draws it inside the step, on device, on the
+raw images (random shifts and/or horizontal flips, then normalisation);
 the normalization is always a traced argument (`NormStats`), never closed over, so one
 compiled function serves targets with different statistics (every seed's own, channel
 counts included) and a `StepCache` can share it with no stale closure.
@@ -19,6 +21,7 @@ from flax import nnx
 
 from auxtl import freezing
 from auxtl.data import Normalization, normalize
+from auxtl.errors import InputError
 from auxtl.losses import classification
 from auxtl.train_state import TrainState
 
@@ -72,15 +75,72 @@ def norm_stats(normalization: Normalization | NormStats) -> NormStats:
                      np.asarray(normalization.std, np.float32))
 
 
+AUGMENTS = ("none", "shift", "flip", "shift+flip")
+
+
+def default_max_shift(height: int, width: int) -> int:
+    """The shift bound when none is given: a tenth of the shorter side, at least 1 pixel."""
+    return max(1, round(0.1 * min(height, width)))
+
+
+def draw_shifts(key, count: int, max_shift: int):
+    """(count, 2) integer (dy, dx) offsets, each uniform in [-max_shift, max_shift]."""
+    return jax.random.randint(key, (count, 2), -max_shift, max_shift + 1)
+
+
+def shift_images(images, shifts, max_shift: int):
+    """NHWC `images` translated by per-image (dy, dx) `shifts` (|dy|, |dx| <= max_shift):
+    padded by `max_shift` with each image's edge values, then each cropped back to (H, W)
+    at (max_shift + dy, max_shift + dx): output[i, y, x] = padded[i, y + m + dy, x + m + dx]."""
+    height, width = images.shape[1:3]
+    pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
+    padded = jnp.pad(images, pad, mode="edge")
+
+    def crop(image, shift):
+        corner = (max_shift + shift[0], max_shift + shift[1], 0)
+        return jax.lax.dynamic_slice(image, corner, (height, width, image.shape[-1]))
+
+    return jax.vmap(crop)(padded, shifts)
+
+
+def augment_images(key, images, augment: str, max_shift: int):
+    """`images` (NHWC, raw) augmented as `augment` (one of `AUGMENTS`) says, with
+    randomness from `key` alone: "shift" (`draw_shifts` + `shift_images`), "flip" (each
+    image mirrored left-right with probability 1/2), both, or "none" (unchanged)."""
+    if augment not in AUGMENTS:
+        raise InputError(f"unknown augmentation {augment!r}; use one of {AUGMENTS}")
+    shift_key, flip_key = jax.random.split(key)
+    if "shift" in augment:
+        images = shift_images(images, draw_shifts(shift_key, len(images), max_shift), max_shift)
+    if "flip" in augment:
+        flip = jax.random.bernoulli(flip_key, 0.5, (len(images),))
+        images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+
+def augment_key(state: TrainState):
+    """The key of a step's augmentation: the state's key (raw key data) folded with its
+    step count, so a seed fixes every step's draw and seeds (vmapped or not) differ."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
 def finetune_step_fn(graphdef, plan: freezing.PhasePlan):
     """The pure (unjitted) step (state, inputs, labels, norm) -> (state, metrics): grads
     for the plan's trainable leaves only; `inputs` are images when `plan.start` is 0,
-    else the output of the lowest `plan.start` layers (normalization then unused)."""
+    else the output of the lowest `plan.start` layers (normalization then unused). With
+    `plan.augment` (then `plan.start` is 0) the raw images are augmented
+    (`augment_images`, key `augment_key(state)`) before normalisation."""
     mask, frozen, optimizer, start = plan.mask, plan.frozen, plan.optimizer, plan.start
-    treedef = jax.tree.structure(mask)
+    (augment, max_shift), treedef = plan.augment, jax.tree.structure(mask)
+    if augment != "none" and start:
+        raise InputError(f"augmentation {augment!r} changes the images every step: a "
+                         f"cached frozen prefix (start={start}) cannot be used; plan with "
+                         f"cache_prefix=False")
 
     def step(state: TrainState, inputs, labels, norm: NormStats):
         trainable, frozen_leaves = freezing.split_trainable(state.params, mask)
+        if augment != "none":
+            inputs = augment_images(augment_key(state), inputs, augment, max_shift)
         x = inputs if start else normalize(inputs, norm)
 
         def loss_fn(trainable_leaves):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from auxtl.errors import InputError
-from auxtl.optim import build_optimizer
+from auxtl.optim import build_optimizer, phase_schedule, restart_schedules
 
 FROZEN = "frozen"
 
@@ -297,21 +297,28 @@ def group_learning_rates(base: float, phase: Phase, reused: Sequence[str], *,
 # ---- optimizer assembly ----------------------------------------------------------------
 
 def partitioned_optimizer(labels, group_learning_rates: Mapping[str, float], *,
-                          weight_decay: float = 1e-4,
-                          name: str = "adamw") -> optax.GradientTransformation:
-    """optax.partition: each label its own optimizer and rate; 'frozen' gets set_to_zero."""
+                          weight_decay: float = 1e-4, name: str = "adamw",
+                          schedule: str = "constant", warmup: float = 0.0,
+                          total_steps: int = 1) -> optax.GradientTransformation:
+    """optax.partition: each label its own optimizer and rate; 'frozen' gets set_to_zero.
+    Each group's rate follows `optim.phase_schedule(rate, schedule, warmup, total_steps)`
+    over the phase (a plain float for "constant" without warmup)."""
     used = set(jax.tree.leaves(labels))
     missing = used - set(group_learning_rates) - {FROZEN}
     if missing:
         raise InputError(f"no learning rate for parameter group(s) {sorted(missing)}")
-    transforms = {group: build_optimizer(name, rate, weight_decay=weight_decay)
+    transforms = {group: build_optimizer(name, phase_schedule(rate, schedule, warmup,
+                                                              total_steps),
+                                         weight_decay=weight_decay)
                   for group, rate in group_learning_rates.items() if group in used}
     transforms[FROZEN] = optax.set_to_zero()
     return optax.partition(transforms, labels)
 
 
 def carry_over_state(old_state, old_labels, new_state, new_labels):
-    """Keeps each group's optimizer state whose leaves are unchanged between phases."""
+    """Keeps each group's optimizer state whose leaves are unchanged between phases; a
+    kept state's schedule counts restart at 0 (`optim.restart_schedules`): each phase
+    runs its own schedule from its start, while moments carry over."""
     if old_state is None:
         return new_state
     inner = dict(new_state.inner_states)
@@ -321,7 +328,7 @@ def carry_over_state(old_state, old_labels, new_state, new_labels):
         same_leaves = (jax.tree.map(lambda g: g == group, old_labels)
                        == jax.tree.map(lambda g: g == group, new_labels))
         if same_leaves and (jax.tree.structure(state) == jax.tree.structure(inner[group])):
-            inner[group] = state
+            inner[group] = restart_schedules(state)
     return new_state._replace(inner_states=inner)
 
 
@@ -335,10 +342,12 @@ class PhasePlan:
     mask: True where a leaf trains; frozen: names of the frozen trunk layers (their
     BatchNorm runs in inference mode); start: how many of the lowest layers are frozen
     in a row, whose output may be computed once and trained on (0 when not cached);
-    rates: learning rate per group; optimizer: the optax.partition built from them.
-    key: a hashable summary of everything a step compiled from this plan closes over
-    (labels, frozen, start, rates, optimizer name and weight decay), for step caches;
-    add the model's graphdef to it.
+    rates: learning rate per group (a schedule's peak); optimizer: the optax.partition
+    built from them; augment: (augmentation, max_shift) the step applies to raw images
+    (`finetune_step.augment_images`; ("none", 0): none). key: a hashable summary of
+    everything a step compiled from this plan closes over (labels, frozen, start, rates,
+    optimizer name and weight decay, schedule, augmentation), for step caches; add the
+    model's graphdef to it.
     """
 
     labels: Any
@@ -348,25 +357,35 @@ class PhasePlan:
     rates: Mapping[str, float]
     optimizer: optax.GradientTransformation
     key: tuple
+    augment: tuple[str, int] = ("none", 0)
 
 
 def plan_phase(params, layer_names: Sequence[str], num_reused: int, phase: Phase, *,
                learning_rate: float, weight_decay: float, optimizer: str = "adamw",
-               layer_decay: float | None = None, cache_prefix: bool = True) -> PhasePlan:
+               layer_decay: float | None = None, cache_prefix: bool = True,
+               schedule: str = "constant", warmup: float = 0.0, total_steps: int = 1,
+               augment: str = "none", max_shift: int = 0) -> PhasePlan:
     """The phase plan of `phase` for params of a transfer model whose lowest `num_reused`
     trunk layers (of `layer_names`) are reused: labels (per layer with `layer_decay`),
-    mask, frozen layers, frozen prefix (0 unless `cache_prefix`), group rates
-    (`group_learning_rates`) and the partitioned `optimizer` ('adamw' or 'sgd')."""
+    mask, frozen layers, frozen prefix (0 unless `cache_prefix`, and 0 with an
+    `augment` other than "none": the images change every step), group rates
+    (`group_learning_rates`) and the partitioned `optimizer` ('adamw' or 'sgd'), its
+    rates following `schedule` with `warmup` over the phase's `total_steps` steps."""
     labels = phase_labels(params, layer_names, num_reused, phase,
                           per_layer=layer_decay is not None)
     frozen = frozen_layer_names(layer_names, num_reused, phase)
+    cache_prefix = cache_prefix and augment == "none"
     start = frozen_prefix_length(layer_names, frozen) if cache_prefix else 0
     rates = group_learning_rates(learning_rate, phase, layer_names[:num_reused],
                                  layer_decay=layer_decay)
-    built = partitioned_optimizer(labels, rates, name=optimizer, weight_decay=weight_decay)
+    built = partitioned_optimizer(labels, rates, name=optimizer, weight_decay=weight_decay,
+                                  schedule=schedule, warmup=warmup, total_steps=total_steps)
+    timing = (schedule, warmup, total_steps) if (schedule, warmup) != ("constant", 0) else ()
+    augmented = (augment, max_shift if "shift" in augment else 0)
     key = (tuple(jax.tree.leaves(labels)), frozen, start, tuple(sorted(rates.items())),
-           optimizer, weight_decay)
-    return PhasePlan(labels, trainable_mask(labels), frozen, start, dict(rates), built, key)
+           optimizer, weight_decay, timing, augmented)
+    return PhasePlan(labels, trainable_mask(labels), frozen, start, dict(rates), built, key,
+                     augmented)
 
 
 # ---- gradients for the trainable partition only ------------------------------------------

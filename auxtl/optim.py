@@ -37,6 +37,43 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
                                               max(total_steps, warmup + 1))
 
 
+FINETUNE_SCHEDULES = ("constant", "cosine")
+
+
+def phase_schedule(rate: float, schedule: str, warmup: float,
+                   total_steps: int) -> float | optax.Schedule:
+    """One fine-tuning group's rate over a phase of `total_steps` steps: "constant" (the
+    float `rate` itself when `warmup` is 0: no schedule, no state) or "cosine"
+    (`optax.warmup_cosine_decay_schedule`: from 0 up to `rate` over the first
+    floor(warmup * total_steps) steps, then cosine down to 0 at step `total_steps`,
+    the count the phase ends on; its last step runs at schedule(total_steps - 1)).
+    A "constant" with warmup rises linearly from 0 over those steps, then holds `rate`."""
+    if schedule not in FINETUNE_SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}; use one of {FINETUNE_SCHEDULES}")
+    if not 0.0 <= warmup < 1.0:
+        raise InputError(f"warmup must be a fraction of the phase's steps in [0, 1), "
+                         f"got {warmup!r}")
+    if total_steps < 1:
+        raise InputError(f"a scheduled phase needs at least one step, got {total_steps}")
+    warmup_steps = int(warmup * total_steps)
+    if schedule == "constant":
+        return optax.linear_schedule(0.0, rate, warmup_steps) if warmup_steps else rate
+    return optax.warmup_cosine_decay_schedule(0.0, rate, warmup_steps, total_steps, 0.0)
+
+
+def restart_schedules(opt_state):
+    """`opt_state` with every schedule's step count (`optax.ScaleByScheduleState`) set to
+    0 and all else (moments, Adam's bias-correction count) kept: a state carried into a
+    new phase restarts that phase's schedule from its first value. A state without a
+    schedule comes back as the same object."""
+    scheduled = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+    if not any(map(scheduled, jax.tree.leaves(opt_state, is_leaf=scheduled))):
+        return opt_state
+    return jax.tree.map(
+        lambda node: node._replace(count=jax.numpy.zeros_like(node.count))
+        if scheduled(node) else node, opt_state, is_leaf=scheduled)
+
+
 def build_optimizer(name: str, learning_rate: float | optax.Schedule, *, weight_decay: float,
                     momentum: float = 0.9) -> optax.GradientTransformation:
     """The one optimizer builder: "sgd" (momentum, Nesterov) or "adamw", weight decay on

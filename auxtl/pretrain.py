@@ -4,6 +4,11 @@ data -> held-out split -> normalisation -> trunk + heads -> jitted steps (metric
 pulled to the host every `log_every` steps) -> evaluation -> self-describing
 trunk checkpoint, metrics.jsonl, metrics.png, summary.json.
 
+The budget is `steps`, or `epochs` (passes over the training split, after the held-out
+split): steps = ceil(epochs * n_train / batch_size), resolved before anything is
+written (`PretrainConfig.resolved`), so config.json and the resume check hold the
+steps; summary.json records steps, examples_seen (steps * batch_size) and epochs.
+
 Reliability: the config is checked before anything is built or written; a fresh
 run refuses a folder holding another run (--resume continues it, --overwrite
 replaces it); a run stops at the first NaN/Inf loss without checkpointing it; and
@@ -44,6 +49,7 @@ from auxtl.pretrain_step import (HEALTH, TrainState, evaluate, init_state, make_
                          make_train_step, split_model)
 
 SPLIT_SEED = 0  # the held-out split is the same for every training seed
+DEFAULT_STEPS = 300  # the budget when neither steps nor epochs is given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +66,8 @@ class PretrainConfig:
     model: str = "small_cnn"
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     loss_weighting: str = "fixed"   # or "uncertainty": learned per-task weights
-    steps: int = 300
+    steps: int | None = None     # None: DEFAULT_STEPS, or from `epochs`
+    epochs: float | None = None  # passes over the training split (after the held-out split)
     batch_size: int = 64
     seed: int = 0
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -81,9 +88,16 @@ class PretrainConfig:
             raise InputError(f"{field} (--{field.replace('_', '-')}) must be {rule}, "
                              f"got {getattr(self, field)!r}")
 
+        if self.steps is not None and self.epochs is not None:
+            raise InputError(f"give the budget as steps (--steps {self.steps}) or as epochs "
+                             f"(--epochs {self.epochs}), not both")
+        if self.epochs is not None and not (isinstance(self.epochs, numbers.Real)
+                                            and not isinstance(self.epochs, bool)
+                                            and 0 < self.epochs < math.inf):
+            refuse("epochs", "a positive number")
         for field in ("steps", "batch_size", "log_every", "eval_batch_size", "keep"):
             value = getattr(self, field)
-            if not _is_whole(value) or value < 1:
+            if (value is not None or field != "steps") and (not _is_whole(value) or value < 1):
                 refuse(field, "a positive integer")
         for field in ("eval_every", "checkpoint_every"):
             value = getattr(self, field)
@@ -101,6 +115,15 @@ class PretrainConfig:
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def resolved(self, n_train: int) -> "PretrainConfig":
+        """This config with `steps` set: ceil(epochs * n_train / batch_size) when `epochs`
+        is given (`n_train`: the training split's size), else `steps` or DEFAULT_STEPS.
+        The run, its config.json and the resume check use this form."""
+        if self.epochs is not None:
+            return dataclasses.replace(self, steps=max(
+                1, math.ceil(self.epochs * n_train / self.batch_size)))
+        return dataclasses.replace(self, steps=self.steps or DEFAULT_STEPS)
+
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "PretrainConfig":
         raw = dict(raw)
@@ -116,6 +139,7 @@ class PretrainResult:
     eval_metrics: dict[str, float]
     trunk_path: pathlib.Path | None
     out: pathlib.Path | None
+    budget: dict[str, Any] = dataclasses.field(default_factory=dict)  # steps, examples, epochs
 
 
 # Fields that must match for --resume to continue the same run exactly.
@@ -234,13 +258,14 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     out = pathlib.Path(config.out).absolute() if config.out else None
     if out is not None:
         check_out_folder(out, resume=config.resume, overwrite=config.overwrite)
-        if config.resume:
-            _check_resume_config(out, config)
         if jax.process_count() > 1:  # every process has looked before any writes there
             multihost_utils.sync_global_devices(f"auxtl-pretrain-checked-{out}")
     dataset = load_dataset(config.data) if dataset is None else dataset
     train_set, test_set = train_test_split(dataset, test_fraction=config.test_fraction,
                                            seed=SPLIT_SEED)
+    config = config.resolved(len(train_set))
+    if out is not None and config.resume:   # the resolved steps, before anything is written
+        _check_resume_config(out, config)
     normalization = compute_normalization(train_set.images)
     tasks = [WeightedTask(t.name, get_task(t.name, **t.params), float(t.weight))
              for t in config.tasks]
@@ -346,6 +371,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
                                 f"--resume to continue")
 
     eval_metrics = run_eval()
+    budget = {"steps": config.steps, "examples_seen": config.steps * config.batch_size,
+              "epochs": config.steps * config.batch_size / len(train_set)}
     trunk_path = None
     if out is not None:
         if manager.latest_step() != config.steps:
@@ -360,9 +387,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "metrics.png",
                          title=f"pretrain {'+'.join(t.name for t in tasks)} on {config.data}")
             (out / "summary.json").write_text(json.dumps(
-                {"eval": eval_metrics, "trunk": str(trunk_path), "steps": config.steps},
-                indent=2))
-    return PretrainResult(state, graphdef, eval_metrics, trunk_path, out)
+                {"eval": eval_metrics, "trunk": str(trunk_path), **budget}, indent=2))
+    return PretrainResult(state, graphdef, eval_metrics, trunk_path, out, budget)
 
 
 def save_pretrained_trunk(path, state: TrainState, trunk, config: PretrainConfig, model_config,
