@@ -123,7 +123,11 @@ def _whole(value) -> bool:
 class FinetuneResult:
     """One seed's outcome: the kept params and statistics (the best validation epoch, or
     the end of a fixed-step run), its validation (None without epochs) and test accuracy,
-    one history record per epoch (or per fixed-step phase) and the steps it took."""
+    one history record per epoch (or per fixed-step phase) and the steps it took.
+    `phase_best` (epoch phases): per phase, its best validation epoch within the phase
+    ({"phase", "epoch", "val_accuracy", "test_accuracy"}), so that a run of phases also
+    tells what stopping after an earlier phase would have given (the benchmark's `head`
+    mode is the first phase of its `staged` run)."""
 
     params: Any
     batch_stats: Any
@@ -131,6 +135,7 @@ class FinetuneResult:
     test_accuracy: float | None
     history: list[dict[str, Any]]
     steps: int
+    phase_best: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _snapshot(tree):
@@ -233,6 +238,7 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     global_steps = np.zeros(count, np.int64)
     best = [{"accuracy": -1.0, "params": _snapshot(p), "batch_stats": _snapshot(b)}
             for p, b in zip(params, batch_stats)]
+    phase_best: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     del params, batch_stats
     history: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     test_accuracy: list[float | None] = [None] * count
@@ -272,6 +278,8 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
         scored = val if by_epochs else test
         scored_inputs = None if scored is None else features(scored[0])
         active, since_best = np.ones(count, bool), np.zeros(count, np.int64)
+        for s in range(count):
+            phase_best[s].append({"accuracy": -1.0, "epoch": None})
         for epoch in range(phase.epochs or 1):
             length = steps_per_epoch if by_epochs else phase.steps
             schedule = batch_schedule(subsets, batch, length, seeds=seeds,
@@ -292,6 +300,11 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
                           **({"val_accuracy": float(accuracies[s])} if by_epochs else {}),
                           "train_loss": float(np.mean(np.asarray(losses[s])))}
                 if by_epochs:
+                    if accuracies[s] > phase_best[s][-1]["accuracy"]:
+                        phase_best[s][-1] = {
+                            "accuracy": float(accuracies[s]), "epoch": epoch + 1,
+                            "params": _snapshot(unstack(states.params, s)),
+                            "batch_stats": _snapshot(unstack(states.batch_stats, s))}
                     if accuracies[s] > best[s]["accuracy"]:
                         best[s] = {"accuracy": float(accuracies[s]),
                                    "params": _snapshot(unstack(states.params, s)),
@@ -314,15 +327,29 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
                                _snapshot(unstack(states.batch_stats, s)), None,
                                test_accuracy[s], history[s], int(global_steps[s]))
                 for s in range(count)]
+    phase_test: list[list[float | None]] = [[None] * len(config.phases) for _ in range(count)]
     if test is not None:
         logits = cache.get(("logits", graphdef, 0, vmap), lambda: (
             seed_logits(logits_fn(graphdef, 0)) if vmap else make_logits_fn(graphdef, 0)))
-        test_accuracy = list(seed_correct(
-            logits, stack([b["params"] for b in best]), stack([b["batch_stats"] for b in best]),
-            test[0], test[1], norm, vmap=vmap) / len(test[1]))
+
+        def test_of(kept):
+            return list(seed_correct(logits, stack([k["params"] for k in kept]),
+                                     stack([k["batch_stats"] for k in kept]), test[0], test[1],
+                                     norm, vmap=vmap) / len(test[1]))
+
+        test_accuracy = test_of(best)
+        for p in range(len(config.phases)):
+            ran = [s for s in range(count) if p < len(phase_best[s])
+                   and phase_best[s][p]["epoch"] is not None]
+            if len(config.phases) > 1 and len(ran) == count:
+                for s, value in enumerate(test_of([phase_best[s][p] for s in range(count)])):
+                    phase_test[s][p] = float(value)
+    summaries = [[{"phase": p, "epoch": b["epoch"], "val_accuracy": b["accuracy"],
+                   "test_accuracy": phase_test[s][p]} for p, b in enumerate(phase_best[s])]
+                 for s in range(count)]
     return [FinetuneResult(b["params"], b["batch_stats"], b["accuracy"],
-                           None if a is None else float(a), h, int(n))
-            for b, a, h, n in zip(best, test_accuracy, history, global_steps)]
+                           None if a is None else float(a), h, int(n), phase)
+            for b, a, h, n, phase in zip(best, test_accuracy, history, global_steps, summaries)]
 
 
 def seeds_runner(graphdef, plan: freezing.PhasePlan, vmap: bool):

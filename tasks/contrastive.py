@@ -44,11 +44,33 @@ def random_resized_crop(key: jax.Array, images: jax.Array, *, min_scale: float,
     return jax.vmap(one)(images, scale, translation)
 
 
+def random_rotation(key: jax.Array, images: jax.Array, *, max_degrees: float) -> jax.Array:
+    """Rotates each image about its centre by an angle uniform in [-max_degrees,
+    max_degrees] (bilinear; points outside the image take the nearest edge value)."""
+    batch, height, width, channels = images.shape
+    angle = jnp.deg2rad(jax.random.uniform(key, (batch,), minval=-max_degrees,
+                                           maxval=max_degrees))
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    y, x = jnp.meshgrid(jnp.arange(height) - cy, jnp.arange(width) - cx, indexing="ij")
+
+    def one(image, a):
+        cos, sin = jnp.cos(a), jnp.sin(a)
+        coords = [cos * y - sin * x + cy, sin * y + cos * x + cx]
+        return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], coords, order=1,
+                                                            mode="nearest")
+                          for c in range(channels)], axis=-1)
+
+    return jax.vmap(one)(images, angle)
+
+
 def augment(key: jax.Array, images: jax.Array, *, min_scale: float, flip: bool,
-            noise_std: float) -> jax.Array:
-    """One random view of each image: crop-and-resize, [mirror], add Gaussian noise."""
-    k_crop, k_flip, k_noise = jax.random.split(key, 3)
+            noise_std: float, max_degrees: float = 0.0) -> jax.Array:
+    """One random view of each image: crop-and-resize, [rotate], [mirror], add Gaussian
+    noise."""
+    k_crop, k_flip, k_noise, k_rotate = jax.random.split(key, 4)
     views = random_resized_crop(k_crop, images, min_scale=min_scale)
+    if max_degrees > 0:
+        views = random_rotation(k_rotate, views, max_degrees=max_degrees)
     if flip:
         mirrored = jax.random.bernoulli(k_flip, 0.5, (images.shape[0], 1, 1, 1))
         views = jnp.where(mirrored, views[:, :, ::-1, :], views)
@@ -100,6 +122,7 @@ class Contrastive(auxtl.TaskBase):
     noise_std: float = 0.1      # Gaussian noise, in units of the normalised pixels
     hidden_dim: int = 128
     out_dim: int = 64
+    max_degrees: float = 0.0    # random rotation of each view, in degrees either way
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -112,7 +135,8 @@ class Contrastive(auxtl.TaskBase):
     def make_examples(self, key, images):
         keys = jax.random.split(key, 2)
         views = [augment(k, images, min_scale=self.min_scale, flip=self.flip,
-                         noise_std=self.noise_std) for k in keys]
+                         noise_std=self.noise_std, max_degrees=self.max_degrees)
+                 for k in keys]
         return jnp.concatenate(views, axis=0), None   # no targets: the pairing is the order
 
     def make_head(self, feature_dim, *, image_shape, rngs):

@@ -36,7 +36,25 @@ def environment() -> dict[str, Any]:
             "flax_version": _version("flax"), "python": platform.python_version(),
             "host": platform.node(), "cpu_count": os.cpu_count(),
             "default_matmul_precision": jax.config.jax_default_matmul_precision,
-            "cpu_kernels": cpu.status()}
+            "cpu_kernels": cpu.status(), "cpu": cpu_description()}
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU as a line to print beside a number: model, vector extensions (AVX2,
+    AVX-512 subsets), logical cores; the platform's processor string where /proc/cpuinfo
+    is missing (not Linux)."""
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    avx512 = sorted(f[len("avx512"):].lstrip("_") for f in flags if f.startswith("avx512"))
+    vector = ("AVX-512 " + "/".join(avx512) if avx512
+              else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{model}, {vector}, {os.cpu_count()} cores"
 
 
 def _version(package: str) -> str | None:

@@ -4,25 +4,25 @@ For each source (every registered task that accepts the images, a multi-task mix
 and two controls: `random`, a frozen randomly initialised trunk, and `scratch`,
 the target architecture trained from random init with every layer trainable),
 each label budget (labeled images per class, or `all`) and each evaluation mode,
-over several seeds:
+over several seeds, each seed with its own labeled training subset and one shared
+labeled validation set per budget:
 
-  linear  softmax regression on globally pooled features of every trunk depth
-          (`auxtl.probes`); the table shows the top reused depth (fixed, never
-          chosen by test accuracy), the JSON every depth
-  knn     cosine k-NN on the top reused depth's pooled features
-  head    the lowest `reuse` layers frozen, everything above them (the source
-          architecture's upper layers, fresh, plus a linear classifier) trained
-          on their cached output for `head_steps`
-  staged  `head`, then the top `unfreeze` reused layers unfrozen at
-          `staged_lr_scale` x the rate for `staged_steps` more (BatchNorm of the
-          still-frozen layers in inference mode)
+  linear    closed-form ridge on globally pooled features (`auxtl.probes`), its L2
+            strength and the depth chosen on validation per seed
+  knn       temperature-weighted k-NN on L2-normalised pooled features, k and depth
+            chosen on validation per seed
+  head      the lowest `reuse` layers frozen, everything above them (the source
+            architecture's upper layers, fresh, plus a linear classifier) trained
+  staged    `head`, then the top `unfreeze` reused layers unfrozen at a reduced rate
+  finetune  `head`, then every reused layer unfrozen at that reduced rate
+  best      per seed, the trained mode with the best validation accuracy
+  auto      per seed, the pretrained source (and its mode) with the best validation
 
-`scratch` is the `head`/`staged` target architecture with nothing frozen, trained
-for head_steps + staged_steps; it is the paired reference of the trained modes and
-`random` that of the probes. Every step budget is fixed: no early stopping and no
-selection, so the test split is only ever used to score. Seeds of one cell share
-shapes: probes run them under one `jax.vmap`, trained modes share one compiled step
-(vmapped over seeds on accelerators, see `auxtl.seeds`).
+Trained modes run epochs with augmentation, a warmup + cosine schedule and the best
+validation epoch kept (`auxtl.bench.transfer_trained`); `scratch`, their paired
+reference, runs the same recipe with its rate chosen on validation. The probes
+(cheap) run for every source; the trained modes for the `trained_sources` pretrained
+sources whose linear probe validates best. The test split only ever scores.
 
     auxtl bench transfer                       # defaults: mnist5k, sized for 2 CPU cores
     auxtl bench transfer --tiny --out /tmp/t   # smoke test
@@ -49,12 +49,29 @@ from auxtl.bench.transfer_cells import add_differences
 from auxtl.bench.transfer_config import (ALL, BENCH_TRUNKS, MIX, MODES, SCRATCH, RANDOM,
                                          TINY_TRUNKS, TRAINED_MODES, TransferBenchConfig,
                                          full_config, tiny_overrides)
-from auxtl.bench.transfer_data import budget_x, labeled_indices, load_bench_data
+from auxtl.bench.transfer_data import labeled_split, load_bench_data, val_count
 from auxtl.bench.transfer_probes import probe_cells
 from auxtl.bench.transfer_sources import (expand_sources, load_source, pretrained_trunk,
                                           random_trunk, refusal, source_tasks)
-from auxtl.bench.transfer_trained import Trainer, trained_cells
+from auxtl.bench.transfer_trained import Trainer, auto_cells, trained_cells
 # ---- the sweep ---------------------------------------------------------------------------------
+
+def split_all(config: TransferBenchConfig, labels: np.ndarray) -> dict:
+    """budget -> one `SeedSplit` per seed (`auxtl.bench.transfer_data.labeled_split`)."""
+    return {b: [labeled_split(labels, b, s, val_per_class=val_count(
+                b, minimum=config.val_per_class, maximum=config.max_val_per_class))
+                for s in config.seeds]
+            for b in config.budgets}
+
+
+def rank_sources(cells: list[dict], names: Sequence[str]) -> list[str]:
+    """Pretrained sources by their linear probe's mean validation accuracy (chosen depth,
+    every budget and seed), best first; ties keep the sweep's order."""
+    score = {n: np.mean([v for c in cells if c["source"] == n and c["mode"] == "linear"
+                         and not c.get("depth_only") for v in c["val_accuracy"]])
+             for n in names}
+    return sorted(names, key=lambda n: -score[n])
+
 
 def run_sweep(config: TransferBenchConfig, *, log: Callable[[str], None] = print) -> dict:
     """Pretrains (or reuses) every source, evaluates every mode, budget and seed."""
@@ -68,8 +85,7 @@ def run_sweep(config: TransferBenchConfig, *, log: Callable[[str], None] = print
     shape = data.pool.image_shape
     log(f"[transfer] data {config.data}: pool {len(data.pool)}, test {len(data.test)} "
         f"({data.test_origin}), {data.pool.num_classes} classes, images {shape}")
-    subsets = {b: [labeled_indices(data.pool.labels, b, s) for s in config.seeds]
-               for b in config.budgets}
+    splits = split_all(config, data.pool.labels)
     names = expand_sources(config.sources)
     sources: dict[str, dict] = {}
     paths: dict[str, pathlib.Path] = {}
@@ -90,39 +106,52 @@ def run_sweep(config: TransferBenchConfig, *, log: Callable[[str], None] = print
     cells: list[dict] = []
     timings: dict[str, float] = {}
     trainer = Trainer(config)
-    reference = None
-    for name, path in paths.items():
-        source = load_source(name, path)
-        reference = reference or source
+    loaded = {name: load_source(name, path) for name, path in paths.items()}
+    probing = {"linear", "knn"} & set(config.modes)
+    for name, source in loaded.items():
         start = time.perf_counter()
-        if {"linear", "knn"} & set(config.modes):
-            cells += probe_cells(source, data, subsets, config, log)
-        if set(TRAINED_MODES) & set(config.modes):
-            cells += trained_cells(name, source, data, subsets, config, trainer, source, log)
+        if probing:
+            cells += probe_cells(source, data, splits, config, log)
         timings[name] = time.perf_counter() - start
-    if SCRATCH in sources and set(TRAINED_MODES) & set(config.modes):
-        if reference is None:   # scratch alone: its architecture comes from the random trunk
-            reference = load_source(RANDOM, random_trunk(config, data)[0])
-        start = time.perf_counter()
-        cells += trained_cells(SCRATCH, None, data, subsets, config, trainer, reference, log)
-        timings[SCRATCH] = time.perf_counter() - start
+    pretrained = [n for n in loaded if n != RANDOM]
+    trained = pretrained
+    if config.trained_sources and "linear" in config.modes:
+        trained = rank_sources(cells, pretrained)[:config.trained_sources]
+        log(f"[transfer] trained modes for the {len(trained)} sources whose linear probe "
+            f"validates best: {', '.join(trained)}")
+    if set(TRAINED_MODES) & set(config.modes):
+        for name in trained:
+            start = time.perf_counter()
+            cells += trained_cells(name, loaded[name], data, splits, config, trainer,
+                                   loaded[name], log)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        if SCRATCH in sources:
+            reference = (next(iter(loaded.values()), None)
+                         or load_source(RANDOM, random_trunk(config, data)[0]))
+            start = time.perf_counter()
+            cells += trained_cells(SCRATCH, None, data, splits, config, trainer, reference, log)
+            timings[SCRATCH] = time.perf_counter() - start
+        cells += auto_cells(cells, config)
     add_differences(cells)
     pool_labels = data.pool.labels
+    classes = data.pool.num_classes
     return {
         "config": config.to_json(),
         "environment": environment(),
         "trained_seeds": "vmapped" if trainer.vmap else "one after another, one compiled step",
+        "trained_sources": trained,
         "data": {"spec": config.data, "pool_size": len(data.pool), "test_size": len(data.test),
-                 "test_split": data.test_origin, "num_classes": data.pool.num_classes,
+                 "test_split": data.test_origin, "num_classes": classes,
                  "image_shape": list(shape)},
-        "subsets": {str(b): {"x": budget_x(b, pool_labels),
-                             "sizes": [len(i) for i in per_seed],
-                             "per_class": [np.bincount(pool_labels[i]).tolist()
-                                           for i in per_seed]}
-                    for b, per_seed in subsets.items()},
+        "subsets": {str(b): {"x": float(np.mean([len(s.train) for s in per_seed])) / classes,
+                             "sizes": [len(s.train) for s in per_seed],
+                             "val_size": len(per_seed[0].val),
+                             "per_class": [np.bincount(pool_labels[s.train]).tolist()
+                                           for s in per_seed]}
+                    for b, per_seed in splits.items()},
         "sources": sources,
-        "cells": [c for c in cells if c["mode"] != "linear" or c.get("table")],
-        "linear_by_depth": [c for c in cells if c["mode"] == "linear"],
+        "cells": [c for c in cells if not c.get("depth_only")],
+        "probe_by_depth": [c for c in cells if c.get("depth_only")],
         "timings_s": {"evaluation": timings,
                       "pretraining": {n: s.get("pretrain_s", 0.0) for n, s in sources.items()},
                       "total": time.perf_counter() - total_start},
@@ -176,12 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budgets", default=None, help="labels per class, e.g. 1,5,10,50,all")
     parser.add_argument("--modes", default=None, help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
-    parser.add_argument("--pretrain-steps", type=int, default=None)
-    parser.add_argument("--head-steps", type=int, default=None)
-    parser.add_argument("--staged-steps", type=int, default=None)
-    parser.add_argument("--probe-steps", type=int, default=None)
+    parser.add_argument("--pretrain-epochs", type=float, default=None,
+                        help="pretraining budget per source, in passes over the pool")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="pretraining budget in steps (overrides --pretrain-epochs)")
+    parser.add_argument("--head-epochs", type=int, default=None,
+                        help="epochs with the reused layers frozen")
+    parser.add_argument("--tune-epochs", type=int, default=None,
+                        help="epochs with reused layers unfrozen (staged, finetune)")
+    parser.add_argument("--trained-sources", type=int, default=None,
+                        help="pretrained sources given the trained modes: the N whose linear "
+                             "probe validates best (0: all)")
     parser.add_argument("--reuse", type=int, default=None,
-                        help="lowest trunk layers reused (head/staged) and probed (table)")
+                        help="lowest trunk layers reused by the trained modes")
     parser.add_argument("--model", default=None, help="trunk architecture (auxtl models)")
     parser.add_argument("--out", default=None, help="output folder (default runs/bench_transfer)")
     parser.add_argument("--json", default=None, help="JSON path (default OUT/transfer.json)")
@@ -213,11 +249,15 @@ def config_from_args(args: argparse.Namespace) -> TransferBenchConfig:
         explicit["modes"] = parse_modes(args.modes)
     if args.seeds is not None:
         explicit["seeds"] = tuple(range(args.seeds))
-    for flag in ("pretrain_steps", "head_steps", "staged_steps", "probe_steps", "reuse"):
-        if getattr(args, flag) is not None:
-            if getattr(args, flag) < 1:
-                raise BenchError(f"--{flag.replace('_', '-')} must be >= 1")
-            explicit[flag] = getattr(args, flag)
+    for flag, least in (("pretrain_steps", 1), ("pretrain_epochs", 0), ("head_epochs", 1),
+                        ("tune_epochs", 1), ("reuse", 1), ("trained_sources", 0)):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < least or (flag == "pretrain_epochs" and value == 0):
+                raise BenchError(f"--{flag.replace('_', '-')} must be "
+                                 f"{'> 0' if flag == 'pretrain_epochs' else f'>= {least}'}, "
+                                 f"got {value}")
+            explicit[flag] = value
     if args.model and args.model != config.model:
         explicit["model"] = args.model
         explicit["model_overrides"] = dict((TINY_TRUNKS if args.tiny else BENCH_TRUNKS)
@@ -241,13 +281,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     result = run_sweep(config, log=lambda text: print(text, file=sys.stderr, flush=True))
     result["outputs"] = {"json": str(json_path), "markdown": str(out / "transfer.md"),
-                         "plot": None if args.no_plot else str(out / "transfer.png")}
+                         "plot": None if args.no_plot else str(out / "transfer.png"),
+                         "pretraining_plot": None if args.no_plot
+                         else str(out / "pretraining.png")}
     markdown = report.markdown(result)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
     (out / "transfer.md").write_text(markdown)
     if not args.no_plot:
         report.plot(result, out / "transfer.png")
+        report.plot_pretraining(result, out / "pretraining.png")
     print(markdown)
     print(f"wrote {json_path}, {out / 'transfer.md'}"
           + ("" if args.no_plot else f", {out / 'transfer.png'}"))

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from auxtl.bench.transfer_config import RANDOM, SCRATCH, TRAINED_MODES
+from auxtl.bench.transfer_config import PROBE_MODES, RANDOM, SCRATCH
 from auxtl.stats import mean_interval, paired_difference
+
+
 def cell(source: str, mode: str, budget, seeds: Sequence[int], accuracy, **extra) -> dict:
     """One (source, mode, budget): per-seed test accuracies, mean and 95% t-interval."""
     values = [float(a) for a in np.asarray(accuracy)]
@@ -18,20 +20,27 @@ def cell(source: str, mode: str, budget, seeds: Sequence[int], accuracy, **extra
 
 
 def reference_for(mode: str) -> str:
-    """The control a mode's cells are compared to: scratch for head/staged, the random
-    trunk for the probes."""
-    return SCRATCH if mode in TRAINED_MODES else RANDOM
+    """The control a mode's cells are compared to: the random trunk for the probes, scratch
+    for the trained modes (and for `best`, the mode each seed keeps)."""
+    return RANDOM if mode in PROBE_MODES else SCRATCH
+
+
+def _key(c: dict) -> tuple:
+    """A cell's identity: a depth-only probe cell is keyed by its layer; a chosen-depth cell
+    (a layer per seed) and every trained cell by None."""
+    return (c["source"], c["mode"], c["budget"], c["layer"] if c.get("depth_only") else None)
 
 
 def add_differences(cells: list[dict]) -> None:
     """Each cell's paired difference to its reference (same seed, same labeled subset):
-    scratch for head/staged, the random trunk for linear/knn."""
-    index = {(c["source"], c["mode"], c["budget"], c.get("layer")): c for c in cells}
+    the random trunk's cell at the same depth (or its own chosen depth) for the probes,
+    scratch's cell for the trained modes."""
+    index = {_key(c): c for c in cells}
     for c in cells:
         ref_name = reference_for(c["mode"])
-        layer = c.get("layer") if c["mode"] in ("linear", "knn") else None
-        ref = index.get((ref_name, c["mode"], c["budget"], layer))
-        c["reference"] = ref_name if ref is not None and c["source"] != ref_name else None
+        source, mode, budget, layer = _key(c)
+        ref = index.get((ref_name, mode, budget, layer))
+        c["reference"] = ref_name if ref is not None and source != ref_name else None
         c["difference"] = None
         if c["reference"]:
             per_seed = [a - b for a, b in zip(c["accuracy"], ref["accuracy"])]

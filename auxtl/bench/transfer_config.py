@@ -9,12 +9,15 @@ from typing import Any
 
 from auxtl.optim import OptimizerConfig
 ALL = "all"
-MODES = ("linear", "knn", "head", "staged")
-TRAINED_MODES = ("head", "staged")
+PROBE_MODES = ("linear", "knn")
+TRAINED_MODES = ("head", "staged", "finetune")
+MODES = PROBE_MODES + TRAINED_MODES
+BEST = "best"                       # per seed, the trained mode with the best validation
 RANDOM, SCRATCH = "random", "scratch"
+AUTO = "auto"                       # per seed, the source and mode with the best validation
 MIX = "rotation+jigsaw"
 # The default bench trunk: small_cnn at half width, pooling after conv1 and conv3 so
-# only conv1 runs at 28 px (about 3.4 MFLOP per image instead of 11).
+# only conv1 runs at 28 px.
 BENCH_TRUNKS = {"small_cnn": {"widths": (16, 16, 32, 32, 64), "fc_dim": 64,
                               "pool_after": (1, 3)}}
 TINY_TRUNKS = {"small_cnn": {"widths": (8, 8, 16, 16, 16), "fc_dim": 16},
@@ -26,9 +29,30 @@ PUBLISHED_ROTNET = {"scratch": {20: 33.66, 100: 47.26, 400: 74.19, 1000: 83.47, 
                                       5000: 91.95}}
 
 
+def default_pretrain_optimizer() -> OptimizerConfig:
+    return OptimizerConfig(name="adamw", learning_rate=1e-3, weight_decay=1e-4,
+                           warmup_steps=100, schedule="cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferBenchConfig:
-    """Everything that fixes a sweep; saved in transfer.json."""
+    """Everything that fixes a sweep; saved in transfer.json.
+
+    Pretraining: every source for `pretrain_epochs` passes over the pool's training
+    split (or `pretrain_steps` when given), batch `pretrain_batch_size`.
+    Validation: each seed draws `val_per_class` (at least the budget, capped at
+    `max_val_per_class`) labeled validation images per class, disjoint from its
+    training subset; every choice (probe strength, k, depth, epoch, mode, source,
+    scratch learning rate) is made on it, never on test.
+    Trained modes: `head_epochs` with the reused layers frozen, then `tune_epochs` with
+    the top `unfreeze` (staged) or all (finetune) reused layers unfrozen at
+    `tune_lr_scale` x the rate; the scratch control trains everything for
+    head_epochs + tune_epochs at each rate of `scratch_lr_scales` x `learning_rate`
+    and keeps the one validation prefers. An epoch is one pass over the labeled subset
+    but at least `min_steps_per_epoch` steps; `augment` applies to every trained run.
+    `trained_sources`: how many pretrained sources get the (costly) trained modes, the
+    best by validation linear-probe accuracy (0: every source).
+    """
 
     sources: tuple[str, ...] = ()          # () = every registered task + MIX + controls
     budgets: tuple[int | str, ...] = (1, 5, 10, 50, ALL)
@@ -38,20 +62,30 @@ class TransferBenchConfig:
     model: str = "small_cnn"
     model_overrides: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(BENCH_TRUNKS["small_cnn"]))
-    reuse: int = 4                          # lowest layers reused by head/staged (and probed)
+    reuse: int = 5                          # lowest layers reused by the trained modes
     unfreeze: int = 2                       # staged: top reused layers unfrozen
-    pretrain_steps: int = 200
-    pretrain_batch_size: int = 32
+    pretrain_epochs: float = 20.0
+    pretrain_steps: int | None = None       # overrides pretrain_epochs when set
+    pretrain_batch_size: int = 128
     pretrain_seed: int = 0
-    pretrain_optimizer: OptimizerConfig = OptimizerConfig()
-    probe_steps: int = 300
-    knn_k: int = 10                         # capped at the labels per class
-    head_steps: int = 100
-    staged_steps: int = 50
-    staged_lr_scale: float = 0.1
+    pretrain_optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=default_pretrain_optimizer)
+    val_per_class: int = 5
+    max_val_per_class: int = 20
+    trained_sources: int = 3
+    head_epochs: int = 10
+    tune_epochs: int = 10
+    patience: int | None = None
+    min_steps_per_epoch: int = 20
+    tune_lr_scale: float = 0.1
+    scratch_lr_scales: tuple[float, ...] = (1.0, 3.0)
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     batch_size: int = 32
+    augment: str = "shift"
+    schedule: str = "cosine"
+    warmup: float = 0.1
+    knn_temperature: float = 0.07
     out: str = "runs/bench_transfer"
     published: str | None = None            # "rotnet_cifar10": print Gidaris et al. beside ours
     vmap_seeds: bool | None = None          # None: vmap on accelerators, a loop on CPU
@@ -69,12 +103,12 @@ def full_config() -> TransferBenchConfig:
     return TransferBenchConfig(
         sources=("rotation", RANDOM, SCRATCH), budgets=(20, 100, 400, 1000, 5000),
         data="", model="nin", model_overrides={}, reuse=2, unfreeze=1,
-        pretrain_steps=39_100, pretrain_batch_size=128,
+        pretrain_epochs=100.0, pretrain_batch_size=128,
         pretrain_optimizer=OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9,
                                            weight_decay=5e-4, warmup_steps=500),
-        probe_steps=1000, knn_k=20, head_steps=6000, staged_steps=3000, batch_size=128,
-        learning_rate=1e-3, weight_decay=5e-4, out="runs/bench_transfer_full",
-        published="rotnet_cifar10")
+        trained_sources=0, head_epochs=30, tune_epochs=30, min_steps_per_epoch=50,
+        batch_size=128, learning_rate=1e-3, weight_decay=5e-4, augment="shift+flip",
+        max_val_per_class=100, out="runs/bench_transfer_full", published="rotnet_cifar10")
 
 
 def tiny_overrides(config: TransferBenchConfig) -> dict[str, Any]:
@@ -84,5 +118,6 @@ def tiny_overrides(config: TransferBenchConfig) -> dict[str, Any]:
                 ("rotation", "jigsaw", RANDOM, SCRATCH),
                 budgets=(1, 5), seeds=(0, 1),
                 model_overrides=dict(TINY_TRUNKS.get(config.model, {})),
-                pretrain_steps=6, pretrain_batch_size=16, probe_steps=30, head_steps=8,
-                staged_steps=4, batch_size=16, knn_k=3)
+                reuse=min(config.reuse, 4), pretrain_steps=6, pretrain_batch_size=16,
+                trained_sources=0, head_epochs=2, tune_epochs=2, min_steps_per_epoch=2,
+                batch_size=16, max_val_per_class=5)

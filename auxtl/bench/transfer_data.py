@@ -1,11 +1,11 @@
 """The transfer sweep's data: the unlabeled pool, the scored-only test split, and the
-per-seed labeled subsets drawn from the pool."""
+per-seed labeled training and validation subsets drawn from the pool."""
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,13 +41,38 @@ def load_bench_data(spec: str) -> BenchData:
     return BenchData(pool, test, dataset, f"held-out 10% (SPLIT_SEED={SPLIT_SEED})")
 
 
-def labeled_indices(labels: np.ndarray, budget: int | str, seed: int) -> np.ndarray:
-    """Indices into the pool: `budget` examples of every class, drawn by
-    `auxtl.splits.per_class_indices` with this seed (one permutation per seed, so a
-    seed's smaller budgets are subsets of its larger ones); `all` = the whole pool."""
+VAL_SEED = 1_000_003   # draws the validation images, the same for every seed
+
+
+class SeedSplit(NamedTuple):
+    """One seed's labeled subsets: indices into the pool, disjoint."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def val_count(budget: int | str, *, minimum: int, maximum: int) -> int:
+    """Validation images per class for a budget: the budget itself (as many to validate as
+    to train), at least `minimum`, at most `maximum`; `all`: `maximum`."""
     if budget == ALL:
-        return np.arange(len(labels))
-    return per_class_indices(labels, (int(budget),), seed=seed)[0]
+        return maximum
+    return max(minimum, min(int(budget), maximum))
+
+
+def labeled_split(labels: np.ndarray, budget: int | str, seed: int, *, val_per_class: int
+                  ) -> SeedSplit:
+    """`val_per_class` validation images of every class, drawn with VAL_SEED (so every seed
+    of a budget validates on the same images and the seeds differ only in their training
+    subsets: the engine validates all seeds on one shared set), then `budget` training
+    images of every class from the rest with `seed` (`all`: the whole rest), both by
+    `auxtl.splits.per_class_indices`. For a fixed seed and validation size, a smaller
+    training subset is contained in a larger one."""
+    val = per_class_indices(labels, (val_per_class,), seed=VAL_SEED)[0]
+    rest = np.setdiff1d(np.arange(len(labels)), val)
+    if budget == ALL:
+        return SeedSplit(rest, val)
+    train = rest[per_class_indices(labels[rest], (int(budget),), seed=seed)[0]]
+    return SeedSplit(train, val)
 
 
 def budget_x(budget: int | str, pool_labels: np.ndarray) -> float:

@@ -1,5 +1,9 @@
-"""The probe modes of the transfer sweep: `linear` at every trunk depth and `knn` at the
-top reused depth, on a source trunk's frozen pooled features, seeds vmapped."""
+"""The probe modes of the transfer sweep, on a source trunk's frozen pooled features at
+every depth, seeds vmapped: `linear` (closed-form ridge, its L2 strength chosen on
+validation, `auxtl.probes.ridge_probe`) and `knn` (temperature-weighted vote on
+L2-normalised features, k chosen on validation, `auxtl.probes.knn_probe`). Each seed's
+depth is chosen on validation too (`auxtl.probes.choose_depth`); the table cell is the
+chosen depth's test accuracy, and every depth's cell goes to the JSON."""
 
 from __future__ import annotations
 
@@ -14,9 +18,19 @@ from auxtl.bench.transfer_cells import cell
 from auxtl.bench.transfer_config import TransferBenchConfig
 from auxtl.bench.transfer_data import BenchData
 from auxtl.bench.transfer_sources import Source
-def probe_cells(source: Source, data: BenchData, subsets: dict, config: TransferBenchConfig,
+
+
+def _probe(mode: str, config: TransferBenchConfig, num_classes: int):
+    if mode == "linear":
+        return lambda *a: probes.ridge_probe(*a, num_classes=num_classes)
+    return lambda *a: probes.knn_probe(*a, num_classes=num_classes,
+                                       temperature=config.knn_temperature)
+
+
+def probe_cells(source: Source, data: BenchData, splits: dict, config: TransferBenchConfig,
                 log: Callable[[str], None]) -> list[dict]:
-    """linear (every depth) and knn (top reused depth) for every budget, seeds vmapped."""
+    """linear and knn at every depth and at each seed's validation-chosen depth, for every
+    budget. Depth cells carry `depth_only=True`; the chosen-depth cell `layer` per seed."""
     trunk = checkpoints.build_checkpoint_trunk(source.metadata)
     nnx.update(trunk, source.params, source.batch_stats)
     norm = source.metadata.normalization
@@ -25,31 +39,32 @@ def probe_cells(source: Source, data: BenchData, subsets: dict, config: Transfer
     test = probes.depth_features(trunk, data.test.images, norm)
     log(f"[transfer] {source.name}: features of {len(pool)} depths in "
         f"{time.perf_counter() - start:.1f} s")
-    names, depth = trunk.layer_names, config.reuse - 1
+    names = trunk.layer_names
     num_classes = data.pool.num_classes
+    labels = data.pool.labels
     cells = []
-    for budget, per_seed in subsets.items():
+    for budget, per_seed in splits.items():
         start = time.perf_counter()
-        # Identical subsets (budget 'all') give identical probes: compute one, repeat it.
-        same = all(np.array_equal(per_seed[0], p) for p in per_seed[1:])
-        rows = per_seed[:1] if same else per_seed
-        spread = (lambda a: np.repeat(np.asarray(a), len(per_seed))) if same else np.asarray
-        labels = np.stack([data.pool.labels[i] for i in rows])
-        if "linear" in config.modes:
+        train_y = np.stack([labels[s.train] for s in per_seed])
+        val_y = np.stack([labels[s.val] for s in per_seed])
+        for mode in ("linear", "knn"):
+            if mode not in config.modes:
+                continue
+            probe = _probe(mode, config, num_classes)
+            results = [probe(np.stack([pool[d][s.train] for s in per_seed]), train_y,
+                             np.stack([pool[d][s.val] for s in per_seed]), val_y,
+                             test[d], data.test.labels)
+                       for d in range(len(names))]
+            val = np.stack([np.asarray(r.val_accuracy) for r in results])      # (D, S)
+            tests = np.stack([np.asarray(r.test_accuracy) for r in results])
+            chosen = np.asarray(probes.choose_depth(val))
+            seeds = np.arange(len(per_seed))
             for d, name in enumerate(names):
-                x = np.stack([pool[d][i] for i in rows])
-                accuracy = probes.linear_probe_accuracy(
-                    x, labels, test[d], data.test.labels, num_classes=num_classes,
-                    steps=config.probe_steps)
-                cells.append(cell(source.name, "linear", budget, config.seeds, spread(accuracy),
-                                  layer=name, table=d == depth))
-        if "knn" in config.modes:
-            x = np.stack([pool[depth][i] for i in rows])
-            k = min(config.knn_k, len(per_seed[0]) // num_classes)
-            accuracy = probes.knn_accuracy(x, labels, test[depth], data.test.labels, k=k,
-                                           num_classes=num_classes)
-            cells.append(cell(source.name, "knn", budget, config.seeds, spread(accuracy),
-                              layer=names[depth], k=k))
+                cells.append(cell(source.name, mode, budget, config.seeds, tests[d],
+                                  val_accuracy=val[d].tolist(), layer=name, depth_only=True))
+            cells.append(cell(source.name, mode, budget, config.seeds, tests[chosen, seeds],
+                              val_accuracy=val[chosen, seeds].tolist(),
+                              layer=[names[d] for d in chosen]))
         log(f"[transfer] {source.name}: probes at {budget} labels/class in "
             f"{time.perf_counter() - start:.1f} s")
     return cells

@@ -53,13 +53,36 @@ def refusal(name: str, image_shape) -> str | None:
 def pretrain_config(config: TransferBenchConfig, name: str, out: pathlib.Path):
     """The PretrainConfig of source `name` (its tasks, the sweep's model and pretraining
     settings), writing to `out`."""
+    budget = ({"steps": config.pretrain_steps} if config.pretrain_steps
+              else {"epochs": config.pretrain_epochs})
     return PretrainConfig(tasks=tuple(TaskConfig(t) for t in source_tasks(name)),
                           data=config.data, model=config.model,
                           model_overrides=dict(config.model_overrides),
-                          steps=config.pretrain_steps, batch_size=config.pretrain_batch_size,
+                          batch_size=config.pretrain_batch_size, **budget,
                           seed=config.pretrain_seed, optimizer=config.pretrain_optimizer,
-                          log_every=max(1, min(25, config.pretrain_steps)),
+                          log_every=max(1, min(25, config.pretrain_steps or 25)),
                           out=str(out), progress=config.progress)
+
+
+def loss_curve(run: pathlib.Path) -> list[list[float]]:
+    """[step, training loss] pairs of a pretraining run (its metrics.jsonl)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [[r["step"], r["loss"]] for r in records
+            if r.get("split") == "train" and "loss" in r]
+
+
+def pretrain_info(run: pathlib.Path, seconds: float, cached: bool) -> dict:
+    """What the sweep records of a source's pretraining: wall-clock, steps, epochs,
+    examples seen, held-out metrics and the training loss curve."""
+    summary = json.loads((run / "summary.json").read_text())
+    return {"cached": cached, "pretrain_s": seconds if not cached else
+            summary.get("bench_pretrain_s", 0.0),
+            "steps": summary.get("steps"), "epochs": summary.get("epochs"),
+            "examples_seen": summary.get("examples_seen"), "eval": summary["eval"],
+            "loss_curve": loss_curve(run)}
 
 
 _IDENTITY_IGNORED = ("out", "progress", "resume", "overwrite", "keep", "log_every")
@@ -79,19 +102,23 @@ def pretrained_trunk(config: TransferBenchConfig, name: str, data: BenchData,
     saved = out / "config.json"
     if ((out / "summary.json").is_file() and saved.is_file()
             and _same_run(json.loads(saved.read_text()), pre.to_json())):
-        summary = json.loads((out / "summary.json").read_text())
         log(f"[transfer] source {name}: reusing {out / 'trunk'}")
-        return out / "trunk", {"cached": True, "pretrain_s": 0.0, "eval": summary["eval"]}
+        return out / "trunk", pretrain_info(out, 0.0, cached=True)
     shutil.rmtree(out, ignore_errors=True)
-    log(f"[transfer] source {name}: pretraining {config.pretrain_steps} steps "
-        f"(batch {config.pretrain_batch_size}) ...")
+    budget = (f"{config.pretrain_steps} steps" if config.pretrain_steps
+              else f"{config.pretrain_epochs:g} epochs")
+    log(f"[transfer] source {name}: pretraining {budget} (batch "
+        f"{config.pretrain_batch_size}) ...")
     start = time.perf_counter()
     result = run_pretraining(pre, data.pretrain)
     seconds = time.perf_counter() - start
     log(f"[transfer] source {name}: pretrained in {seconds:.1f} s, held-out "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.eval_metrics.items()))
-    return result.trunk_path, {"cached": False, "pretrain_s": seconds,
-                               "eval": result.eval_metrics}
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["bench_pretrain_s"] = seconds      # a later sweep reusing the trunk reports it
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return result.trunk_path, pretrain_info(out, seconds, cached=False)
 
 
 def random_trunk(config: TransferBenchConfig, data: BenchData) -> tuple[pathlib.Path, dict]:
@@ -108,7 +135,8 @@ def random_trunk(config: TransferBenchConfig, data: BenchData) -> tuple[pathlib.
     checkpoints.save_trunk(path, trunk_params=nnx.to_pure_dict(nnx.state(trunk, nnx.Param)),
                            trunk_batch_stats=nnx.to_pure_dict(nnx.state(trunk, nnx.BatchStat)),
                            metadata=metadata)
-    return path, {"cached": False, "pretrain_s": 0.0, "eval": None}
+    return path, {"cached": False, "pretrain_s": 0.0, "steps": 0, "epochs": 0,
+                  "examples_seen": 0, "eval": None, "loss_curve": []}
 
 
 @dataclasses.dataclass
