@@ -35,6 +35,16 @@ from flax import nnx
 import auxtl
 
 
+def _copy(module: nnx.Module) -> nnx.Module:
+    """The same module on the same (differentiable) values; its state updates stay its own.
+
+    (nnx.merge of nnx.split's state would share the Variable objects, so a BatchNorm
+    update in the copy would reach the original; mapping the state makes new ones.)
+    """
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))
+
+
 def _stop_gradient_copy(module: nnx.Module) -> nnx.Module:
     """The same module, its parameters and statistics wrapped in stop_gradient."""
     graphdef, state = nnx.split(module)
@@ -106,15 +116,14 @@ class GANDiscriminator(auxtl.TaskBase):
 
     def forward(self, trunk, head, inputs, *, train, frozen=()):
         real, z = inputs
-        batch = real.shape[0]
-        trunk_sg, critic_sg = _stop_gradient_copy(trunk), _stop_gradient_copy(head.critic)
         fake = head.generator(z, train=train)
-        d_logits = head.critic(trunk(jnp.concatenate([real, jax.lax.stop_gradient(fake)]),
-                                     train=train, frozen=frozen))
-        g_logits = critic_sg(trunk_sg(jnp.concatenate([real, fake]), train=train,
-                                      frozen=frozen))
-        return {"d_real": d_logits[:batch, 0], "d_fake": d_logits[batch:, 0],
-                "g_fake": g_logits[batch:, 0]}
+        # Copies taken before any pass: their BatchNorm updates never reach `trunk`.
+        trunk_fake, trunk_sg = _copy(trunk), _stop_gradient_copy(trunk)
+        critic_sg = _stop_gradient_copy(head.critic)
+        d_real = head.critic(trunk(real, train=train, frozen=frozen))
+        d_fake = head.critic(trunk_fake(jax.lax.stop_gradient(fake), train=train, frozen=frozen))
+        g_fake = critic_sg(trunk_sg(fake, train=train, frozen=frozen))
+        return {"d_real": d_real[:, 0], "d_fake": d_fake[:, 0], "g_fake": g_fake[:, 0]}
 
     def loss_and_metrics(self, logits, targets):
         del targets
