@@ -16,11 +16,26 @@ reaches the generator through D's function without pulling D toward "fake is
 real", and d_loss sees the fakes as constants. One gradient of d_loss + g_loss
 is therefore exactly (grad_D d_loss, grad_G g_loss): simultaneous GAN updates.
 
-BatchNorm: D runs on one batch holding the reals and the fakes, as in the D
-term; in training D_sg runs on that same mixed batch in batch-statistics mode,
-so it scores the fakes exactly as D does (same values, same normalisation), and
-only the D pass updates the trunk's running statistics (the copy's updates are
-discarded). In evaluation both use the running statistics.
+BatchNorm, and why reals and fakes run as separate batches: the trunk is kept
+for REAL images, and at inference its BatchNorm layers normalise with their
+running statistics. If D saw one batch of reals and fakes together, those
+statistics would describe the real+fake mixture; once D wins, the generator's
+images drift far from the data (scale and offset), the mixture's variance is
+dominated by the fakes, and real images at inference are normalised by
+statistics that are not theirs: their features collapse to near-constant
+values (most ReLUs off), which no probe or fine-tuning recovers. So, as in
+DCGAN's reference code, D runs on the reals and on the fakes as two batches:
+  - reals: the trunk itself, batch statistics in training (this pass alone
+    updates the running statistics, which therefore describe real images
+    only) and those running statistics in evaluation;
+  - fakes: a copy of the trunk (same, differentiable, parameters; its own
+    Variables, so its statistics updates are discarded) that always
+    normalises the fakes by their own batch's statistics, in training and in
+    evaluation alike, so the evaluation metrics score the game that trained;
+  - D_sg scores the fakes exactly as the fake pass does (same batch, same mode).
+The generator's output is mapped into the per-channel [min, max] range of the
+real batch (a sigmoid, DCGAN's bounded tanh output for standardised data), so
+fakes cannot escape the data's range however the game goes.
 """
 
 from __future__ import annotations
@@ -35,6 +50,16 @@ from flax import nnx
 import auxtl
 
 
+def _copy(module: nnx.Module) -> nnx.Module:
+    """The same module on the same (differentiable) values; its state updates stay its own.
+
+    (nnx.merge of nnx.split's state would share the Variable objects, so a BatchNorm
+    update in the copy would reach the original; mapping the state makes new ones.)
+    """
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))
+
+
 def _stop_gradient_copy(module: nnx.Module) -> nnx.Module:
     """The same module, its parameters and statistics wrapped in stop_gradient."""
     graphdef, state = nnx.split(module)
@@ -47,11 +72,22 @@ def bce_with_logits(logits: jax.Array, label: float) -> jax.Array:
     return jnp.mean(jax.nn.softplus(-logits) if label else jax.nn.softplus(logits))
 
 
+def in_range_of(raw: jax.Array, real: jax.Array) -> jax.Array:
+    """`raw` (N, H, W, C) squashed into each channel's [min, max] over the real batch.
+
+    The range is a constant (stop_gradient): the generator learns where in it to go.
+    """
+    low = jax.lax.stop_gradient(jnp.min(real, axis=(0, 1, 2)))
+    high = jax.lax.stop_gradient(jnp.max(real, axis=(0, 1, 2)))
+    return low + (high - low) * jax.nn.sigmoid(raw)
+
+
 class Generator(nnx.Module):
     """DCGAN-style: dense -> (H/4, W/4) map -> 2x upsample + conv, twice -> (H, W, C).
 
-    BatchNorm and ReLU inside; the output is linear (no tanh) because real
-    inputs are per-channel standardised, not squashed into [-1, 1].
+    BatchNorm and ReLU inside; the output is linear: the task squashes it into the
+    real batch's range (`in_range_of`), since real inputs are per-channel
+    standardised, not scaled to [-1, 1] as DCGAN's tanh output assumes.
     """
 
     def __init__(self, latent_dim: int, width: int, image_shape, *, rngs: nnx.Rngs):
@@ -106,15 +142,15 @@ class GANDiscriminator(auxtl.TaskBase):
 
     def forward(self, trunk, head, inputs, *, train, frozen=()):
         real, z = inputs
-        batch = real.shape[0]
-        trunk_sg, critic_sg = _stop_gradient_copy(trunk), _stop_gradient_copy(head.critic)
-        fake = head.generator(z, train=train)
-        d_logits = head.critic(trunk(jnp.concatenate([real, jax.lax.stop_gradient(fake)]),
-                                     train=train, frozen=frozen))
-        g_logits = critic_sg(trunk_sg(jnp.concatenate([real, fake]), train=train,
-                                      frozen=frozen))
-        return {"d_real": d_logits[:batch, 0], "d_fake": d_logits[batch:, 0],
-                "g_fake": g_logits[batch:, 0]}
+        fake = in_range_of(head.generator(z, train=train), real)
+        # Copies taken before any pass: their BatchNorm updates never reach `trunk`.
+        trunk_fake, trunk_sg = _copy(trunk), _stop_gradient_copy(trunk)
+        critic_sg = _stop_gradient_copy(head.critic)
+        d_real = head.critic(trunk(real, train=train, frozen=frozen))
+        # Fakes: their own batch statistics in both modes (frozen layers: running ones).
+        d_fake = head.critic(trunk_fake(jax.lax.stop_gradient(fake), train=True, frozen=frozen))
+        g_fake = critic_sg(trunk_sg(fake, train=True, frozen=frozen))
+        return {"d_real": d_real[:, 0], "d_fake": d_fake[:, 0], "g_fake": g_fake[:, 0]}
 
     def loss_and_metrics(self, logits, targets):
         del targets

@@ -11,7 +11,8 @@ import auxtl
 from auxtl import checkpoints
 from auxtl.models.target import TargetSpec
 from auxtl.pretrain_step import split_model
-from conftest import TINY_TRUNK, leaves_equal, tiny_config
+from auxtl.tasks.gan_discriminator import in_range_of
+from conftest import TINY_TRUNK, gamma, leaves_equal, tiny_config
 
 NAME = "gan_discriminator"
 
@@ -59,6 +60,70 @@ def test_each_loss_term_reaches_only_its_own_player(train):
     generator = g["heads"][NAME]["generator"]
     # (biases feeding a BatchNorm get exactly zero gradient in training mode; kernels don't)
     assert _all_nonzero([generator[layer]["kernel"] for layer in ("dense", "conv1", "conv2")])
+
+
+def _batch_stats(module):
+    return nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+
+def _inputs(task, seed, shape=(12, 12, 1)):
+    images = jnp.asarray(np.random.default_rng(seed).normal(size=(6, *shape)), jnp.float32)
+    return task.make_examples(jax.random.key(seed), images)[0]
+
+
+def _fakes(model, real, z, *, train):
+    return in_range_of(model.heads[NAME].generator(z, train=train), real)
+
+
+def test_running_statistics_come_from_the_real_images_only():
+    task, model = _model((12, 12, 1))
+    real, z = _inputs(task, 0)
+    before = _batch_stats(model.trunk)
+    task.forward(model.trunk, model.heads[NAME], (real, z), train=True)
+    _, alone = _model((12, 12, 1))      # the same initial trunk, run on the reals alone
+    alone.trunk(real, train=True)
+    assert not leaves_equal(_batch_stats(model.trunk), before)
+    assert leaves_equal(_batch_stats(model.trunk), _batch_stats(alone.trunk))
+    # (one mixed real+fake batch, whose statistics collapsed real-image features, differs)
+    _, mixed = _model((12, 12, 1))
+    mixed.trunk(jnp.concatenate([real, _fakes(mixed, real, z, train=True)]), train=True)
+    assert not leaves_equal(_batch_stats(mixed.trunk), _batch_stats(alone.trunk))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_reals_and_fakes_run_as_separate_batches(train):
+    task, model = _model((12, 12, 1))
+    real, z = _inputs(task, 0)
+    _, other_z = _inputs(task, 1)
+    head = model.heads[NAME]
+    first = task.forward(model.trunk, head, (real, z), train=train)
+    second = task.forward(model.trunk, head, (real, other_z), train=train)
+    # D's score of a real image does not depend on the fakes generated beside it ...
+    assert np.array_equal(first["d_real"], second["d_real"])
+    assert not np.array_equal(first["d_fake"], second["d_fake"])
+    # ... the stop-gradient copy scores the fakes exactly as D does ...
+    assert np.array_equal(first["g_fake"], first["d_fake"])
+    # ... and the fakes are normalised by their own batch, in evaluation too.
+    alone = head.critic(model.trunk(_fakes(model, real, z, train=train), train=True))
+    assert np.array_equal(first["d_fake"], alone[:, 0])
+
+
+def test_fakes_stay_in_each_channel_range_of_the_real_batch():
+    rng = np.random.default_rng(0)
+    real = jnp.asarray(rng.normal(size=(4, 5, 5, 2)) * [1.0, 3.0] + [0.0, 10.0], jnp.float32)
+    raw = jnp.asarray(rng.normal(size=(3, 5, 5, 2)) * 100.0, jnp.float32)
+    fake = np.asarray(in_range_of(raw, real), np.float64)
+    low, high = np.asarray(real).min(axis=(0, 1, 2)), np.asarray(real).max(axis=(0, 1, 2))
+    # low + (high - low) * s, s in [0, 1]: three float32 roundings of terms <= |low|, |high - low|
+    slack = gamma(3) * (2 * np.abs(low) + np.abs(high))
+    assert np.all(fake >= low - slack) and np.all(fake <= high + slack)
+    # (raw this large saturates the sigmoid: both ends are reached)
+    assert np.all(np.abs(fake.min(axis=(0, 1, 2)) - low) <= slack)
+    assert np.all(np.abs(fake.max(axis=(0, 1, 2)) - high) <= slack)
+    # the generator's output gets the gradient; the real batch (a constant range) none
+    grad_raw, grad_real = jax.grad(lambda r, x: jnp.sum(in_range_of(r * 0.01, x)),
+                                   argnums=(0, 1))(raw, real)
+    assert np.all(np.asarray(grad_raw) > 0) and not np.any(np.asarray(grad_real))
 
 
 def test_examples_are_the_images_and_fresh_noise():
