@@ -85,7 +85,8 @@ def pretraining_table(result: dict) -> str:
             continue
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in (info.get("eval") or {}).items())
         cached = " (cached)" if info.get("cached") else ""
-        lines.append(f"| {name} | {info.get('steps')} | {info.get('epochs') or '—'} | "
+        epochs = f"{info['epochs']:.3g}" if info.get("epochs") else "—"
+        lines.append(f"| {name} | {info.get('steps')} | {epochs} | "
                      f"{info.get('examples_seen') or '—'} | {info.get('pretrain_s', 0):.0f}"
                      f"{cached} | {metrics} |")
     return "\n".join(lines)
