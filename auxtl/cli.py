@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from auxtl import cpu
+from auxtl import cpu, recipes
 from auxtl.bench.throughput import main as throughput_main
 from auxtl.bench.transfer import main as transfer_main
 from auxtl.checkpoints import read_metadata
@@ -23,7 +23,7 @@ from auxtl.models import list_models, load_model_module
 from auxtl.models.target import TargetSpec
 from auxtl.optim import FINETUNE_SCHEDULES, OptimizerConfig
 from auxtl.parallel import initialize_distributed
-from auxtl.pretrain import DEFAULT_STEPS, PretrainConfig, TaskConfig, run_pretraining
+from auxtl.pretrain import PretrainConfig, TaskConfig, run_pretraining
 from auxtl.registry import list_tasks, load_task_module, task_class
 from auxtl.search import SearchSpace, plan_search, search_transfer
 from auxtl.transfer import TransferConfig, plan_transfer, run_transfer
@@ -108,11 +108,13 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         name=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule)
     return PretrainConfig(
-        tasks=parse_task_flags(args.task or ["rotation"], args.task_arg),
+        tasks=parse_task_flags(args.task or [recipes.PRETRAIN_TASK], args.task_arg),
         data=args.data, model=args.model,
         model_overrides=parse_key_values(args.model_arg, "--model-arg"),
         loss_weighting=args.loss_weighting,
-        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        steps=args.steps,
+        epochs=recipes.PRETRAIN_EPOCHS if args.steps is None and args.epochs is None
+        else args.epochs, batch_size=args.batch_size, seed=args.seed,
         optimizer=optimizer,
         test_fraction=args.test_fraction, log_every=args.log_every,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
@@ -173,7 +175,8 @@ def transfer_config_from_args(args: argparse.Namespace):
                               cache_features=not args.no_feature_cache,
                               augment=args.augment, schedule=args.schedule,
                               warmup=args.warmup,
-                              min_steps_per_epoch=args.min_steps_per_epoch)
+                              min_steps_per_epoch=args.min_steps_per_epoch,
+                              max_steps_per_epoch=args.max_steps_per_epoch)
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     return TransferConfig(trunk=args.trunk, data=args.data,
                           labels_per_class=args.labels_per_class,
@@ -260,7 +263,8 @@ def _add_model_module(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig()
-    opt = OptimizerConfig()
+    opt = recipes.pretrain_optimizer()
+    ft = recipes.finetune_recipe()
     parser = argparse.ArgumentParser(prog="auxtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a trunk on auxiliary tasks")
     p.add_argument("--task", action="append", metavar="NAME[:WEIGHT]",
-                   help="task and loss weight (repeatable; default rotation)")
+                   help=f"task and loss weight (repeatable; default {recipes.PRETRAIN_TASK})")
     p.add_argument("--task-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="a task parameter, value parsed as JSON when it can be")
     p.add_argument("--task-module", action="append", default=[], metavar="PATH",
@@ -294,11 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     _add_model_module(p)
     p.add_argument("--steps", type=int, default=defaults.steps,
-                   help=f"training steps (default {DEFAULT_STEPS}; or give --epochs)")
+                   help=f"training steps (or give --epochs; default: "
+                        f"{recipes.PRETRAIN_EPOCHS:g} epochs)")
     p.add_argument("--epochs", type=float, default=defaults.epochs,
                    help="budget in passes over the training split: "
                         "steps = ceil(EPOCHS * training images / batch size)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--batch-size", type=int, default=recipes.PRETRAIN_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--optimizer", default=opt.name, choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float, default=opt.learning_rate)
@@ -340,25 +345,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-per-class", type=int, default=None,
                    help="validation examples per class (>= 1; default: --labels-per-class, "
                         "at least 5)")
-    t.add_argument("--phases", default="head:40,head+top2:40@0.1",
+    t.add_argument("--phases", default=recipes.FINETUNE_PHASES,
                    help="fine-tuning phases, in order: " + PHASES_GRAMMAR.replace("%", "%%")
                    + "; N may not exceed the number of reused layers")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--batch-size", type=int, default=32, help=">= 1")
+    t.add_argument("--optimizer", default=ft.optimizer, choices=["adamw", "sgd"])
+    t.add_argument("--lr", type=float, default=ft.learning_rate)
+    t.add_argument("--weight-decay", type=float, default=ft.weight_decay)
+    t.add_argument("--batch-size", type=int, default=ft.batch_size, help=">= 1")
     t.add_argument("--seed", type=int, default=0, help="first seed (>= 0)")
     t.add_argument("--seeds", type=int, default=5, help="number of seeds (>= 1)")
     t.add_argument("--no-baseline", action="store_true", help="skip the scratch baseline")
     t.add_argument("--no-feature-cache", action="store_true")
-    t.add_argument("--augment", default="none", choices=list(AUGMENTS),
+    t.add_argument("--augment", default=ft.augment, choices=list(AUGMENTS),
                    help="training-batch augmentation in fine-tuning (both models)")
-    t.add_argument("--schedule", default="constant", choices=list(FINETUNE_SCHEDULES),
+    t.add_argument("--schedule", default=ft.schedule, choices=list(FINETUNE_SCHEDULES),
                    help="each phase's learning rates: constant or warmup+cosine to 0")
-    t.add_argument("--warmup", type=float, default=0.0, metavar="FRACTION",
+    t.add_argument("--warmup", type=float, default=ft.warmup, metavar="FRACTION",
                    help="warmup from 0 over this fraction of each phase's steps")
-    t.add_argument("--min-steps-per-epoch", type=int, default=1, metavar="N",
+    t.add_argument("--min-steps-per-epoch", type=int, default=ft.min_steps_per_epoch,
+                   metavar="N",
                    help="an epoch is one pass over the labeled images, at least N steps")
+    t.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+                   help="... and at most N steps (validation every N steps on large sets)")
     t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")
     t.add_argument("--search", action="store_true",
                    help="sweep reuse depth K x unfrozen top reused layers N on validation, "

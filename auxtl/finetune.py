@@ -25,7 +25,9 @@ over each phase's full budget (epochs x steps per epoch, or steps; a seed that
 group keeps its moments, not its schedule count); `min_steps_per_epoch` makes an epoch at least
 that many steps (one pass over the labeled subset, continued in the same batch order
 when the subset is too small: 10 labeled images would otherwise be one step an epoch),
-with validation after each such epoch.
+with validation after each such epoch; `max_steps_per_epoch` (None: no cap) makes it at
+most that many (a large labeled set is then validated, and its schedule counted, every
+that many steps; the batch order continues across epochs).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class FinetuneConfig:
     schedule: str = "constant"         # each phase's rates: "constant" or "cosine"
     warmup: float = 0.0                # fraction of each phase's steps, rising from 0
     min_steps_per_epoch: int = 1       # an epoch: one pass over the subset, at least this
+    max_steps_per_epoch: int | None = None   # ... and at most this (None: no cap)
 
     def __post_init__(self):
         phases = tuple(self.phases)
@@ -108,6 +111,11 @@ class FinetuneConfig:
         if not (_whole(self.min_steps_per_epoch) and self.min_steps_per_epoch >= 1):
             raise InputError(f"min_steps_per_epoch (--min-steps-per-epoch) must be a whole "
                              f"number >= 1, got {self.min_steps_per_epoch!r}")
+        cap = self.max_steps_per_epoch
+        if cap is not None and not (_whole(cap) and cap >= self.min_steps_per_epoch):
+            raise InputError(f"max_steps_per_epoch (--max-steps-per-epoch) must be None or a "
+                             f"whole number >= min_steps_per_epoch "
+                             f"({self.min_steps_per_epoch}), got {cap!r}")
 
     def to_json(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
@@ -229,6 +237,8 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     by_epochs = _check_budgets(config.phases, sizes, val)
     batch = min(config.batch_size, min(sizes))
     steps_per_epoch = max(sizes[0] // batch, config.min_steps_per_epoch)
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     max_shift = config.max_shift or default_max_shift(*np.shape(images)[1:3])
     template = params[0]
     states = TrainState(step=jnp.zeros(count, jnp.int32), params=stack(params),

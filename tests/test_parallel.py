@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-TINY = ["--model-arg", "widths=[8,8,16,16,16]", "--model-arg", "fc_dim=16", "--steps", "6",
+TINY = ["--task", "rotation", "--model-arg", "widths=[8,8,16,16,16]", "--model-arg", "fc_dim=16",
+        "--steps", "6",
         "--batch-size", "16", "--log-every", "3", "--no-progress", "--data", "digits"]
 
 

@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "probe validates best (0: all)")
     parser.add_argument("--reuse", type=int, default=None,
                         help="lowest trunk layers reused by the trained modes")
+    parser.add_argument("--top", default=None, choices=["drop", "replace"],
+                        help="the source layers above --reuse: dropped (default) or fresh")
     parser.add_argument("--model", default=None, help="trunk architecture (auxtl models)")
     parser.add_argument("--out", default=None, help="output folder (default runs/bench_transfer)")
     parser.add_argument("--json", default=None, help="JSON path (default OUT/transfer.json)")
@@ -262,6 +264,8 @@ def config_from_args(args: argparse.Namespace) -> TransferBenchConfig:
         explicit["model"] = args.model
         explicit["model_overrides"] = dict((TINY_TRUNKS if args.tiny else BENCH_TRUNKS)
                                            .get(args.model, {}))
+    if args.top:
+        explicit["top"] = args.top
     if args.out:
         explicit["out"] = args.out
     explicit["progress"] = args.progress

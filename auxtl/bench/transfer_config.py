@@ -7,6 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
+from auxtl import recipes
 from auxtl.optim import OptimizerConfig
 ALL = "all"
 PROBE_MODES = ("linear", "knn")
@@ -29,14 +30,11 @@ PUBLISHED_ROTNET = {"scratch": {20: 33.66, 100: 47.26, 400: 74.19, 1000: 83.47, 
                                       5000: 91.95}}
 
 
-def default_pretrain_optimizer() -> OptimizerConfig:
-    return OptimizerConfig(name="adamw", learning_rate=1e-3, weight_decay=1e-4,
-                           warmup_steps=100, schedule="cosine")
-
-
 @dataclasses.dataclass(frozen=True)
 class TransferBenchConfig:
-    """Everything that fixes a sweep; saved in transfer.json.
+    """Everything that fixes a sweep; saved in transfer.json. The defaults are the CLI's
+    recipes (`auxtl.recipes`), with a cap on the steps per epoch that bounds the `all`
+    budget's cost.
 
     Pretraining: every source for `pretrain_epochs` passes over the pool's training
     split (or `pretrain_steps` when given), batch `pretrain_batch_size`.
@@ -49,7 +47,9 @@ class TransferBenchConfig:
     `tune_lr_scale` x the rate; the scratch control trains everything for
     head_epochs + tune_epochs at each rate of `scratch_lr_scales` x `learning_rate`
     and keeps the one validation prefers. An epoch is one pass over the labeled subset
-    but at least `min_steps_per_epoch` steps; `augment` applies to every trained run.
+    but at least `min_steps_per_epoch` and at most `max_steps_per_epoch` steps;
+    `augment` applies to every trained run. `top`: the source layers above `reuse` are
+    dropped (a linear classifier on the pooled reused layers) or kept fresh ("replace").
     `trained_sources`: how many pretrained sources get the (costly) trained modes, the
     best by validation linear-probe accuracy (0: every source).
     """
@@ -63,20 +63,22 @@ class TransferBenchConfig:
     model_overrides: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(BENCH_TRUNKS["small_cnn"]))
     reuse: int = 5                          # lowest layers reused by the trained modes
+    top: str = "drop"                       # the layers above them: dropped or fresh
     unfreeze: int = 2                       # staged: top reused layers unfrozen
-    pretrain_epochs: float = 20.0
+    pretrain_epochs: float = recipes.PRETRAIN_EPOCHS
     pretrain_steps: int | None = None       # overrides pretrain_epochs when set
-    pretrain_batch_size: int = 128
+    pretrain_batch_size: int = recipes.PRETRAIN_BATCH_SIZE
     pretrain_seed: int = 0
     pretrain_optimizer: OptimizerConfig = dataclasses.field(
-        default_factory=default_pretrain_optimizer)
+        default_factory=recipes.pretrain_optimizer)
     val_per_class: int = 5
     max_val_per_class: int = 20
     trained_sources: int = 3
     head_epochs: int = 10
     tune_epochs: int = 10
     patience: int | None = None
-    min_steps_per_epoch: int = 20
+    min_steps_per_epoch: int = recipes.MIN_STEPS_PER_EPOCH
+    max_steps_per_epoch: int | None = 40
     tune_lr_scale: float = 0.1
     scratch_lr_scales: tuple[float, ...] = (1.0, 3.0)
     learning_rate: float = 3e-3
@@ -106,7 +108,8 @@ def full_config() -> TransferBenchConfig:
         pretrain_epochs=100.0, pretrain_batch_size=128,
         pretrain_optimizer=OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9,
                                            weight_decay=5e-4, warmup_steps=500),
-        trained_sources=0, head_epochs=30, tune_epochs=30, min_steps_per_epoch=50,
+        top="replace", trained_sources=0, head_epochs=30, tune_epochs=30,
+        min_steps_per_epoch=50, max_steps_per_epoch=None,
         batch_size=128, learning_rate=1e-3, weight_decay=5e-4, augment="shift+flip",
         max_val_per_class=100, out="runs/bench_transfer_full", published="rotnet_cifar10")
 

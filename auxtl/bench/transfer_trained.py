@@ -55,7 +55,8 @@ def recipe(config: TransferBenchConfig, phases: tuple[Phase, ...], *,
     return FinetuneConfig(phases=phases, learning_rate=config.learning_rate * lr_scale,
                           weight_decay=config.weight_decay, batch_size=config.batch_size,
                           augment=config.augment, schedule=config.schedule,
-                          warmup=config.warmup, min_steps_per_epoch=config.min_steps_per_epoch)
+                          warmup=config.warmup, min_steps_per_epoch=config.min_steps_per_epoch,
+                          max_steps_per_epoch=config.max_steps_per_epoch)
 
 
 def source_runs(config: TransferBenchConfig) -> list[tuple[str, FinetuneConfig]]:
@@ -102,7 +103,7 @@ def trained_cells(name: str, source: Source | None, data: BenchData, splits: dic
     keeps on validation), or, for `scratch` (source None), its cell under every trained
     mode's name (it is their paired reference) with the rate each seed kept."""
     meta = (source or reference).metadata
-    spec = TargetSpec(reuse=config.reuse, top="replace")
+    spec = TargetSpec(reuse=config.reuse, top=config.top)
     shape = data.pool.image_shape
     models = [build_transfer_model(meta, source and source.params, source and source.batch_stats,
                                    spec, num_classes=data.pool.num_classes,
