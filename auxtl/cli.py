@@ -16,7 +16,7 @@ from auxtl.bench.transfer import main as transfer_main
 from auxtl.checkpoints import read_metadata
 from auxtl.data import load_dataset
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
-from auxtl.finetune import FinetuneConfig
+from auxtl.finetune import HEAD_INITS, FinetuneConfig
 from auxtl.finetune_step import AUGMENTS
 from auxtl.freezing import PHASES_GRAMMAR, check_phases, parse_phases
 from auxtl.models import list_models, load_model_module
@@ -176,7 +176,8 @@ def transfer_config_from_args(args: argparse.Namespace):
                               augment=args.augment, schedule=args.schedule,
                               warmup=args.warmup,
                               min_steps_per_epoch=args.min_steps_per_epoch,
-                              max_steps_per_epoch=args.max_steps_per_epoch)
+                              max_steps_per_epoch=args.max_steps_per_epoch,
+                              head_init=args.head_init)
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     return TransferConfig(trunk=args.trunk, data=args.data,
                           labels_per_class=args.labels_per_class,
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-steps-per-epoch", type=int, default=ft.min_steps_per_epoch,
                    metavar="N",
                    help="an epoch is one pass over the labeled images, at least N steps")
+    t.add_argument("--head-init", default=ft.head_init, choices=list(HEAD_INITS),
+                   help="the new head starts random, or as the frozen trunk's ridge probe "
+                        "(L2 chosen on validation; LP-FT)")
     t.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="... and at most N steps (validation every N steps on large sets)")
     t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")

@@ -27,7 +27,9 @@ that many steps (one pass over the labeled subset, continued in the same batch o
 when the subset is too small: 10 labeled images would otherwise be one step an epoch),
 with validation after each such epoch; `max_steps_per_epoch` (None: no cap) makes it at
 most that many (a large labeled set is then validated, and its schedule counted, every
-that many steps; the batch order continues across epochs).
+that many steps; the batch order continues across epochs). `head_init="ridge"` starts
+the new head as the frozen trunk's ridge probe, its L2 chosen on validation (LP-FT,
+`auxtl.head_init`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from auxtl.finetune_step import (AUGMENTS, NormStats, StepCache, default_max_shi
                                  finetune_step_fn, in_chunks, logits_fn, make_finetune_step,
                                  make_logits_fn, make_prefix_fn, norm_stats)
 from auxtl.freezing import Phase
+from auxtl.head_init import init_heads, pooled_features_fn
 from auxtl.optim import FINETUNE_SCHEDULES
 from auxtl.seeds import batch_schedule, seed_correct, seed_logits, seed_runner, stack, unstack
 from auxtl.train_state import TrainState
@@ -58,6 +61,9 @@ from auxtl.train_state import TrainState
 __all__ = ["FinetuneConfig", "FinetuneResult", "NormStats", "StepCache", "finetune",
            "finetune_seeds", "in_chunks", "make_finetune_step", "make_logits_fn",
            "make_prefix_fn", "norm_stats", "score"]
+
+
+HEAD_INITS = ("random", "ridge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,7 @@ class FinetuneConfig:
     warmup: float = 0.0                # fraction of each phase's steps, rising from 0
     min_steps_per_epoch: int = 1       # an epoch: one pass over the subset, at least this
     max_steps_per_epoch: int | None = None   # ... and at most this (None: no cap)
+    head_init: str = "random"          # "ridge": LP-FT, the head starts as the ridge probe
 
     def __post_init__(self):
         phases = tuple(self.phases)
@@ -111,6 +118,9 @@ class FinetuneConfig:
         if not (_whole(self.min_steps_per_epoch) and self.min_steps_per_epoch >= 1):
             raise InputError(f"min_steps_per_epoch (--min-steps-per-epoch) must be a whole "
                              f"number >= 1, got {self.min_steps_per_epoch!r}")
+        if self.head_init not in HEAD_INITS:
+            raise InputError(f"head_init (--head-init) must be one of {', '.join(HEAD_INITS)}, "
+                             f"got {self.head_init!r}")
         cap = self.max_steps_per_epoch
         if cap is not None and not (_whole(cap) and cap >= self.min_steps_per_epoch):
             raise InputError(f"max_steps_per_epoch (--max-steps-per-epoch) must be None or a "
@@ -240,6 +250,14 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     max_shift = config.max_shift or default_max_shift(*np.shape(images)[1:3])
+    if config.head_init == "ridge":
+        if val is None:
+            raise InputError("head_init='ridge' chooses the probe's L2 on validation: give "
+                             "`val` (and epoch phases)")
+        pooled = cache.get(("pooled", graphdef), lambda: pooled_features_fn(graphdef))
+        params, _ = init_heads(pooled, params, batch_stats, images=images, labels=labels,
+                               subsets=subsets, val=val, norm=norm,
+                               num_classes=int(np.shape(params[0]["head"]["bias"])[-1]))
     template = params[0]
     states = TrainState(step=jnp.zeros(count, jnp.int32), params=stack(params),
                         batch_stats=stack(batch_stats), opt_state=None,

@@ -99,12 +99,15 @@ class SeedResult:
 
 def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
     """Same budget (epochs, or steps when the phases count steps), everything trainable
-    from step 0 (early stopping on the same validation)."""
+    from step 0 (early stopping on the same validation), same optimizer, schedule and
+    augmentation; the head starts random (a probe of random features is no baseline's
+    recipe)."""
     if all(p.steps is not None for p in config.phases):
         phase = Phase(steps=sum(p.steps for p in config.phases), train="all")
     else:
         phase = Phase(epochs=sum(p.epochs or 0 for p in config.phases), train="all")
-    return dataclasses.replace(config, phases=(phase,), cache_features=False)
+    return dataclasses.replace(config, phases=(phase,), cache_features=False,
+                               head_init="random")
 
 
 def plan_transfer(trunk_path, spec: TargetSpec, *, num_classes: int, in_channels: int,

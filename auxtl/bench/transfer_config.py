@@ -48,7 +48,8 @@ class TransferBenchConfig:
     head_epochs + tune_epochs at each rate of `scratch_lr_scales` x `learning_rate`
     and keeps the one validation prefers. An epoch is one pass over the labeled subset
     but at least `min_steps_per_epoch` and at most `max_steps_per_epoch` steps;
-    `augment` applies to every trained run. `top`: the source layers above `reuse` are
+    `augment` applies to every trained run; a source's head starts as its ridge probe
+    (`head_init`, LP-FT), scratch's at random. `top`: the source layers above `reuse` are
     dropped (a linear classifier on the pooled reused layers) or kept fresh ("replace").
     `trained_sources`: how many pretrained sources get the (costly) trained modes, the
     best by validation linear-probe accuracy (0: every source).
@@ -85,6 +86,7 @@ class TransferBenchConfig:
     weight_decay: float = 1e-4
     batch_size: int = 32
     augment: str = "shift"
+    head_init: str = "ridge"                # the sources' head starts as the ridge probe
     schedule: str = "cosine"
     warmup: float = 0.1
     knn_temperature: float = 0.07

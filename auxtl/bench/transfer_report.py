@@ -161,7 +161,7 @@ def _recipe_line(cfg: dict) -> str:
     return (f"Pretraining: {budget} per source, batch {cfg['pretrain_batch_size']}, "
             f"{opt['name']} lr {opt['learning_rate']:g} ({opt['schedule']}, warmup "
             f"{opt['warmup_steps']} steps). Trained modes reuse the lowest {cfg['reuse']} "
-            f"layers ({'the layers above dropped: a linear classifier on their pooled output' if cfg.get('top', 'drop') == 'drop' else 'the layers above fresh, then a linear classifier'}): head {cfg['head_epochs']} epochs frozen, then {cfg['tune_epochs']} "
+            f"layers ({'head started as the ridge probe (LP-FT); ' if cfg.get('head_init') == 'ridge' else ''}{'the layers above dropped: a linear classifier on their pooled output' if cfg.get('top', 'drop') == 'drop' else 'the layers above fresh, then a linear classifier'}): head {cfg['head_epochs']} epochs frozen, then {cfg['tune_epochs']} "
             f"epochs with the top {cfg['unfreeze']} (staged) or all (finetune) reused layers "
             f"at {cfg['tune_lr_scale']:g}x lr; scratch {cfg['head_epochs'] + cfg['tune_epochs']} "
             f"epochs at {', '.join(f'{x:g}' for x in cfg['scratch_lr_scales'])}x lr "

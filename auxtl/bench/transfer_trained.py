@@ -50,9 +50,10 @@ class Trainer:
 
 
 def recipe(config: TransferBenchConfig, phases: tuple[Phase, ...], *,
-           lr_scale: float = 1.0) -> FinetuneConfig:
+           lr_scale: float = 1.0, head_init: str = "random") -> FinetuneConfig:
     """The sweep's fine-tuning settings around `phases` (one rule for every trained run)."""
     return FinetuneConfig(phases=phases, learning_rate=config.learning_rate * lr_scale,
+                          head_init=head_init,
                           weight_decay=config.weight_decay, batch_size=config.batch_size,
                           augment=config.augment, schedule=config.schedule,
                           warmup=config.warmup, min_steps_per_epoch=config.min_steps_per_epoch,
@@ -67,9 +68,11 @@ def source_runs(config: TransferBenchConfig) -> list[tuple[str, FinetuneConfig]]
                                lr_scale=config.tune_lr_scale, patience=config.patience)
     runs = []
     if {"head", "staged"} & set(config.modes):
-        runs.append(("staged", recipe(config, (head, tune(f"head+top{config.unfreeze}")))))
+        runs.append(("staged", recipe(config, (head, tune(f"head+top{config.unfreeze}")),
+                                      head_init=config.head_init)))
     if "finetune" in config.modes:
-        runs.append(("finetune", recipe(config, (head, tune("all")))))
+        runs.append(("finetune", recipe(config, (head, tune("all")),
+                                        head_init=config.head_init)))
     return runs
 
 
