@@ -12,8 +12,8 @@ every seed) their output is computed once per phase and training runs on it.
 A phase's budget is either epochs, with validation after each (the best epoch across
 all phases is kept per seed, "keep the unfreezing only if validation improves", and
 `patience` stops a seed's phase early), or a fixed number of steps with no validation
-(the benchmark's mode: the test set only scores, after each phase). `finetune` is the
-engine for one model.
+(the test set, when given, scores after each phase). `finetune` is the engine for one
+model.
 
 Recipe settings (`FinetuneConfig`): `augment` ("none", "shift", "flip", "shift+flip")
 augments each training batch inside the compiled step (`finetune_step.augment_images`;
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 
 from auxtl import freezing
 from auxtl.data import Normalization
-from auxtl.errors import InputError
+from auxtl.errors import AuxtlWarning, InputError
 from auxtl.finetune_step import (AUGMENTS, NormStats, StepCache, default_max_shift,
                                  finetune_step_fn, in_chunks, logits_fn, make_finetune_step,
                                  make_logits_fn, make_prefix_fn, norm_stats)
@@ -143,7 +144,9 @@ class FinetuneResult:
     the end of a fixed-step run), its validation (None without epochs) and test accuracy,
     one history record per epoch (or per fixed-step phase) and the steps it took.
     `phase_best` (epoch phases): per phase, its best validation epoch within the phase
-    ({"phase", "epoch", "val_accuracy", "test_accuracy"}), so that a run of phases also
+    ({"phase", "epoch", "val_accuracy", "test_accuracy"}; epoch 0 is the ridge-probe start
+    of `head_init="ridge"`; test_accuracy is None without test or with one phase, where
+    the run's own test_accuracy says it), so that a run of phases also
     tells what stopping after an earlier phase would have given (the benchmark's `head`
     mode is the first phase of its `staged` run)."""
 
@@ -250,7 +253,15 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     max_shift = config.max_shift or default_max_shift(*np.shape(images)[1:3])
-    if config.head_init == "ridge":
+    ridge = config.head_init == "ridge"
+    if ridge and len(layer_names) > num_reused:
+        warnings.warn(AuxtlWarning(
+            f"head_init='ridge' needs the head to read the reused layers directly, but "
+            f"{len(layer_names) - num_reused} fresh layer(s) ({', '.join(layer_names[num_reused:])}"
+            f") sit above them and train from scratch: the head starts random instead"),
+            stacklevel=2)
+        ridge = False
+    if ridge:
         if val is None:
             raise InputError("head_init='ridge' chooses the probe's L2 on validation: give "
                              "`val` (and epoch phases)")
@@ -267,6 +278,14 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     best = [{"accuracy": -1.0, "params": _snapshot(p), "batch_stats": _snapshot(b)}
             for p, b in zip(params, batch_stats)]
     phase_best: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    start_val = None
+    if ridge:   # the probe-initialised model is a candidate too (epoch 0 of phase 0)
+        logits0 = cache.get(("logits", graphdef, 0, vmap), lambda: (
+            seed_logits(logits_fn(graphdef, 0)) if vmap else make_logits_fn(graphdef, 0)))
+        start_val = seed_correct(logits0, states.params, states.batch_stats, val[0], val[1],
+                                 norm, vmap=vmap) / len(val[1])
+        for s, b in enumerate(best):
+            b["accuracy"] = float(start_val[s])
     del params, batch_stats
     history: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     test_accuracy: list[float | None] = [None] * count
@@ -307,7 +326,9 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
         scored_inputs = None if scored is None else features(scored[0])
         active, since_best = np.ones(count, bool), np.zeros(count, np.int64)
         for s in range(count):
-            phase_best[s].append({"accuracy": -1.0, "epoch": None})
+            phase_best[s].append(
+                {**best[s], "epoch": 0} if phase_index == 0 and start_val is not None
+                else {"accuracy": -1.0, "epoch": None})
         for epoch in range(phase.epochs or 1):
             length = steps_per_epoch if by_epochs else phase.steps
             schedule = batch_schedule(subsets, batch, length, seeds=seeds,

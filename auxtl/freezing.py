@@ -63,7 +63,7 @@ class Phase:
     `lr_scale` multiplies the learning rate of the unfrozen reused layers only.
     The budget is either `epochs` (validation after each; `patience`: stop the phase
     after that many epochs without validation gain) or `steps` (a fixed number of
-    steps, no validation: the benchmark's mode). Exactly one of them is given.
+    steps, no validation). Exactly one of them is given.
     """
 
     epochs: int | None = None

@@ -22,6 +22,8 @@ import optax
 from flax import nnx
 
 from auxtl.data import normalize
+from auxtl.finetune_step import in_chunks
+from auxtl.errors import InputError
 from auxtl.models.trunk import global_avg_pool
 from auxtl.probes import ridge_fit, ridge_probe
 
@@ -67,13 +69,14 @@ def init_heads(pooled, params: list, batch_stats: list, *, images, labels, subse
     `pooled_features_fn(graphdef)`. Returns (new params per seed, what was chosen)."""
     out, chosen = [], []
     for p, b, subset in zip(params, batch_stats, subsets):
-        train_x = pooled(p, b, jnp.asarray(images[np.asarray(subset)]), norm)
-        val_x = pooled(p, b, jnp.asarray(val[0]), norm)
+        train_x = in_chunks(lambda x: pooled(p, b, x, norm),
+                            jnp.asarray(np.asarray(images)[np.asarray(subset)]))
+        val_x = in_chunks(lambda x: pooled(p, b, x, norm), jnp.asarray(val[0]))
         head = ridge_head(train_x, np.asarray(labels)[np.asarray(subset)], val_x,
                           np.asarray(val[1]), num_classes=num_classes)
         shapes = jax.tree.map(jnp.shape, p["head"])
         if shapes != {"kernel": head["kernel"].shape, "bias": head["bias"].shape}:
-            raise ValueError(f"the head's shapes {shapes} do not fit a linear classifier "
+            raise InputError(f"the head's shapes {shapes} do not fit a linear classifier "
                              f"of the pooled features")
         out.append({**p, "head": {"kernel": head["kernel"].astype(p["head"]["kernel"].dtype),
                                   "bias": head["bias"].astype(p["head"]["bias"].dtype)}})

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from auxtl import cli
+from auxtl import cli, recipes
 from auxtl import finetune as ft
 from auxtl.data import compute_normalization
 from auxtl import freezing, optim
@@ -280,7 +280,9 @@ def test_transfer_flags_reach_the_finetune_config():
     assert (config.augment, config.schedule, config.warmup, config.min_steps_per_epoch) == (
         "shift+flip", "cosine", 0.1, 4)
     defaults = parse()
-    assert (defaults.augment, defaults.schedule, defaults.warmup,
-            defaults.min_steps_per_epoch) == ("none", "constant", 0.0, 1)
+    assert defaults == dataclasses.replace(recipes.finetune_recipe(), cache_features=True)
+    assert (defaults.augment, defaults.schedule, defaults.head_init) == ("shift", "cosine",
+                                                                          "ridge")
+    assert parse("--head-init", "random", "--max-steps-per-epoch", "30").head_init == "random"
     with pytest.raises(InputError, match="--warmup"):
         parse("--warmup", "1.5")

@@ -11,8 +11,9 @@ labeled validation set per budget:
             strength and the depth chosen on validation per seed
   knn       temperature-weighted k-NN on L2-normalised pooled features, k and depth
             chosen on validation per seed
-  head      the lowest `reuse` layers frozen, everything above them (the source
-            architecture's upper layers, fresh, plus a linear classifier) trained
+  head      the lowest `reuse` layers frozen, a linear classifier on their pooled
+            output trained from the ridge probe's solution (LP-FT; with `--top replace`
+            the source's upper layers, fresh, and a random classifier)
   staged    `head`, then the top `unfreeze` reused layers unfrozen at a reduced rate
   finetune  `head`, then every reused layer unfrozen at that reduced rate
   best      per seed, the trained mode with the best validation accuracy

@@ -38,13 +38,15 @@ class TransferBenchConfig:
 
     Pretraining: every source for `pretrain_epochs` passes over the pool's training
     split (or `pretrain_steps` when given), batch `pretrain_batch_size`.
-    Validation: each seed draws `val_per_class` (at least the budget, capped at
-    `max_val_per_class`) labeled validation images per class, disjoint from its
-    training subset; every choice (probe strength, k, depth, epoch, mode, source,
-    scratch learning rate) is made on it, never on test.
+    Validation: one draw (`auxtl.bench.transfer_data.VAL_SEED`) of `val_per_class`
+    images per class (at least the budget, capped at `max_val_per_class`) shared by
+    every seed of a budget, disjoint from the seeds' training subsets; every choice
+    (probe strength, k, depth, epoch, mode, source, learning rates) is made on it,
+    never on test.
     Trained modes: `head_epochs` with the reused layers frozen, then `tune_epochs` with
-    the top `unfreeze` (staged) or all (finetune) reused layers unfrozen at
-    `tune_lr_scale` x the rate; the scratch control trains everything for
+    the top `unfreeze` reused layers unfrozen at `tune_lr_scale` x the rate (staged) or
+    all of them at each of `finetune_lr_scales` x the rate, the one validation prefers
+    (finetune); the scratch control trains everything for
     head_epochs + tune_epochs at each rate of `scratch_lr_scales` x `learning_rate`
     and keeps the one validation prefers. An epoch is one pass over the labeled subset
     but at least `min_steps_per_epoch` and at most `max_steps_per_epoch` steps;
@@ -81,6 +83,7 @@ class TransferBenchConfig:
     min_steps_per_epoch: int = recipes.MIN_STEPS_PER_EPOCH
     max_steps_per_epoch: int | None = 40
     tune_lr_scale: float = 0.1
+    finetune_lr_scales: tuple[float, ...] = (0.1, 1.0)
     scratch_lr_scales: tuple[float, ...] = (1.0, 3.0)
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
@@ -110,7 +113,7 @@ def full_config() -> TransferBenchConfig:
         pretrain_epochs=100.0, pretrain_batch_size=128,
         pretrain_optimizer=OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9,
                                            weight_decay=5e-4, warmup_steps=500),
-        top="replace", trained_sources=0, head_epochs=30, tune_epochs=30,
+        top="replace", head_init="random", trained_sources=0, head_epochs=30, tune_epochs=30,
         min_steps_per_epoch=50, max_steps_per_epoch=None,
         batch_size=128, learning_rate=1e-3, weight_decay=5e-4, augment="shift+flip",
         max_val_per_class=100, out="runs/bench_transfer_full", published="rotnet_cifar10")

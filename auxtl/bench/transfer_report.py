@@ -158,16 +158,22 @@ def _recipe_line(cfg: dict) -> str:
     budget = (f"{cfg['pretrain_steps']} steps" if cfg.get("pretrain_steps")
               else f"{cfg['pretrain_epochs']:g} epochs")
     opt = cfg["pretrain_optimizer"]
+    scales = lambda xs: ", ".join(f"{x:g}" for x in xs) + "x"  # noqa: E731
+    head = ("a linear classifier on their pooled output" if cfg.get("top", "drop") == "drop"
+            else "the source's upper layers, fresh, and a linear classifier")
+    start = " started as the ridge probe (LP-FT)" if cfg.get("head_init") == "ridge" else ""
     return (f"Pretraining: {budget} per source, batch {cfg['pretrain_batch_size']}, "
             f"{opt['name']} lr {opt['learning_rate']:g} ({opt['schedule']}, warmup "
             f"{opt['warmup_steps']} steps). Trained modes reuse the lowest {cfg['reuse']} "
-            f"layers ({'head started as the ridge probe (LP-FT); ' if cfg.get('head_init') == 'ridge' else ''}{'the layers above dropped: a linear classifier on their pooled output' if cfg.get('top', 'drop') == 'drop' else 'the layers above fresh, then a linear classifier'}): head {cfg['head_epochs']} epochs frozen, then {cfg['tune_epochs']} "
-            f"epochs with the top {cfg['unfreeze']} (staged) or all (finetune) reused layers "
-            f"at {cfg['tune_lr_scale']:g}x lr; scratch {cfg['head_epochs'] + cfg['tune_epochs']} "
-            f"epochs at {', '.join(f'{x:g}' for x in cfg['scratch_lr_scales'])}x lr "
-            f"{cfg['learning_rate']:g} (chosen on validation); adamw, batch "
-            f"{cfg['batch_size']}, augmentation {cfg['augment']}, {cfg['schedule']} schedule "
-            f"(warmup {cfg['warmup']:g}), an epoch one pass over the labeled images but at least "
+            f"layers under {head}{start}: head {cfg['head_epochs']} epochs with them frozen, "
+            f"then {cfg['tune_epochs']} epochs with the top {cfg['unfreeze']} unfrozen at "
+            f"{cfg['tune_lr_scale']:g}x lr (staged) or all of them at "
+            f"{scales(cfg.get('finetune_lr_scales', [cfg['tune_lr_scale']]))} lr (finetune, "
+            f"rate chosen on validation); scratch {cfg['head_epochs'] + cfg['tune_epochs']} "
+            f"epochs at {scales(cfg['scratch_lr_scales'])} lr (chosen on validation). Base lr "
+            f"{cfg['learning_rate']:g}, adamw, batch {cfg['batch_size']}, augmentation "
+            f"{cfg['augment']}, {cfg['schedule']} schedule per phase (warmup {cfg['warmup']:g}), "
+            f"an epoch one pass over the labeled images but at least "
             f"{cfg['min_steps_per_epoch']} and at most {cfg.get('max_steps_per_epoch')} steps, "
             f"the best validation epoch kept.")
 

@@ -2,9 +2,10 @@
 control, each an epoch-budgeted run of the fine-tuning engine
 (`auxtl.finetune.finetune_seeds`) over every seed at once, validated after every epoch.
 
-A source runs two recipes, both starting with `head_epochs` of the reused layers frozen:
-`staged` then unfreezes the top `unfreeze` reused layers, `finetune` all of them, for
-`tune_epochs` at `tune_lr_scale` x the rate. `head` is the first phase's best validation
+A source runs its recipes, each starting with `head_epochs` of the reused layers frozen:
+`staged` then unfreezes the top `unfreeze` reused layers for `tune_epochs` at
+`tune_lr_scale` x the rate, `finetune` all of them at each rate of `finetune_lr_scales`
+(each seed keeps the rate validation prefers, as scratch does). `head` is the first phase's best validation
 epoch of the staged run, `staged` and `finetune` their runs' best epochs (the engine keeps
 the best epoch across phases: "keep the unfreezing only if validation improves"). The
 `scratch` control trains the same target architecture, everything trainable, for
@@ -62,17 +63,19 @@ def recipe(config: TransferBenchConfig, phases: tuple[Phase, ...], *,
 
 def source_runs(config: TransferBenchConfig) -> list[tuple[str, FinetuneConfig]]:
     """(run name, recipe) of a pretrained source: `staged` (which also yields `head`) and
-    `finetune`, as far as `config.modes` asks for them."""
+    one `finetune@<scale>x` per rate of `finetune_lr_scales` (the `finetune` mode keeps,
+    per seed, the one validation prefers), as far as `config.modes` asks for them."""
     head = Phase(epochs=config.head_epochs, train="head", patience=config.patience)
-    tune = lambda train: Phase(epochs=config.tune_epochs, train=train,  # noqa: E731
-                               lr_scale=config.tune_lr_scale, patience=config.patience)
+    tune = lambda train, scale=config.tune_lr_scale: Phase(  # noqa: E731
+        epochs=config.tune_epochs, train=train, lr_scale=scale, patience=config.patience)
     runs = []
     if {"head", "staged"} & set(config.modes):
         runs.append(("staged", recipe(config, (head, tune(f"head+top{config.unfreeze}")),
                                       head_init=config.head_init)))
     if "finetune" in config.modes:
-        runs.append(("finetune", recipe(config, (head, tune("all")),
-                                        head_init=config.head_init)))
+        runs += [(f"finetune@{scale:g}x", recipe(config, (head, tune("all", scale)),
+                                                 head_init=config.head_init))
+                 for scale in config.finetune_lr_scales]
     return runs
 
 
@@ -131,6 +134,13 @@ def trained_cells(name: str, source: Source | None, data: BenchData, splits: dic
             if run == "staged" and "head" in config.modes:
                 outcomes["head"] = _outcome(results, phase=0)
                 steps["head"] = steps[run]
+        rates = [r for r, _ in runs if r.startswith("finetune@")]
+        if rates:   # the finetune mode: per seed, the rate validation prefers
+            kept = pick_on_validation([outcomes[r][0] for r in rates])
+            outcomes["finetune"] = tuple([outcomes[rates[k]][i][s] for s, k in enumerate(kept)]
+                                         for i in (0, 1))
+            steps["finetune"] = [steps[rates[k]][s] for s, k in enumerate(kept)]
+            finetune_rates = [rates[k] for k in kept]
         if source is None:
             names = list(outcomes)
             kept = pick_on_validation([outcomes[n][0] for n in names])
@@ -143,8 +153,9 @@ def trained_cells(name: str, source: Source | None, data: BenchData, splits: dic
         else:
             modes = [m for m in TRAINED_MODES if m in outcomes and m in config.modes]
             for mode in modes:
+                extra = {"chosen": finetune_rates} if mode == "finetune" else {}
                 cells.append(cell(name, mode, budget, config.seeds, outcomes[mode][1],
-                                  val_accuracy=outcomes[mode][0], steps=steps[mode]))
+                                  val_accuracy=outcomes[mode][0], steps=steps[mode], **extra))
             kept = pick_on_validation([outcomes[m][0] for m in modes])
             cells.append(cell(name, BEST, budget, config.seeds,
                               [outcomes[modes[k]][1][s] for s, k in enumerate(kept)],
