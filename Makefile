@@ -1,4 +1,4 @@
-# `make demo`: install into .venv and pretrain a rotation trunk on the embedded MNIST-5k.
+# `make demo`: install into .venv and pretrain a trunk with the default recipe (contrastive views) on the embedded MNIST-5k.
 # `make test`: install into .venv and run the test suite.
 # `make test-threads`: the numerical tests again with one OpenMP/Eigen thread (bounds hold for any count).
 # `make test-no-kernels`: the suite with auxtl's CPU kernels off (AUXTL_CPU_KERNELS=0: plain XLA, nothing compiled).
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/auxtl pretrain --task rotation --data mnist5k --out runs/demo --overwrite
+	$(BIN)/auxtl pretrain --data mnist5k --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

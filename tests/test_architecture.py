@@ -113,9 +113,9 @@ ORDER = ("errors", "version", "registry", "tasks", "losses", "heads", "models.op
          "models", "models.target", "cifar", "data", "resize", "splits", "pretrain_model",
          "optim", "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
          "trunk_metadata", "checkpoints", "pretrain", "target_data", "surgery", "transplant",
-         "freezing", "finetune_step", "seeds", "stats", "probes", "head_init", "finetune", "recipes",
+         "freezing", "finetune_step", "seeds", "finetune_config", "stats", "probes", "head_init", "finetune", "recipes",
          "transfer",
-         "search", "cpu", "bench", "cli")
+         "search", "cpu", "bench", "cli_configs", "cli")
 # The registry imports the built-in task package to register its tasks, whose files
 # import auxtl's public API like any user's task file: a plug-in edge, not a design one.
 PLUGIN_EDGES = {("auxtl.registry", "auxtl.tasks")}

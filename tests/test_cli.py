@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from auxtl import cli, read_metadata
+from auxtl import cli, read_metadata, recipes
 from test_registry import write_flip_task
 
 TINY = ["--model-arg", "widths=[8,8,8,8,8]", "--model-arg", "fc_dim=8", "--steps", "4",
@@ -57,3 +57,14 @@ def test_bad_task_flags_are_named():
         cli.parse_task_flags(["rotation:heavy"], [])
     with pytest.raises(SystemExit, match="NAME.KEY=VALUE"):
         cli.parse_task_flags(["rotation"], ["all_rotations=false"])
+
+
+def test_pretrain_defaults_are_the_recipe():
+    config = cli.pretrain_config_from_args(cli.build_parser().parse_args(["pretrain"]))
+    assert [t.name for t in config.tasks] == [recipes.PRETRAIN_TASK]
+    assert (config.steps, config.epochs) == (None, recipes.PRETRAIN_EPOCHS)
+    assert config.batch_size == recipes.PRETRAIN_BATCH_SIZE
+    assert config.optimizer == recipes.pretrain_optimizer()
+    stepped = cli.pretrain_config_from_args(cli.build_parser().parse_args(
+        ["pretrain", "--steps", "7"]))
+    assert (stepped.steps, stepped.epochs) == (7, None)
