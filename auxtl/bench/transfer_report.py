@@ -243,9 +243,13 @@ def plot(result: dict, path: pathlib.Path) -> None:
               for i, s in enumerate(sources)}
     budgets = _budgets(result)
     xs = {b: result["subsets"][str(b)]["x"] for b in budgets}
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 4.0), sharey=True,
-                             squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    columns = min(3, len(modes))
+    rows = math.ceil(len(modes) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows + 0.6),
+                             sharey=True, squeeze=False)
+    for ax in list(axes.flat)[len(modes):]:
+        ax.axis("off")
+    for ax, mode in zip(axes.flat, modes):
         for source in sources:
             points = sorted((xs[c["budget"]], c) for c in cells
                             if c["mode"] == mode and c["source"] == source)
@@ -266,14 +270,19 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ax.set_xlabel("labeled images per class")
         ax.set_title(MODE_TITLES[mode], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
-               frameon=False)
+    for row in axes:
+        row[0].set_ylabel("test accuracy")
+    legend = {}
+    for ax in axes.flat:                       # every source once, from whichever panel has it
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = list(legend)
+    fig.legend(list(legend.values()), labels, loc="lower center",
+               ncol=min(len(labels), 6), fontsize=8, frameon=False)
     env = result["environment"]
     fig.suptitle(f"auxtl transfer on {result['data']['spec']}: mean and 95% interval over "
                  f"{len(result['config']['seeds'])} seeds ({env['device_kind']})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) > 6), 1, 1))
+    fig.tight_layout(rect=(0, (0.08 + 0.03 * (len(labels) > 6)) / rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
