@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import auxtl
-from auxtl.tasks.contrastive import nt_xent
+from auxtl.tasks.contrastive import nt_xent, random_rotation
 from auxtl.pretrain_step import evaluate, make_eval_step, split_model
 from conftest import tiny_config
 
@@ -106,3 +106,18 @@ def test_training_retrieves_the_other_view(mnist_small):
     chance = 1 / (2 * config.eval_batch_size - 1)
     assert after["contrastive/loss"] < before["contrastive/loss"] - 0.5
     assert after["contrastive/accuracy"] > max(20 * chance, before["contrastive/accuracy"] + 0.25)
+
+
+def test_random_rotation_turns_about_the_centre_within_its_range():
+    """A vanishing range is the identity (bilinear at the grid points); the centre pixel
+    stays at any angle; the draw follows the key."""
+    images = jax.random.uniform(jax.random.key(0), (3, 9, 9, 2))
+    same = random_rotation(jax.random.key(1), images, max_degrees=1e-6)
+    np.testing.assert_allclose(same, images, atol=1e-5)
+    turned = random_rotation(jax.random.key(2), images, max_degrees=30.0)
+    assert turned.shape == images.shape and turned.dtype == images.dtype
+    again = random_rotation(jax.random.key(2), images, max_degrees=30.0)
+    np.testing.assert_array_equal(turned, again)
+    assert not np.allclose(turned, random_rotation(jax.random.key(3), images, max_degrees=30.0))
+    # the centre pixel of an odd-sized image stays where it is at any angle
+    np.testing.assert_allclose(turned[:, 4, 4], images[:, 4, 4], atol=1e-5)
