@@ -17,7 +17,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from auxtl import checkpoints, freezing
+from auxtl import checkpoints, freezing, recipes
 from auxtl.data import Dataset, load_dataset
 from auxtl.errors import InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
@@ -43,16 +43,17 @@ __all__ = ["DEFAULT_TEST_FRACTION", "RESIZE_MODES", "LabeledSplits", "SeedResult
 
 @dataclasses.dataclass(frozen=True)
 class TransferConfig:
-    """A transfer run. `resize`: "auto" or "on" resize the target images to the trunk's
-    pretraining resolution when they differ ("auto" says so with a hint to turn it off),
-    "off" keeps them (see `resize_target`)."""
+    """A transfer run; `finetune` defaults to the recipe the CLI runs
+    (`auxtl.recipes.finetune_recipe`). `resize`: "auto" or "on" resize the target images
+    to the trunk's pretraining resolution when they differ ("auto" says so with a hint to
+    turn it off), "off" keeps them (see `resize_target`)."""
 
     trunk: str
     data: str = "mnist5k"
     labels_per_class: int = 10
     val_per_class: int | None = None      # None: same as labels_per_class (at least 5)
     target: TargetSpec = TargetSpec()
-    finetune: FinetuneConfig = FinetuneConfig()
+    finetune: FinetuneConfig = dataclasses.field(default_factory=recipes.finetune_recipe)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     baseline: bool = True
     out: str | None = None
