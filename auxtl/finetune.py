@@ -252,18 +252,16 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
                           **({"val_accuracy": float(accuracies[s])} if by_epochs else {}),
                           "train_loss": float(np.mean(np.asarray(losses[s])))}
                 if by_epochs:
+                    # the run's best is never below this phase's, so a new run best is a
+                    # new phase best too: one snapshot serves both
+                    since_best[s] += 1
                     if accuracies[s] > phase_best[s][-1]["accuracy"]:
-                        phase_best[s][-1] = {
-                            "accuracy": float(accuracies[s]), "epoch": epoch + 1,
-                            "params": _snapshot(unstack(states.params, s)),
-                            "batch_stats": _snapshot(unstack(states.batch_stats, s))}
-                    if accuracies[s] > best[s]["accuracy"]:
-                        best[s] = {"accuracy": float(accuracies[s]),
-                                   "params": _snapshot(unstack(states.params, s)),
-                                   "batch_stats": _snapshot(unstack(states.batch_stats, s))}
-                        since_best[s] = 0
-                    else:
-                        since_best[s] += 1
+                        kept = {"accuracy": float(accuracies[s]),
+                                "params": _snapshot(unstack(states.params, s)),
+                                "batch_stats": _snapshot(unstack(states.batch_stats, s))}
+                        phase_best[s][-1] = {**kept, "epoch": epoch + 1}
+                        if accuracies[s] > best[s]["accuracy"]:
+                            best[s], since_best[s] = kept, 0
                     if phase.patience and since_best[s] >= phase.patience:
                         active[s] = False
                 elif test is not None:

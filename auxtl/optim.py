@@ -26,15 +26,24 @@ def kernel_mask(params):
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
+def _warmup_then(rate: float, schedule: str, warmup_steps: int,
+                 total_steps: int) -> optax.Schedule:
+    """From 0 up to `rate` over `warmup_steps`, then "constant" (held) or "cosine" (down to
+    0 at `total_steps`): the one schedule rule of pretraining and fine-tuning phases."""
+    if schedule == "constant":
+        return (optax.linear_schedule(0.0, rate, warmup_steps) if warmup_steps
+                else optax.constant_schedule(rate))
+    if schedule != "cosine":
+        raise InputError(f"unknown schedule {schedule!r}; use 'cosine' or 'constant'")
+    return optax.warmup_cosine_decay_schedule(0.0, rate, warmup_steps,
+                                              max(total_steps, warmup_steps + 1))
+
+
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """The pretraining rate: `config.warmup_steps` (at most total_steps - 1) of warmup,
+    then `config.schedule` over `total_steps`."""
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    if config.schedule == "constant":
-        return optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)) if warmup \
-            else optax.constant_schedule(config.learning_rate)
-    if config.schedule != "cosine":
-        raise InputError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
-                                              max(total_steps, warmup + 1))
+    return _warmup_then(config.learning_rate, config.schedule, warmup, total_steps)
 
 
 FINETUNE_SCHEDULES = ("constant", "cosine")
@@ -56,9 +65,9 @@ def phase_schedule(rate: float, schedule: str, warmup: float,
     if total_steps < 1:
         raise InputError(f"a scheduled phase needs at least one step, got {total_steps}")
     warmup_steps = int(warmup * total_steps)
-    if schedule == "constant":
-        return optax.linear_schedule(0.0, rate, warmup_steps) if warmup_steps else rate
-    return optax.warmup_cosine_decay_schedule(0.0, rate, warmup_steps, total_steps, 0.0)
+    if schedule == "constant" and not warmup_steps:
+        return rate
+    return _warmup_then(rate, schedule, warmup_steps, total_steps)
 
 
 def restart_schedules(opt_state):

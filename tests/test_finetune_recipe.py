@@ -12,7 +12,6 @@ from flax import nnx
 
 from auxtl import cli, recipes
 from auxtl import finetune as ft
-from auxtl.data import compute_normalization
 from auxtl import freezing, optim
 from auxtl.errors import InputError
 from auxtl.finetune_step import (augment_images, augment_key, default_max_shift, draw_shifts,
@@ -20,16 +19,11 @@ from auxtl.finetune_step import (augment_images, augment_key, default_max_shift,
 from auxtl.freezing import Phase
 from auxtl.train_state import TrainState
 from conftest import leaves_equal
+import test_finetune
 from test_finetune import small_model, snapshot
 
+data = test_finetune.data   # the same module-scoped fixture: 300 MNIST images split three ways
 
-
-@pytest.fixture(scope="module")
-def data(mnist_small):
-    images, labels = mnist_small.images, mnist_small.labels
-    return dict(train=(images[:100], labels[:100]), val=(images[100:200], labels[100:200]),
-                test=(images[200:300], labels[200:300]),
-                normalization=compute_normalization(images))
 
 
 def images(count=6, size=8, channels=3):

@@ -11,18 +11,12 @@ from flax import nnx
 
 from auxtl import finetune as ft
 from auxtl import head_init, probes
-from auxtl.data import compute_normalization
 from auxtl.errors import InputError
 from auxtl.freezing import Phase
+import test_finetune
 from test_finetune import small_model
 
-
-@pytest.fixture(scope="module")
-def data(mnist_small):
-    images, labels = mnist_small.images, mnist_small.labels
-    return dict(train=(images[:100], labels[:100]), val=(images[100:200], labels[100:200]),
-                test=(images[200:300], labels[200:300]),
-                normalization=compute_normalization(images))
+data = test_finetune.data   # the same module-scoped fixture: 300 MNIST images split three ways
 
 
 def features(seed, n, d=6, classes=3):
@@ -40,12 +34,19 @@ def test_the_folded_head_gives_the_scaled_ridge_scores_on_raw_features():
     fit = probes.ridge_fit(jnp.asarray(x), jnp.asarray(y), num_classes=3, l2=head["l2"])
     finite = np.isfinite(np.asarray(fit.scale))
     assert not finite[-1] and finite[:-1].all()
-    standardised = (vx[:, finite] - np.asarray(fit.mean)[finite]) / np.asarray(fit.scale)[finite]
-    expected = standardised @ np.asarray(fit.weights)[finite] + np.asarray(fit.bias)
-    logits = vx @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
-    # float32 sums of d=6 products of O(1) terms, on both sides: a few ulps of the largest term
-    bound = 64 * np.finfo(np.float32).eps * head["scale"] * (1 + np.abs(expected).max()) * 6
-    np.testing.assert_allclose(logits, head["scale"] * expected, atol=bound, rtol=0)
+    w, m, sd = (np.asarray(v, np.float64)[finite] for v in (fit.weights, fit.mean, fit.scale))
+    x64, bias = vx[:, finite].astype(np.float64), np.asarray(fit.bias, np.float64)
+    expected = head["scale"] * (((x64 - m) / sd) @ w + bias)          # float64: no evaluation error
+    kernel = np.asarray(head["kernel"], np.float64)
+    logits = vx.astype(np.float64) @ kernel + np.asarray(head["bias"], np.float64)
+    # Both sides in float64, so only the stored float32 head differs: each kernel entry is
+    # scale * W/s rounded twice (2u relative), the bias scale * (b - m @ W/s) summed over d
+    # terms in float32 ((d + 3)u of the absolute terms).
+    u, d = np.finfo(np.float32).eps / 2, int(finite.sum())
+    ws = np.abs(w / sd[:, None])
+    bound = head["scale"] * (2 * u * (np.abs(x64) @ ws)
+                             + (d + 3) * u * (np.abs(bias) + np.abs(m) @ ws))
+    assert np.all(np.abs(logits - expected) <= bound)
     assert np.asarray(head["kernel"])[-1].tolist() == [0.0, 0.0, 0.0]
 
 

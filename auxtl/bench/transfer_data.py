@@ -73,10 +73,3 @@ def labeled_split(labels: np.ndarray, budget: int | str, seed: int, *, val_per_c
         return SeedSplit(rest, val)
     train = rest[per_class_indices(labels[rest], (int(budget),), seed=seed)[0]]
     return SeedSplit(train, val)
-
-
-def budget_x(budget: int | str, pool_labels: np.ndarray) -> float:
-    """Labels per class on the plot's x axis (`all`: the pool's mean per class)."""
-    if budget == ALL:
-        return len(pool_labels) / len(np.unique(pool_labels))
-    return float(budget)
