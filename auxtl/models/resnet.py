@@ -23,22 +23,27 @@ class ResNetConfig:
     width: int = 64
     large_stem: bool = False
     dtype: str = "float32"
+    padding: str = "same"      # "torch": PyTorch's symmetric k//2 padding (imports set it)
+    bn_epsilon: float = 1e-5
 
 
 def _build_stages(config: ResNetConfig, block_cls, model_name: str, *,
                   rngs: nnx.Rngs) -> Trunk:
     """Stem, then len(stage_sizes) stages; stage s has inner width width * 2**(s-1)
-    and strides 2 in its first block (s > 1)."""
+    and strides 2 in its first block (s > 1). `padding` and `bn_epsilon` apply to every
+    conv and BatchNorm (see `layers.conv_padding`)."""
     dtype = jnp.dtype(config.dtype)
+    options = {"padding": config.padding, "bn_epsilon": config.bn_epsilon}
     layers = [StemBlock(config.in_channels, config.width, large=config.large_stem,
-                        dtype=dtype, rngs=rngs)]
+                        dtype=dtype, rngs=rngs, **options)]
     names = ["stem"]
     channels = config.width
     for stage, num_blocks in enumerate(config.stage_sizes, start=1):
         width = config.width * 2 ** (stage - 1)
         for block in range(1, num_blocks + 1):
             stride = 2 if (stage > 1 and block == 1) else 1
-            layers.append(block_cls(channels, width, stride=stride, dtype=dtype, rngs=rngs))
+            layers.append(block_cls(channels, width, stride=stride, dtype=dtype, rngs=rngs,
+                                    **options))
             names.append(f"stage{stage}_block{block}")
             channels = layers[-1].out_dim
     return Trunk(layers, names, feature_dim=channels, model_name=model_name,

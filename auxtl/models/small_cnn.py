@@ -22,6 +22,8 @@ class SmallCNNConfig:
     pool_after: tuple[int, ...] = (2, 4)   # 1-based conv indices followed by 2x2 max-pool
     fc_dim: int = 128
     dtype: str = "float32"
+    padding: str = "same"      # "torch": PyTorch's symmetric k//2 padding (imports set it)
+    bn_epsilon: float = 1e-5   # Keras's BatchNormalization uses 1e-3 (imports set it)
 
 
 def build_small_cnn(config: SmallCNNConfig, *, rngs: nnx.Rngs) -> Trunk:
@@ -29,7 +31,8 @@ def build_small_cnn(config: SmallCNNConfig, *, rngs: nnx.Rngs) -> Trunk:
     layers, names, channels = [], [], config.in_channels
     for index, width in enumerate(config.widths, start=1):
         layers.append(ConvBlock(channels, width, pool=index in config.pool_after,
-                                dtype=dtype, rngs=rngs))
+                                dtype=dtype, rngs=rngs, padding=config.padding,
+                                bn_epsilon=config.bn_epsilon))
         names.append(f"conv{index}")
         channels = width
     layers.append(DenseBlock(channels, config.fc_dim, dtype=dtype, rngs=rngs))

@@ -1,0 +1,78 @@
+"""Name maps: which foreign array becomes which leaf of an auxtl trunk.
+
+An auxtl leaf is named by its collection and its path in the trunk's pure dict,
+'/'-joined: "params/layers/0/conv/kernel", "batch_stats/layers/3/bn1/mean". A
+`NameMap` knows one naming scheme (torchvision/timm ResNets, Keras small CNNs, auxtl's
+own) and gives, for a model and its config, the whole correspondence foreign name ->
+auxtl leaf; the importer checks it against both sides, strictly. Maps register here;
+`--map RULES` builds one from regex rules instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+from auxtl.errors import InputError, UnknownNameError
+from auxtl.interop.source import LAYOUTS, Source
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """One foreign naming scheme.
+
+    Attributes:
+      name: how `--map NAME` selects it.
+      models: the auxtl models it maps.
+      recognizes: recognizes(source) -> whether the source's names are this scheme's
+        (used to choose a map when none is named).
+      infer_config: infer_config(model, source) -> the model config values the source
+        decides (widths, block counts, padding, bn_epsilon, ...); --model-arg overrides.
+      names: names(model, config, source) -> {foreign name: auxtl leaf} covering every
+        leaf of the trunk built from `config`; `source` may be None (export).
+      layout: the layout (source.LAYOUTS) of arrays under these names, or None to keep
+        the reader's.
+      ignore: regexes of foreign names the scheme drops by design (a classifier head,
+        num_batches_tracked), each with the reason shown in the report.
+    """
+
+    name: str
+    models: tuple[str, ...]
+    recognizes: Callable[[Source], bool]
+    infer_config: Callable[[str, Source], dict[str, Any]]
+    names: Callable[[str, Any, Source | None], dict[str, str]]
+    layout: str | None = None
+    ignore: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise InputError(f"name map {self.name!r}: layout must be one of {LAYOUTS} or "
+                             f"None, got {self.layout!r}")
+
+    def ignored(self, foreign: str) -> str | None:
+        """The reason the scheme drops `foreign`, or None."""
+        for pattern, reason in self.ignore:
+            if re.search(pattern, foreign):
+                return reason
+        return None
+
+
+NAME_MAPS: dict[str, NameMap] = {}
+
+
+def register_name_map(name_map: NameMap) -> NameMap:
+    NAME_MAPS[name_map.name] = name_map
+    return name_map
+
+
+def get_name_map(name: str) -> NameMap:
+    if name not in NAME_MAPS:
+        raise UnknownNameError(f"unknown name map {name!r}; known: {', '.join(sorted(NAME_MAPS))}"
+                               f" (or regex rules 'PATTERN=REPLACEMENT;...')")
+    return NAME_MAPS[name]
+
+
+def maps_for(model: str) -> list[NameMap]:
+    return [m for m in NAME_MAPS.values() if model in m.models or "*" in m.models]
