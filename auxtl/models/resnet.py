@@ -25,19 +25,20 @@ class ResNetConfig:
     dtype: str = "float32"
     padding: str = "same"      # "torch": PyTorch's symmetric k//2 padding (imports set it)
     bn_epsilon: float = 1e-5
+    stem_width: int | None = None   # the stem's channels, if not `width` (timm's reduced ResNets)
 
 
 def _build_stages(config: ResNetConfig, block_cls, model_name: str, *,
                   rngs: nnx.Rngs) -> Trunk:
-    """Stem, then len(stage_sizes) stages; stage s has inner width width * 2**(s-1)
+    """Stem (`stem_width` channels, `width` if None), then len(stage_sizes) stages; stage s has inner width width * 2**(s-1)
     and strides 2 in its first block (s > 1). `padding` and `bn_epsilon` apply to every
     conv and BatchNorm (see `layers.conv_padding`)."""
     dtype = jnp.dtype(config.dtype)
     options = {"padding": config.padding, "bn_epsilon": config.bn_epsilon}
-    layers = [StemBlock(config.in_channels, config.width, large=config.large_stem,
+    channels = config.stem_width or config.width
+    layers = [StemBlock(config.in_channels, channels, large=config.large_stem,
                         dtype=dtype, rngs=rngs, **options)]
     names = ["stem"]
-    channels = config.width
     for stage, num_blocks in enumerate(config.stage_sizes, start=1):
         width = config.width * 2 ** (stage - 1)
         for block in range(1, num_blocks + 1):
