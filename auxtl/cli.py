@@ -14,6 +14,7 @@ from auxtl.bench.throughput import main as throughput_main
 from auxtl.bench.transfer import main as transfer_main
 from auxtl.checkpoints import read_metadata
 from auxtl.data import load_dataset
+from auxtl.cli_interop import add_import_parser
 from auxtl.cli_configs import (parse_task_flags, pretrain_config_from_args,
                                search_space_from_args, transfer_config_from_args)
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list trunk architectures")
     _add_model_module(models)
     models.set_defaults(func=cmd_models)
+
+    add_import_parser(sub)
 
     inspect = sub.add_parser("inspect", help="print a trunk checkpoint's metadata")
     inspect.add_argument("path")

@@ -95,7 +95,7 @@ _REQUIRED = {"format": "str", "model": "str", "config": "object", "layer_names":
 _OPTIONAL = {"feature_dim": "int", "data": "str", "split": "object", "steps": "int",
              "seed": "int", "loss_weighting": "str", "eval": "object", "target": "object",
              "surgery_report": "objects", "source": "object", "finetune": "object",
-             "test_accuracy": "number"}
+             "test_accuracy": "number", "imported": "object"}
 _ORDER = ("format", "model", "config", "layer_names", "feature_dim", "input_shape",
           "normalization", "tasks", "auxtl_version")
 
@@ -108,7 +108,8 @@ class TrunkMetadata(Mapping):
     (ordered), input_shape (H, W, C), normalization, tasks. Optional (None: not
     recorded): feature_dim; for pretrained trunks data, split, steps, seed,
     loss_weighting, eval; for fine-tuned target models target, surgery_report,
-    source, finetune, test_accuracy. `extra` holds keys this auxtl does not know.
+    source, finetune, test_accuracy; for imported trunks `imported` (the import report:
+    file, hash, name map, every leaf's fate). `extra` holds keys this auxtl does not know.
     """
 
     model: str
@@ -130,6 +131,7 @@ class TrunkMetadata(Mapping):
     source: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
     test_accuracy: float | None = None
+    imported: dict[str, Any] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     format: str = TRUNK_FORMAT
     # Optional keys the JSON stored as null (written back as null, so JSON round-trips).

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 import numpy as np
 import pytest
 
 import auxtl
+from auxtl import models
 
 # As the command line does: the suite runs with the same malloc setting, in every order.
 auxtl.keep_freed_memory()
@@ -121,3 +123,52 @@ def require_winograd() -> None:
 
 def require_onednn() -> None:
     require_kernel("onednn")
+
+
+# A user's own two-layer trunk, registered from a file (tests of the model registry and imports).
+USER_MODEL = textwrap.dedent('''
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import auxtl
+
+
+    @dataclasses.dataclass(frozen=True)
+    class PairConfig:
+        in_channels: int = 1
+        width: int = 6
+
+
+    class Block(nnx.Module):
+        """conv 3x3 + BatchNorm + ReLU + 2x2 mean pool; `out_dim` for target trunks."""
+
+        def __init__(self, cin, cout, *, rngs):
+            self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(cout, rngs=rngs)
+            self.out_dim = cout
+
+        def __call__(self, x, *, train):
+            x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+            n, h, w, c = x.shape
+            return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+    @auxtl.register_model("user_pair", PairConfig)
+    def build_pair(config, *, rngs):
+        layers = [Block(config.in_channels, config.width, rngs=rngs),
+                  Block(config.width, config.width, rngs=rngs)]
+        return auxtl.Trunk(layers, ["low", "high"], feature_dim=config.width,
+                           model_name="user_pair", in_channels=config.in_channels)
+''')
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "pair_model.py"
+    path.write_text(USER_MODEL)
+    auxtl.load_model_module(path)
+    auxtl.load_model_module(path)  # a second load is a no-op, not a clash
+    yield path
+    models.MODELS.pop("user_pair", None)

@@ -115,7 +115,7 @@ ORDER = ("errors", "version", "registry", "tasks", "losses", "heads", "models.op
          "trunk_metadata", "checkpoints", "interop", "pretrain", "target_data", "surgery", "transplant",
          "freezing", "finetune_step", "seeds", "finetune_config", "stats", "probes", "head_init", "finetune", "recipes",
          "transfer",
-         "search", "cpu", "bench", "cli_configs", "cli")
+         "search", "cpu", "bench", "cli_configs", "cli_interop", "cli")
 # The registry imports the built-in task package to register its tasks, whose files
 # import auxtl's public API like any user's task file: a plug-in edge, not a design one.
 PLUGIN_EDGES = {("auxtl.registry", "auxtl.tasks")}

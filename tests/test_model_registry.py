@@ -2,7 +2,6 @@
 (pretrain, save, load, transfer); registrations that break the contract are named."""
 
 import dataclasses
-import textwrap
 
 import numpy as np
 import pytest
@@ -14,55 +13,7 @@ from auxtl.finetune import FinetuneConfig
 from auxtl.freezing import Phase
 from auxtl.models.target import TargetSpec
 from auxtl.transfer import TransferConfig, run_transfer
-from conftest import tiny_config
-
-USER_MODEL = textwrap.dedent('''
-    import dataclasses
-
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import auxtl
-
-
-    @dataclasses.dataclass(frozen=True)
-    class PairConfig:
-        in_channels: int = 1
-        width: int = 6
-
-
-    class Block(nnx.Module):
-        """conv 3x3 + BatchNorm + ReLU + 2x2 mean pool; `out_dim` for target trunks."""
-
-        def __init__(self, cin, cout, *, rngs):
-            self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
-            self.bn = nnx.BatchNorm(cout, rngs=rngs)
-            self.out_dim = cout
-
-        def __call__(self, x, *, train):
-            x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
-            n, h, w, c = x.shape
-            return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-    @auxtl.register_model("user_pair", PairConfig)
-    def build_pair(config, *, rngs):
-        layers = [Block(config.in_channels, config.width, rngs=rngs),
-                  Block(config.width, config.width, rngs=rngs)]
-        return auxtl.Trunk(layers, ["low", "high"], feature_dim=config.width,
-                           model_name="user_pair", in_channels=config.in_channels)
-''')
-
-
-@pytest.fixture(scope="module")
-def user_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("user") / "pair_model.py"
-    path.write_text(USER_MODEL)
-    auxtl.load_model_module(path)
-    auxtl.load_model_module(path)  # a second load is a no-op, not a clash
-    yield path
-    models.MODELS.pop("user_pair", None)
-
+from conftest import USER_MODEL, tiny_config
 
 def test_a_user_trunk_pretrains_saves_loads_and_transfers(user_model, tmp_path, mnist_small):
     assert "user_pair" in auxtl.list_models()

@@ -11,6 +11,8 @@ import numpy as np
 
 from auxtl.interop.source import LAYOUTS
 
+__all__ = ["LAYOUTS", "to_flax", "from_flax", "converted"]
+
 
 def _is_kernel(leaf: str) -> bool:
     return leaf.rsplit("/", 1)[-1] == "kernel"
