@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
+import uuid
 import warnings
 from typing import Any
 
@@ -116,13 +116,15 @@ def write_atomically(arrays: dict[str, np.ndarray], out: pathlib.Path,
                      header: dict[str, str]) -> None:
     """safetensors `arrays` with `header` metadata at `out`, through a temporary file in
     the same folder that replaces `out` only once it is complete."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
+    temporary = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:
+        os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = temporary.stat().st_mode  # an ordinary file's mode under the umask
         save_file(arrays, temporary, metadata=header)
+        os.chmod(temporary, mode)  # save_file itself writes a private (0600) file
         os.replace(temporary, out)
     except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
