@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from auxtl.checkpoints import load_trunk_state
+from auxtl.checkpoints import load_trunk_state, read_metadata
 from auxtl.errors import AuxtlWarning, InputError
 from auxtl.interop import torchvision_names
 from auxtl.interop.layout import from_flax
@@ -142,6 +142,8 @@ def export_trunk(trunk_path, out, *, format: str = "safetensors",
         raise InputError(f"{str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.is_dir():
         raise InputError(f"cannot write {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    if format == "torch-names":
+        torch_map(read_metadata(trunk_path).model)  # refuses before reading any array
     params, batch_stats, metadata = load_trunk_state(trunk_path)
     leaves = flat_leaves(params, batch_stats)
     header = {"auxtl_format": EXPORT_MARK, "auxtl_model": metadata.model,
