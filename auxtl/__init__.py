@@ -6,6 +6,8 @@ from `auxtl` directly.
 
 from auxtl import freezing, heads, losses, surgery
 from auxtl.checkpoints import load_trunk, load_trunk_state, read_metadata, save_trunk
+from auxtl import interop
+from auxtl.interop import export_trunk, import_trunk
 from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.errors import (AuxtlError, BadParameterError, InputError, MissingFileError,
                           UnknownNameError, UnsafeFileError)
@@ -35,7 +37,7 @@ cpu.install()   # the CPU kernels into the models' ops hooks (AUXTL_CPU_KERNELS=
 
 __all__ = [
     "freezing", "heads", "losses", "surgery", "load_trunk", "load_trunk_state", "read_metadata", "save_trunk",
-    "TrunkMetadata",
+    "TrunkMetadata", "interop", "import_trunk", "export_trunk",
     "AuxtlError", "BadParameterError", "InputError", "MissingFileError", "UnknownNameError",
     "UnsafeFileError",
     "Dataset", "Normalization", "load_dataset", "normalize", "SplitRecord", "train_test_split",

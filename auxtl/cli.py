@@ -14,7 +14,7 @@ from auxtl.bench.throughput import main as throughput_main
 from auxtl.bench.transfer import main as transfer_main
 from auxtl.checkpoints import read_metadata
 from auxtl.data import load_dataset
-from auxtl.cli_interop import add_import_parser
+from auxtl.cli_interop import add_export_parser, add_import_parser
 from auxtl.cli_configs import (parse_task_flags, pretrain_config_from_args,
                                search_space_from_args, transfer_config_from_args)
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     add_import_parser(sub)
+    add_export_parser(sub)
 
     inspect = sub.add_parser("inspect", help="print a trunk checkpoint's metadata")
     inspect.add_argument("path")

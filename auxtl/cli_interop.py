@@ -6,6 +6,7 @@ import argparse
 
 from auxtl.cli_configs import parse_key_values
 from auxtl.errors import InputError
+from auxtl.interop.exporter import EXPORT_FORMATS, export_trunk
 from auxtl.interop.importer import import_trunk
 from auxtl.interop.layout import LAYOUTS
 from auxtl.interop.readers import FORMATS
@@ -72,3 +73,26 @@ def add_import_parser(sub) -> None:
     p.add_argument("--model-module", action="append", default=[], metavar="PATH",
                    help="a Python file registering extra models (repeatable)")
     p.set_defaults(func=cmd_import)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    for path in args.model_module:
+        load_model_module(path)
+    report = export_trunk(args.trunk, args.out, format=args.format, overwrite=args.overwrite)
+    print(f"exported {report.count} arrays of {args.trunk} as {report.format} to {report.path}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export an auxtl trunk checkpoint's weights "
+                       "(safetensors with auxtl names, or with torchvision names and layout)")
+    p.add_argument("trunk", help="the trunk checkpoint folder")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
+                   help="safetensors: auxtl leaf names, Flax layout, the metadata in the "
+                        "header (re-imports bit for bit); torch-names: torchvision's names "
+                        "and layout, for load_state_dict(..., strict=False)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a file at --out")
+    p.add_argument("--model-module", action="append", default=[], metavar="PATH",
+                   help="a Python file registering extra models (repeatable)")
+    p.set_defaults(func=cmd_export)

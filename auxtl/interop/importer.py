@@ -24,7 +24,7 @@ from flax import nnx
 from auxtl.checkpoints import save_trunk, trunk_metadata
 from auxtl.data import Normalization
 from auxtl.errors import InputError
-from auxtl.interop import rule_maps
+from auxtl.interop import rule_maps, torchvision_names
 from auxtl.interop.layout import converted, to_flax
 from auxtl.interop.name_maps import NAME_MAPS, NameMap, get_name_map, maps_for
 from auxtl.interop.readers import read_source
@@ -32,6 +32,8 @@ from auxtl.interop.report import ImportReport, LeafRecord, mismatch_error
 from auxtl.interop.source import LAYOUTS, Source
 from auxtl.models import build_trunk, config_to_json, make_config, model_entry
 
+# The built-in name maps (importing their modules registered them), most specific first.
+BUILT_IN_MAPS = (torchvision_names.TORCHVISION, rule_maps.AUXTL)
 # Wrappers training code puts around a state dict: tried in turn when no prefix is given.
 WRAPPERS = ("state_dict.", "model.", "module.", "state_dict.module.", "model.module.",
             "model_state_dict.", "trunk/", "params/")
