@@ -95,9 +95,10 @@ def test_dtypes_views_and_shared_storages():
     reference = np.load(FIXTURES / "dtypes_reference.npz")
     assert list(source.tensors) == reference.files
     assert source.tensors["bf16"].dtype == ml_dtypes.bfloat16
+    assert source.tensors["f8"].dtype == ml_dtypes.float8_e4m3fn  # via _rebuild_tensor_v3
     for name in reference.files:
         got, want = source.tensors[name], reference[name]
-        if name != "bf16":
+        if name not in ("bf16", "f8"):  # stored as float32 in the npz
             assert got.dtype == want.dtype, name
         assert got.shape == want.shape and np.array_equal(got.astype(want.dtype), want), name
     assert source.tensors["transposed"].flags.c_contiguous
@@ -138,6 +139,11 @@ def test_flatten_names_nested_leaves_and_refuses_duplicates():
     assert list(tensors) == ["a.b", "l.0"] and others == ["a.n", "s"]
     with pytest.raises(InputError, match="'a.b' occurs twice"):
         flatten({"a.b": np.zeros(1), "a": {"b": np.zeros(1)}}, "p")
+    deep: dict = {}
+    for _ in range(10 ** 4):
+        deep = {"d": deep}
+    with pytest.raises(InputError, match="nests too deeply"):
+        flatten(deep, "p")
 
 
 # --- refusals ----------------------------------------------------------------------

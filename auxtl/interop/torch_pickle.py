@@ -47,6 +47,24 @@ STORAGE_DTYPES = {
     "ComplexDoubleStorage": np.dtype(np.complex128),
 }
 
+# torch dtypes (the names torch pickles them by) -> numpy dtypes; `_rebuild_tensor_v3`
+# names one for the dtypes without a typed storage class (uint16, float8, ...).
+TORCH_DTYPES = {
+    **{name: dtype for dtype, names in (
+        (np.float32, ("float32", "float")), (np.float64, ("float64", "double")),
+        (np.float16, ("float16", "half")), (ml_dtypes.bfloat16, ("bfloat16",)),
+        (np.int64, ("int64", "long")), (np.int32, ("int32", "int")),
+        (np.int16, ("int16", "short")), (np.int8, ("int8",)), (np.uint8, ("uint8",)),
+        (np.uint16, ("uint16",)), (np.uint32, ("uint32",)), (np.uint64, ("uint64",)),
+        (np.bool_, ("bool",)), (np.complex64, ("complex64", "cfloat")),
+        (np.complex128, ("complex128", "cdouble")),
+        (ml_dtypes.float8_e4m3fn, ("float8_e4m3fn",)), (ml_dtypes.float8_e5m2, ("float8_e5m2",)),
+        (ml_dtypes.float8_e4m3fnuz, ("float8_e4m3fnuz",)),
+        (ml_dtypes.float8_e5m2fnuz, ("float8_e5m2fnuz",)),
+    ) for name in names},
+}
+TORCH_DTYPES = {name: np.dtype(dtype) for name, dtype in TORCH_DTYPES.items()}
+
 _EXT_OPCODES = frozenset({"EXT1", "EXT2", "EXT4"})
 _SAVE_STATE_DICT = ("if it is a whole pickled model (torch.save(model)), save "
                     "model.state_dict() instead")
@@ -60,14 +78,22 @@ class _StorageType:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _TorchDtype:
+    """Stand-in for a torch dtype (e.g. `torch.uint16`)."""
+    name: str
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Storage:
-    """A storage the pickle refers to: its key in the zip and a reader of its elements."""
+    """A storage the pickle refers to: its key in the zip, its element type (uint8 for an
+    untyped storage) and a reader of its elements."""
     key: str
     dtype: np.dtype
     read: Callable[[str, np.dtype], np.ndarray]
 
-    def elements(self) -> np.ndarray:
-        return self.read(self.key, self.dtype)
+    def elements(self, dtype: np.dtype | None = None) -> np.ndarray:
+        return self.read(self.key, self.dtype if dtype is None else dtype)
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
@@ -104,6 +130,16 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     return strided_copy(storage.elements(), storage_offset, size, stride)
 
 
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       dtype, metadata=None) -> np.ndarray:
+    """torch's rebuild for dtypes without a typed storage: an untyped (byte) storage read
+    as `dtype`, offset and strides in elements of `dtype`."""
+    if not isinstance(storage, _Storage) or not isinstance(dtype, _TorchDtype):
+        raise InputError(f"tensor rebuilt from {type(storage).__name__} as "
+                         f"{type(dtype).__name__}, not a storage and a torch dtype")
+    return strided_copy(storage.elements(dtype.dtype), storage_offset, size, stride)
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     if not isinstance(data, np.ndarray):
         raise InputError(f"parameter rebuilt from {type(data).__name__}, not a tensor")
@@ -121,11 +157,14 @@ def _device(*args) -> str:
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch", "Size"): _size,
     ("torch", "device"): _device,
+    ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
     **{("torch", name): _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
+    **{("torch", name): _TorchDtype(name, dtype) for name, dtype in TORCH_DTYPES.items()},
 }
 
 
@@ -170,8 +209,9 @@ def native_elements(raw: bytes, dtype: np.dtype, byteorder: str) -> np.ndarray:
     (a read-only view when no swap is needed)."""
     if byteorder == ("<" if sys.byteorder == "little" else ">") or dtype.itemsize == 1:
         return np.frombuffer(raw, dtype)
-    if dtype == ml_dtypes.bfloat16:  # no byte-order variants: swap as uint16
-        return np.frombuffer(raw, np.uint16).byteswap().view(dtype)
+    if dtype.kind == "V":
+        # ml_dtypes' types have no byte-order variants: swap as unsigned ints
+        return np.frombuffer(raw, f"u{dtype.itemsize}").byteswap().view(dtype)
     return np.frombuffer(raw, dtype.newbyteorder(byteorder)).astype(dtype)
 
 
@@ -197,14 +237,14 @@ class _Archive:
         if byteorder not in ("little", "big"):
             raise InputError(f"{path}: byteorder must be little or big, got {byteorder!r}")
         self.byteorder = "<" if byteorder == "little" else ">"
-        self._storages: dict[str, np.ndarray] = {}
+        self._storages: dict[tuple[str, np.dtype], np.ndarray] = {}
 
     def pickle_bytes(self) -> bytes:
         return self.zf.read(f"{self.root}/data.pkl")
 
     def storage(self, key: str, dtype: np.dtype) -> np.ndarray:
         """The elements of storage `key` as `dtype` (native byte order), read once."""
-        if key not in self._storages:
+        if (key, dtype) not in self._storages:
             entry = f"{self.root}/data/{key}"
             if entry not in self.names:
                 raise InputError(f"{self.path}: storage {entry} is missing (the file is "
@@ -213,8 +253,8 @@ class _Archive:
             if len(raw) % dtype.itemsize:
                 raise InputError(f"{self.path}: storage {entry} has {len(raw)} bytes, not a "
                                  f"multiple of {dtype} ({dtype.itemsize} bytes)")
-            self._storages[key] = native_elements(raw, dtype, self.byteorder)
-        return self._storages[key]
+            self._storages[key, dtype] = native_elements(raw, dtype, self.byteorder)
+        return self._storages[key, dtype]
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -247,7 +287,10 @@ def flatten(obj: Any, path: str) -> tuple[dict[str, np.ndarray], list[str]]:
         else:
             others.append(name)
 
-    walk(obj, "")
+    try:
+        walk(obj, "")
+    except RecursionError:
+        raise InputError(f"{path}: the saved object nests too deeply to flatten") from None
     return tensors, others
 
 
@@ -283,7 +326,7 @@ def load_object(path: str) -> tuple[Any, _Archive]:
     except (UnsafeFileError, InputError):
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as error:
+            IndexError, KeyError, RecursionError) as error:
         raise InputError(f"{path}: data.pkl could not be read as a torch.save pickle "
                          f"({type(error).__name__}: {error})") from None
     return obj, archive
