@@ -214,6 +214,25 @@ def _second_dense(layers):
     return layers + [extra]
 
 
+def _swap_names(first: str, second: str):
+    def edit(layers):
+        for layer in layers:
+            name = layer["config"]["name"]
+            layer["config"]["name"] = {first: second, second: first}.get(name, name)
+        return layers
+    return edit
+
+
+def test_layers_are_found_where_keras_stores_them_not_by_their_names(tmp_path):
+    """Keras stores the k-th Conv2D under layers/conv2d_<k> whatever its name: with the
+    first and last convs' names swapped, each still reads its own kernel."""
+    source = read_keras(_edited_archive(tmp_path, _swap_names("conv2d", "conv2d_4")))
+    assert list(source.tensors)[0] == "conv2d_4/kernel"
+    assert source.tensors["conv2d_4/kernel"].shape == (3, 3, 1, 8)
+    assert source.tensors["conv2d/kernel"].shape == (3, 3, 16, 32)
+    assert infer_config("small_cnn", source)["widths"] == WIDTHS
+
+
 @pytest.mark.parametrize("edit, message", [
     (_remove("batch_normalization_1"), r"needs a bn after Keras layer 'conv2d_1'.*'re_lu_1'"),
     (_second_dense, r"'dense_1' \(Dense\) follows the Dense 'dense'"),
