@@ -254,3 +254,26 @@ def test_a_conv_bias_stated_in_the_config_is_named_and_left_out_of_the_map(tmp_p
     assert list(source.tensors)[:2] == ["conv2d/kernel", "conv2d/bias"]
     mapping = names("small_cnn", SmallCNNConfig(widths=WIDTHS, fc_dim=32), source)
     assert set(source.tensors) - set(mapping) == {"conv2d/bias"}
+
+
+def test_a_nested_model_reads_as_outer_inner_and_a_selected_prefix_maps(tmp_path):
+    def nest(layers):
+        return [{"module": "keras", "class_name": "Sequential",
+                 "config": {"name": "backbone", "layers": layers}}]
+
+    def nest_weights(f):   # Keras stores a nested model's layers under its own layers/
+        f.move("layers", "inner")
+        f.create_group("layers/sequential")
+        f.move("inner", "layers/sequential/layers")
+
+    source = read_keras(_edited_archive(tmp_path, nest, nest_weights))
+    assert list(source.tensors)[0] == "backbone/conv2d/kernel"
+    selected = source.select("backbone/")
+    assert infer_config("small_cnn", source) == infer_config("small_cnn", selected)
+    config = SmallCNNConfig(**infer_config("small_cnn", selected))
+    assert config.widths == WIDTHS and config.pool_after == (2, 4)
+    whole, part = names("small_cnn", config, source), names("small_cnn", config, selected)
+    assert sorted(part.values()) == sorted(_leaves(config))
+    assert {f"backbone/{foreign}": leaf for foreign, leaf in part.items()} == whole
+    with pytest.raises(InputError, match="maps small_cnn, not 'resnet18'"):
+        infer_config("resnet18", selected)

@@ -98,10 +98,25 @@ def _described(layer: dict[str, Any], path: str) -> str:
     return _KINDS[cls]
 
 
+def _config_layers(source: Source) -> list[dict[str, Any]]:
+    """The config's layers as the arrays name them: where `Source.select` stripped a prefix
+    from the arrays' names ("backbone/"), only the layers under it, the prefix stripped."""
+    layers, held = source.info["layers"], set(_variables(source))
+    names = {layer["name"] for layer in layers}
+    prefixes = {name[:-len(inner)] for name in names for inner in held
+                if name.endswith("/" + inner)}
+    prefix = next((prefix for prefix in sorted(prefixes, key=len)
+                   if all(prefix + inner in names for inner in held)), "")
+    if held <= names or not prefix:
+        return layers
+    return [{**layer, "name": layer["name"][len(prefix):]} for layer in layers
+            if layer["name"].startswith(prefix)]
+
+
 def _tokens(source: Source) -> list[tuple[str, dict[str, Any]]]:
     """(kind, layer) in model order, a Dense's ReLU activation as a "relu" of its own."""
     tokens = []
-    for layer in source.info["layers"]:
+    for layer in _config_layers(source):
         if layer["class_name"] in _IDENTITIES:
             continue
         tokens.append((_described(layer, source.path), layer))
@@ -170,9 +185,15 @@ def _from_arrays(source: Source) -> KerasCNN:
     return KerasCNN(tuple(kinds["conv"]), tuple(kinds["bn"]), kinds["dense"][0], None, None)
 
 
-def keras_cnn(source: Source) -> KerasCNN:
-    """The source's small-CNN structure, from its config when it has one; InputError
-    naming the Keras layer that does not fit."""
+def keras_cnn(model: str, source: Source | None) -> KerasCNN | None:
+    """The source's small-CNN structure (None without a source), from its config when it
+    has one; InputError naming the Keras layer that does not fit, or the model if it is
+    not small_cnn."""
+    if model != "small_cnn":
+        raise InputError(f"{source.path if source else 'export'}: the keras name map maps "
+                         f"small_cnn, not {model!r}")
+    if source is None:
+        return None
     return _from_config(source) if "layers" in source.info else _from_arrays(source)
 
 
@@ -189,7 +210,7 @@ def _kernel(source: Source, layer: str):
 def infer_config(model: str, source: Source) -> dict[str, Any]:
     """in_channels, widths, fc_dim, bn_epsilon, padding "same" and (with a config)
     pool_after; without a config, warns which values were assumed."""
-    cnn = keras_cnn(source)
+    cnn = keras_cnn(model, source)
     kernels = [_kernel(source, layer) for layer in cnn.convs]
     values: dict[str, Any] = {"in_channels": int(kernels[0].shape[2]),
                               "widths": tuple(int(kernel.shape[3]) for kernel in kernels),
@@ -233,8 +254,8 @@ def names(model: str, config: Any, source: Source | None) -> dict[str, str]:
     """{foreign name: auxtl leaf} for small_cnn built from `config`; a conv bias and any
     variable without an auxtl leaf are left out (the importer reports them). Without a
     source, the names a fresh Keras session would give the layers."""
-    layers, cnn = (_export_layers(config) if source is None
-                   else (_variables(source), keras_cnn(source)))
+    cnn = keras_cnn(model, source)
+    layers, cnn = _export_layers(config) if cnn is None else (_variables(source), cnn)
     if len(cnn.convs) != len(_widths(config)):
         raise InputError(f"{source.path if source else 'export'}: the Keras model has "
                          f"{len(cnn.convs)} Conv2D layers, the small_cnn config "
