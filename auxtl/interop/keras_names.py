@@ -6,12 +6,16 @@ Dense with ReLU (InputLayer and Dropout, identities at inference, may sit anywhe
 Keras's "same" at stride 1 with an odd kernel pads symmetrically, as auxtl's "same" does.
 The k-th Conv2D and BatchNormalization become layers/k/conv and layers/k/bn, the Dense
 layers/<number of convs>/dense. A conv's bias (use_bias=True) has no auxtl leaf: it is
-left out of the map, so the strict importer names it as surplus (--ignore drops it).
+left out of the map, so the strict importer names it as surplus (--ignore drops it);
+likewise a BatchNormalization without gamma or beta leaves an auxtl leaf unmapped, for
+the importer to name as missing. A nested model's layers ("backbone/conv2d") map as
+they are or after `Source.select("backbone/")`.
 
 Without a config (a `.weights.h5` alone) the layers' kinds come from their arrays (4-D
-kernel: Conv2D; 2-D: Dense; four vectors: BatchNormalization) in natural name order,
-and what only the config states is assumed, with an AuxtlWarning: the small_cnn default
-pool_after, Keras's default BatchNormalization epsilon 1e-3, "same" padding.
+kernel: Conv2D; 2-D: Dense; four vectors: BatchNormalization) in the reader's order
+(model order within each class), and what only the config states is assumed, with an
+AuxtlWarning: small_cnn's default pool_after, Keras's default BatchNormalization
+epsilon 1e-3, "same" padding.
 """
 
 from __future__ import annotations
