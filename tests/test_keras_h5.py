@@ -1,0 +1,279 @@
+"""The Keras 3 reader (`read_keras`) and the "keras" name map on the committed fixtures
+(tests/fixtures/interop/make_keras_fixtures.py wrote them with keras 3.15.1): both files
+read alike, the map infers small_cnn's config and covers its leaves, and the imported
+trunk computes what Keras computed. Variants (a conv with a bias, a broken structure)
+are written here with h5py and zipfile, no Keras needed."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import zipfile
+
+import h5py
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import auxtl
+from auxtl.errors import AuxtlWarning, InputError
+from auxtl.interop.keras_h5 import natural_key, read_keras
+from auxtl.interop.keras_names import KERAS, infer_config, names
+from auxtl.interop.name_maps import get_name_map
+from auxtl.models.small_cnn import SmallCNNConfig
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "interop"
+KERAS_FILE = FIXTURES / "keras_small_cnn.keras"
+WEIGHTS_FILE = FIXTURES / "keras_small_cnn.weights.h5"
+WIDTHS = (8, 8, 16, 16, 32)
+
+
+def _leaves(config) -> set[str]:
+    trunk = nnx.eval_shape(lambda: auxtl.build_trunk("small_cnn", config, rngs=nnx.Rngs(0)))
+    _, params, stats = nnx.split(trunk, nnx.Param, nnx.BatchStat)
+    return {f"{collection}/{path}" for collection, state in
+            (("params", params), ("batch_stats", stats))
+            for path in _flat(nnx.to_pure_dict(state))}
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("/"): tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}/"))
+    return out
+
+
+def _set(tree, path: list[str], value) -> None:
+    key = next(k for k in tree if str(k) == path[0])
+    if len(path) == 1:
+        tree[key] = jnp.asarray(value)
+    else:
+        _set(tree[key], path[1:], value)
+
+
+def _imported(path: pathlib.Path):
+    """The small_cnn trunk of the inferred config with every mapped leaf set (built
+    abstract, then filled: no random initialisation to compute)."""
+    source = read_keras(path)
+    config = SmallCNNConfig(**infer_config("small_cnn", source))
+    graphdef, params, stats = nnx.split(
+        nnx.eval_shape(lambda: auxtl.build_trunk("small_cnn", config, rngs=nnx.Rngs(0))),
+        nnx.Param, nnx.BatchStat)
+    trees = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+    for foreign, leaf in names("small_cnn", config, source).items():
+        collection, *path = leaf.split("/")
+        _set(trees[collection], path, source.tensors[foreign])
+    nnx.replace_by_pure_dict(params, trees["params"])
+    nnx.replace_by_pure_dict(stats, trees["batch_stats"])
+    return nnx.merge(graphdef, params, stats)
+
+
+def test_both_files_hold_the_same_arrays_named_from_the_config_or_by_position():
+    archive, weights = read_keras(KERAS_FILE), read_keras(WEIGHTS_FILE)
+    assert archive.format == weights.format == "keras"
+    assert archive.layout == weights.layout == "flax"
+    assert archive.info["keras_version"] == "3.15.1" and archive.info["layer_order"] == "config"
+    assert weights.info == {"layer_order": "natural"}
+    assert list(archive.tensors)[:6] == [
+        "conv2d/kernel", "batch_normalization/gamma", "batch_normalization/beta",
+        "batch_normalization/moving_mean", "batch_normalization/moving_variance",
+        "conv2d_1/kernel"]
+    positional = {"kernel": 0, "bias": 1, "gamma": 0, "beta": 1, "moving_mean": 2,
+                  "moving_variance": 3}
+    assert len(archive.tensors) == len(weights.tensors) == 5 * 5 + 2
+    for name, array in archive.tensors.items():
+        layer, variable = name.rsplit("/", 1)
+        np.testing.assert_array_equal(weights.tensors[f"{layer}/vars/{positional[variable]}"],
+                                      array)
+    classes = [layer["class_name"] for layer in archive.info["layers"]]
+    assert classes[:5] == ["InputLayer", "Conv2D", "BatchNormalization", "ReLU", "Conv2D"]
+    assert archive.info["layers"][2]["epsilon"] == pytest.approx(1e-3)
+
+
+def test_layers_without_a_config_come_in_natural_order(tmp_path):
+    assert sorted(["conv2d_10", "conv2d", "conv2d_9", "conv2d_1"], key=natural_key) == [
+        "conv2d", "conv2d_1", "conv2d_9", "conv2d_10"]
+    path = tmp_path / "m.weights.h5"
+    with h5py.File(path, "w") as f:
+        for index in (10, 9):
+            f.create_dataset(f"layers/conv2d_{index}/vars/0", data=np.full((1, 1, 1, 1), index))
+        f.create_group("vars")
+    assert list(read_keras(path).tensors) == ["conv2d_9/vars/0", "conv2d_10/vars/0"]
+
+
+def test_the_map_infers_small_cnns_config_from_the_keras_config():
+    source = read_keras(KERAS_FILE)
+    assert get_name_map("keras") is KERAS and KERAS.recognizes(source)
+    assert infer_config("small_cnn", source) == {
+        "in_channels": 1, "widths": WIDTHS, "pool_after": (2, 4), "fc_dim": 32,
+        "padding": "same", "bn_epsilon": pytest.approx(1e-3)}
+
+
+def test_without_a_config_pool_after_is_left_to_the_default_and_the_assumption_said():
+    with pytest.warns(AuxtlWarning, match="no Keras config.*pool_after"):
+        values = infer_config("small_cnn", read_keras(WEIGHTS_FILE))
+    assert values == {"in_channels": 1, "widths": WIDTHS, "fc_dim": 32, "padding": "same",
+                      "bn_epsilon": 1e-3}
+
+
+def test_both_files_map_the_same_arrays_onto_every_leaf_of_the_trunk():
+    config = SmallCNNConfig(widths=WIDTHS, fc_dim=32, bn_epsilon=1e-3)
+    by_leaf = []
+    for path in (KERAS_FILE, WEIGHTS_FILE):
+        source = read_keras(path)
+        mapping = names("small_cnn", config, source)
+        assert set(mapping) == set(source.tensors)
+        assert sorted(mapping.values()) == sorted(_leaves(config))
+        by_leaf.append({leaf: source.tensors[foreign] for foreign, leaf in mapping.items()})
+    for leaf, array in by_leaf[0].items():
+        np.testing.assert_array_equal(by_leaf[1][leaf], array)
+    mapped = names("small_cnn", config, read_keras(KERAS_FILE))
+    assert mapped["batch_normalization_4/moving_variance"] == "batch_stats/layers/4/bn/var"
+    assert mapped["dense/kernel"] == "params/layers/5/dense/kernel"
+    export = names("small_cnn", config, None)
+    assert export["conv2d_4/kernel"] == "params/layers/4/conv/kernel"
+    assert sorted(export.values()) == sorted(_leaves(config))
+
+
+def test_the_imported_trunk_computes_what_keras_computed():
+    """Keras (torch backend) and XLA sum the same float32 products in different orders;
+    their results differ by rounding, relative to the size of the terms summed, not of a
+    near-cancelled output, so atol is rtol times the outputs' scale."""
+    trunk = _imported(KERAS_FILE)
+    x = np.load(FIXTURES / "keras_inputs.npz")["x"]
+    want = np.load(FIXTURES / "keras_small_cnn_outputs.npz")["y"]
+    got = np.asarray(nnx.jit(lambda model, x: model(x, train=False))(trunk, jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_file_that_is_not_keras_is_refused_naming_it(tmp_path):
+    text = tmp_path / "notes.keras"
+    text.write_text("hello")
+    with pytest.raises(InputError, match=r"notes\.keras: not a Keras file"):
+        read_keras(text)
+    empty_zip = tmp_path / "empty.keras"
+    with zipfile.ZipFile(empty_zip, "w") as archive:
+        archive.writestr("config.json", "{}")
+    with pytest.raises(InputError, match=r"empty\.keras: a zip without model\.weights\.h5"):
+        read_keras(empty_zip)
+    legacy = tmp_path / "old.h5"
+    with h5py.File(legacy, "w") as f:
+        f.attrs["layer_names"] = [b"dense"]
+    with pytest.raises(InputError, match=r"old\.h5: unknown layout.*Keras 2"):
+        read_keras(legacy)
+
+
+def test_a_conv_bias_is_left_out_of_the_map_for_the_importer_to_name(tmp_path):
+    path = tmp_path / "bias.weights.h5"
+    shutil.copy(WEIGHTS_FILE, path)
+    with h5py.File(path, "r+") as f:
+        f.create_dataset("layers/conv2d_2/vars/1", data=np.zeros(16, np.float32))
+    source = read_keras(path)
+    mapping = names("small_cnn", SmallCNNConfig(widths=WIDTHS, fc_dim=32), source)
+    assert set(source.tensors) - set(mapping) == {"conv2d_2/vars/1"}
+
+
+def _edited_archive(tmp_path, edit, edit_weights=None) -> pathlib.Path:
+    """The .keras fixture with its config.json's layer list passed through `edit` and its
+    weights HDF5 (opened r+) through `edit_weights`."""
+    path, weights = tmp_path / "edited.keras", tmp_path / "model.weights.h5"
+    with zipfile.ZipFile(KERAS_FILE) as src, zipfile.ZipFile(path, "w") as dst:
+        for entry in src.namelist():
+            data = src.read(entry)
+            if entry == "config.json":
+                config = json.loads(data)
+                config["config"]["layers"] = edit(config["config"]["layers"])
+                data = json.dumps(config)
+            elif entry == "model.weights.h5" and edit_weights:
+                weights.write_bytes(data)
+                with h5py.File(weights, "r+") as f:
+                    edit_weights(f)
+                data = weights.read_bytes()
+            dst.writestr(entry, data)
+    return path
+
+
+def _remove(name):
+    return lambda layers: [layer for layer in layers if layer["config"]["name"] != name]
+
+
+def _set_conv(**settings):
+    def edit(layers):
+        layers[1]["config"].update(settings)
+        return layers
+    return edit
+
+
+def _second_dense(layers):
+    extra = json.loads(json.dumps(layers[-1]))
+    extra["config"]["name"] = "dense_1"
+    return layers + [extra]
+
+
+def _swap_names(first: str, second: str):
+    def edit(layers):
+        for layer in layers:
+            name = layer["config"]["name"]
+            layer["config"]["name"] = {first: second, second: first}.get(name, name)
+        return layers
+    return edit
+
+
+def test_layers_are_found_where_keras_stores_them_not_by_their_names(tmp_path):
+    """Keras stores the k-th Conv2D under layers/conv2d_<k> whatever its name: with the
+    first and last convs' names swapped, each still reads its own kernel."""
+    source = read_keras(_edited_archive(tmp_path, _swap_names("conv2d", "conv2d_4")))
+    assert list(source.tensors)[0] == "conv2d_4/kernel"
+    assert source.tensors["conv2d_4/kernel"].shape == (3, 3, 1, 8)
+    assert source.tensors["conv2d/kernel"].shape == (3, 3, 16, 32)
+    assert infer_config("small_cnn", source)["widths"] == WIDTHS
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_remove("batch_normalization_1"), r"needs a bn after Keras layer 'conv2d_1'.*'re_lu_1'"),
+    (_second_dense, r"'dense_1' \(Dense\) follows the Dense 'dense'"),
+    (_set_conv(padding="valid"), r"'conv2d' \(Conv2D\) has padding 'valid'"),
+    (_set_conv(strides=[2, 2]), r"'conv2d' \(Conv2D\) has strides \[2, 2\]"),
+])
+def test_a_structure_small_cnn_cannot_compute_is_refused_naming_the_layer(tmp_path, edit, message):
+    source = read_keras(_edited_archive(tmp_path, edit))
+    with pytest.raises(InputError, match=message):
+        infer_config("small_cnn", source)
+
+
+def test_a_conv_bias_stated_in_the_config_is_named_and_left_out_of_the_map(tmp_path):
+    def add_bias(f):
+        f.create_dataset("layers/conv2d/vars/1", data=np.zeros(8, np.float32))
+
+    path = _edited_archive(tmp_path, _set_conv(use_bias=True), add_bias)
+    source = read_keras(path)
+    assert list(source.tensors)[:2] == ["conv2d/kernel", "conv2d/bias"]
+    mapping = names("small_cnn", SmallCNNConfig(widths=WIDTHS, fc_dim=32), source)
+    assert set(source.tensors) - set(mapping) == {"conv2d/bias"}
+
+
+def test_a_nested_model_reads_as_outer_inner_and_a_selected_prefix_maps(tmp_path):
+    def nest(layers):
+        return [{"module": "keras", "class_name": "Sequential",
+                 "config": {"name": "backbone", "layers": layers}}]
+
+    def nest_weights(f):   # Keras stores a nested model's layers under its own layers/
+        f.move("layers", "inner")
+        f.create_group("layers/sequential")
+        f.move("inner", "layers/sequential/layers")
+
+    source = read_keras(_edited_archive(tmp_path, nest, nest_weights))
+    assert list(source.tensors)[0] == "backbone/conv2d/kernel"
+    selected = source.select("backbone/")
+    assert infer_config("small_cnn", source) == infer_config("small_cnn", selected)
+    config = SmallCNNConfig(**infer_config("small_cnn", selected))
+    assert config.widths == WIDTHS and config.pool_after == (2, 4)
+    whole, part = names("small_cnn", config, source), names("small_cnn", config, selected)
+    assert sorted(part.values()) == sorted(_leaves(config))
+    assert {f"backbone/{foreign}": leaf for foreign, leaf in part.items()} == whole
+    with pytest.raises(InputError, match="maps small_cnn, not 'resnet18'"):
+        infer_config("resnet18", selected)
