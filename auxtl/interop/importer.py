@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import pathlib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,8 +24,8 @@ from flax import nnx
 
 from auxtl.checkpoints import save_trunk, trunk_metadata
 from auxtl.data import Normalization
-from auxtl.errors import InputError
-from auxtl.interop import rule_maps, torchvision_names
+from auxtl.errors import AuxtlWarning, InputError
+from auxtl.interop import keras_names, rule_maps, torchvision_names
 from auxtl.interop.layout import converted, to_flax
 from auxtl.interop.name_maps import NAME_MAPS, NameMap, get_name_map, maps_for
 from auxtl.interop.readers import read_source
@@ -33,7 +34,7 @@ from auxtl.interop.source import LAYOUTS, Source
 from auxtl.models import build_trunk, config_to_json, make_config, model_entry
 
 # The built-in name maps (importing their modules registered them), most specific first.
-BUILT_IN_MAPS = (torchvision_names.TORCHVISION, rule_maps.AUXTL)
+BUILT_IN_MAPS = (torchvision_names.TORCHVISION, keras_names.KERAS, rule_maps.AUXTL)
 # Wrappers training code puts around a state dict: tried in turn when no prefix is given.
 WRAPPERS = ("state_dict.", "model.", "module.", "state_dict.module.", "model.module.",
             "model_state_dict.", "trunk/", "params/")
@@ -246,9 +247,17 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     layout = layout or chosen.layout or selected.layout
     if layout not in LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    values = {**chosen.infer_config(model, selected), **dict(model_args or {})}
+    with warnings.catch_warnings(record=True) as caught:  # the map's assumptions
+        warnings.simplefilter("always", AuxtlWarning)
+        inferred = chosen.infer_config(model, selected)
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    notes = [str(w.message) for w in caught if issubclass(w.category, AuxtlWarning)]
+    values = {**inferred, **dict(model_args or {})}
     config = make_config(model, tuple(input_shape) if input_shape else None, **values)
-    trunk = build_trunk(model, config, rngs=nnx.Rngs(seed))
+    # Strict: every leaf comes from the file, so the module's structure is enough.
+    build = lambda: build_trunk(model, config, rngs=nnx.Rngs(seed))  # noqa: E731
+    trunk = nnx.eval_shape(build) if strict else build()
     graphdef, params, stats = nnx.split(trunk, nnx.Param, nnx.BatchStat)
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     leaves = {**_leaves(pure["params"], "params"), **_leaves(pure["batch_stats"], "batch_stats")}
@@ -271,7 +280,8 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
         why = "given"
     metadata = trunk_metadata(trunk, config_json=config_to_json(config), input_shape=shape,
                               normalization=normalization, tasks=[],
-                              extra={"imported": {**report.to_json(), "normalization": why}})
+                              extra={"imported": {**report.to_json(), "normalization": why,
+                                                  "notes": notes}})
     path = None
     if out is not None:
         path = save_trunk(out, trunk_params=pure["params"], trunk_batch_stats=pure["batch_stats"],

@@ -20,6 +20,7 @@ import safetensors
 
 from auxtl.errors import InputError, MissingFileError
 from auxtl.interop.source import LAYOUTS, Source
+from auxtl.interop.keras_h5 import read_keras
 from auxtl.interop.torch_pickle import read_torch
 
 FORMATS = ("torch", "safetensors", "keras", "orbax", "npz")
@@ -131,7 +132,7 @@ def read_orbax(path) -> Source:
 
 
 READERS: dict[str, Callable[[pathlib.Path], Source]] = {
-    "torch": read_torch, "safetensors": read_safetensors, "npz": read_npz, "orbax": read_orbax}
+    "torch": read_torch, "safetensors": read_safetensors, "keras": read_keras, "npz": read_npz, "orbax": read_orbax}
 
 
 def read_source(path, format: str | None = None) -> Source:
