@@ -263,6 +263,8 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     leaves = {**_leaves(pure["params"], "params"), **_leaves(pure["batch_stats"], "batch_stats")}
     arrays, records = match_leaves(selected, chosen, model, config, leaves, layout, ignore,
                                    strict=strict, outside=outside, prefix=prefix)
+    records += [LeafRecord("ignored", source=name, note="not an array")
+                for name in source.info.get("non_tensors", [])]
     for leaf, value in arrays.items():
         _set(pure[leaf.split("/")[0]], leaf, jax.numpy.asarray(value))
     nnx.replace_by_pure_dict(params, pure["params"])
