@@ -173,3 +173,28 @@ def test_the_cli_imports_and_prints_the_report(npz, tmp_path, capsys):
                      r"params/layers/0/conv/kernel", out)
     assert "into small_cnn: 27 loaded" in out
     assert cli.main(argv) == 2 and "exists" in capsys.readouterr().err
+
+
+def test_another_jax_codebases_orbax_tree_imports_by_prefix_and_rules(trunk, tmp_path):
+    """A Flax (linen-style) training state saved with orbax: the model's collections under
+    'state/', optimizer state beside them, linen module names renamed by rules."""
+    import orbax.checkpoint as ocp
+    flat = _flat(trunk)
+    linen = {}
+    for leaf, value in flat.items():   # params/layers/2/bn/scale -> params/Block_2/BatchNorm_0/scale
+        collection, _, index, module, name = leaf.split("/")
+        kind = {"conv": "Conv_0", "bn": "BatchNorm_0", "dense": "Dense_0"}[module]
+        linen.setdefault(collection, {}).setdefault(f"Block_{index}", {}).setdefault(
+            kind, {})[name] = value
+    tree = {"state": linen, "opt_state": {"mu": np.zeros(3, np.float32)}, "step": np.int64(9)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "linen", tree)
+    rules = (r"/Block_(\d+)/Conv_0/=/layers/\1/conv/;/Block_(\d+)/BatchNorm_0/=/layers/\1/bn/;"
+             r"/Block_(\d+)/Dense_0/=/layers/\1/dense/")
+    result = import_trunk(tmp_path / "linen", model="small_cnn", prefix="state/",
+                          name_map=rules, model_args=SMALL)
+    assert result.report.format == "orbax" and result.report.counts()["loaded"] == len(flat)
+    outside = {r.source for r in result.report.leaves if r.note == "outside prefix 'state/'"}
+    assert outside == {"opt_state/mu", "step"}
+    x = jnp.ones((1, 28, 28, 1))
+    assert np.array_equal(result.trunk(x), trunk(x))
