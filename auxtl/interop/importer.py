@@ -31,6 +31,7 @@ from auxtl.interop.name_maps import NAME_MAPS, NameMap, get_name_map, maps_for
 from auxtl.interop.readers import read_source
 from auxtl.interop.report import ImportReport, LeafRecord, mismatch_error
 from auxtl.interop.source import LAYOUTS, Source
+from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.models import build_trunk, config_to_json, make_config, model_entry
 
 # The built-in name maps (importing their modules registered them), most specific first.
@@ -46,7 +47,7 @@ MAP_NORMALIZATION = {"torchvision": IMAGENET}
 @dataclasses.dataclass(frozen=True)
 class ImportResult:
     trunk: nnx.Module
-    metadata: Any          # TrunkMetadata
+    metadata: TrunkMetadata
     report: ImportReport
     path: pathlib.Path | None
 
