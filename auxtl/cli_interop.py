@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from auxtl.cli_configs import parse_key_values
+from auxtl.data import Normalization
 from auxtl.errors import InputError
 from auxtl.interop.exporter import EXPORT_FORMATS, export_trunk
 from auxtl.interop.importer import import_trunk
@@ -26,6 +27,19 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def parse_normalization(mean: str | None, std: str | None) -> Normalization | None:
+    """--mean and --std ('0.485,0.456,0.406') into a Normalization; both or neither."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise InputError("--mean and --std go together (one value per channel each)")
+    try:
+        return Normalization(tuple(float(v) for v in mean.split(",")),
+                             tuple(float(v) for v in std.split(",")))
+    except ValueError:
+        raise InputError(f"--mean {mean!r} / --std {std!r} must be comma-separated numbers") from None
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     for path in args.model_module:
         load_model_module(path)
@@ -33,11 +47,16 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.src, model=args.model, format=args.format, out=args.out, name_map=args.map,
         ignore=args.ignore, prefix=args.prefix,
         model_args=parse_key_values(args.model_arg, "--model-arg"), layout=args.layout,
-        input_shape=parse_shape(args.input_shape), strict=not args.no_strict,
-        overwrite=args.overwrite)
+        input_shape=parse_shape(args.input_shape),
+        normalization=parse_normalization(args.mean, args.std), strict=not args.no_strict,
+        seed=args.seed, overwrite=args.overwrite)
     if not args.quiet:
         print(result.report.table())
     print(result.report.summary())
+    metadata = result.metadata
+    print(f"input shape {tuple(metadata.input_shape)}, normalization mean "
+          f"{list(metadata.normalization.mean)} std {list(metadata.normalization.std)} "
+          f"({metadata.imported['normalization']}); --input-shape, --mean/--std change them")
     print(f"saved the {args.model} trunk to {result.path}")
     return 0
 
@@ -66,8 +85,15 @@ def add_import_parser(sub) -> None:
     p.add_argument("--input-shape", default=None, metavar="H,W,C",
                    help="the input size the trunk expects (default: recorded in the file, "
                         "else the model's usual one)")
+    p.add_argument("--mean", default=None, metavar="M1,M2,...",
+                   help="the normalisation the weights were trained with, per channel, of "
+                        "pixels in [0, 1] (with --std; default: recorded in the file, else "
+                        "ImageNet's for torchvision weights, else none)")
+    p.add_argument("--std", default=None, metavar="S1,S2,...", help="see --mean")
     p.add_argument("--no-strict", action="store_true",
                    help="allow leaves with no array (fresh init) and unused arrays (reported)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the fresh initialisation of missing leaves under --no-strict")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at --out")
     p.add_argument("--quiet", action="store_true", help="print the summary, not every leaf")
     p.add_argument("--model-module", action="append", default=[], metavar="PATH",

@@ -4,7 +4,6 @@ unless told, and the warnings about what PyTorch would compute differently."""
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from safetensors.numpy import load_file
 import auxtl
 from auxtl.checkpoints import trunk_metadata
 from auxtl.errors import AuxtlWarning, InputError
-from auxtl.interop.exporter import export_trunk, flat_leaves
+from auxtl.interop.exporter import export_trunk
+from auxtl.interop.importer import import_trunk
+from auxtl.interop.name_maps import flat_leaves
 from auxtl.interop.torchvision_names import names
 from auxtl.models import config_to_json, make_config
 
@@ -80,9 +81,12 @@ def test_safetensors_holds_every_leaf_bit_for_bit_with_its_metadata(trunks, tmp_
 
 def test_torch_names_are_torchvisions_in_torch_layout(trunks, tmp_path):
     out = tmp_path / "t.safetensors"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # padding="torch", epsilon 1e-5: nothing to warn
+    with pytest.warns(AuxtlWarning) as given:  # padding="torch", epsilon 1e-5: the shapes only
         report = export_trunk(trunks["torch"], out, format="torch-names")
+    assert [str(w.message) for w in given] == [f"export of {str(trunks['torch'])!r}: "
+                                               f"{report.warnings[0]}"]
+    assert report.warnings[0].startswith("not torchvision's stock resnet18 (width=4, "
+                                         "large_stem=False, stage_sizes=(1, 1))")
     params, stats, metadata = auxtl.load_trunk_state(trunks["torch"])
     leaves = flat_leaves(params, stats)
     written = load_file(out)
@@ -125,7 +129,19 @@ def test_torch_names_warn_where_pytorch_computes_other_features(trunks, tmp_path
     shown = [str(w.message) for w in given]
     assert any("padding='same'" in m and "symmetrically" in m for m in shown)
     assert any("epsilon is 0.001" in m for m in shown)
-    assert len(report.warnings) == 2 and all(w in " ".join(shown) for w in report.warnings)
+    assert len(report.warnings) == 3 and all(w in " ".join(shown) for w in report.warnings)
+
+
+def test_a_torch_names_export_reimports_as_the_model_it_was(trunks, tmp_path):
+    """Padding and epsilon cannot be read off arrays: the header's config wins."""
+    with pytest.warns(AuxtlWarning):
+        export_trunk(trunks["same"], tmp_path / "s.safetensors", format="torch-names")
+    result = import_trunk(tmp_path / "s.safetensors", model="resnet18")
+    assert result.report.name_map == "torchvision"
+    saved = auxtl.read_metadata(trunks["same"])
+    assert result.metadata.config == saved.config
+    assert result.metadata.config["padding"] == "same" and result.metadata.config["bn_epsilon"] == 1e-3
+    assert result.metadata.input_shape == saved.input_shape
 
 
 def test_a_model_without_a_torch_map_exports_only_as_safetensors(trunks, tmp_path):

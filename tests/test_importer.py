@@ -12,7 +12,8 @@ from flax import nnx
 import auxtl
 from auxtl import cli
 from auxtl.errors import InputError, MissingFileError, UnknownNameError
-from auxtl.interop.importer import _leaves, import_trunk
+from auxtl.interop.importer import import_trunk
+from auxtl.interop.name_maps import flat_leaves
 from auxtl.interop.report import ImportMismatchError
 
 SMALL = {"widths": (4, 4, 8, 8, 8), "fc_dim": 8}
@@ -20,8 +21,8 @@ SMALL = {"widths": (4, 4, 8, 8, 8), "fc_dim": 8}
 
 def _flat(trunk) -> dict[str, np.ndarray]:
     _, params, stats = nnx.split(trunk, nnx.Param, nnx.BatchStat)
-    return {k: np.asarray(v) for k, v in {**_leaves(nnx.to_pure_dict(params), "params"),
-                                          **_leaves(nnx.to_pure_dict(stats), "batch_stats")}.items()}
+    return {k: np.asarray(v) for k, v in flat_leaves(nnx.to_pure_dict(params),
+                                                     nnx.to_pure_dict(stats)).items()}
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,28 @@ def test_another_jax_codebases_orbax_tree_imports_by_prefix_and_rules(trunk, tmp
     assert outside == {"opt_state/mu", "step"}
     x = jnp.ones((1, 28, 28, 1))
     assert np.array_equal(result.trunk(x), trunk(x))
+
+
+def test_values_that_are_not_real_floats_or_do_not_fit_are_refused(trunk, tmp_path):
+    for name, bad in (("complex", lambda v: v.astype(np.complex64)),
+                      ("int", lambda v: v.astype(np.int32)),
+                      ("overflow", lambda v: np.full(v.shape, 1e300))):
+        arrays = _flat(trunk)
+        arrays["params/layers/0/conv/kernel"] = bad(arrays["params/layers/0/conv/kernel"])
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(InputError, match="params/layers/0/conv/kernel"):
+            import_trunk(tmp_path / f"{name}.npz", model="small_cnn", model_args=SMALL)
+
+
+def test_a_bad_ignore_regex_is_named_before_the_file_is_read(tmp_path):
+    with pytest.raises(InputError, match=r"--ignore '\('"):
+        import_trunk(tmp_path / "absent.npz", model="small_cnn", ignore=["("])
+
+
+def test_arrays_outside_an_automatic_prefix_are_named_in_a_warning(trunk, tmp_path):
+    arrays = {f"trunk/{k}": v for k, v in _flat(trunk).items()}
+    arrays["heads/rotation/kernel"] = np.zeros((8, 4), np.float32)
+    np.savez(tmp_path / "wrapped.npz", **arrays)
+    with pytest.warns(auxtl.errors.AuxtlWarning, match="1 array.*heads/rotation/kernel.*--prefix"):
+        result = import_trunk(tmp_path / "wrapped.npz", model="small_cnn", model_args=SMALL)
+    assert result.report.prefix == "trunk/"

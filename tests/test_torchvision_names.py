@@ -9,7 +9,7 @@ from flax import nnx
 import auxtl
 from auxtl.errors import InputError
 from auxtl.interop.layout import from_flax
-from auxtl.interop.name_maps import get_name_map, maps_for
+from auxtl.interop.name_maps import flat_leaves, get_name_map, maps_for
 from auxtl.interop.source import Source
 from auxtl.interop.torchvision_names import TORCHVISION, names
 
@@ -18,18 +18,8 @@ def trunk_leaves(model, config):
     """{auxtl leaf: shape} of the trunk `model` built from `config` (abstract, no init)."""
     trunk = nnx.eval_shape(lambda: auxtl.build_trunk(model, config, rngs=nnx.Rngs(0)))
     _, params, stats = nnx.split(trunk, nnx.Param, nnx.BatchStat)
-    leaves = {}
-
-    def walk(prefix, node):
-        for key, child in node.items():
-            if isinstance(child, dict):
-                walk(f"{prefix}/{key}", child)
-            else:
-                leaves[f"{prefix}/{key}"] = tuple(child.shape)
-
-    walk("params", nnx.to_pure_dict(params))
-    walk("batch_stats", nnx.to_pure_dict(stats))
-    return leaves
+    return {leaf: tuple(value.shape) for leaf, value in
+            flat_leaves(nnx.to_pure_dict(params), nnx.to_pure_dict(stats)).items()}
 
 
 def torch_named(model, config, extra=()):

@@ -7,8 +7,9 @@ Formats (`EXPORT_FORMATS`):
 - "torch-names": the same arrays under the names of the registered name map for the
   model whose layout is "torch" (torchvision's for resnet18/50), moved into PyTorch's
   layout. BatchNorm's `num_batches_tracked` is not written: auxtl keeps no step
-  counter, and `load_state_dict(..., strict=False)` tolerates the missing keys (as it
-  does the classifier head `fc.*`).
+  counter, and torch's BatchNorm fills the missing key in itself (even with
+  strict=True); the classifier head `fc.*` is missing too, which is what
+  `load_state_dict(..., strict=False)` is for.
 
 The header metadata (str -> str) lets a re-import need no flags: "auxtl_format"
 ("auxtl-trunk"), "auxtl_model", "auxtl_config" and "auxtl_metadata" (JSON: the model
@@ -32,14 +33,13 @@ from safetensors.numpy import save_file
 
 from auxtl.checkpoints import load_trunk_state, read_metadata
 from auxtl.errors import AuxtlWarning, InputError
+from auxtl.interop.maps import maps_in_order
 from auxtl.interop import torchvision_names
 from auxtl.interop.layout import from_flax
-from auxtl.interop.name_maps import NameMap, maps_for
+from auxtl.interop.name_maps import NameMap, flat_leaves
 
 EXPORT_FORMATS = ("safetensors", "torch-names")
 EXPORT_MARK = "auxtl-trunk"
-# The name maps export can use; importing them registers them.
-BUILT_IN_MAPS = (torchvision_names.TORCHVISION,)
 _TORCH_BN_EPSILON = 1e-5
 
 
@@ -55,26 +55,10 @@ class ExportReport:
     warnings: tuple[str, ...] = ()
 
 
-def flat_leaves(params: dict, batch_stats: dict) -> dict[str, np.ndarray]:
-    """{auxtl leaf name: array} of a trunk's pure-dict params and batch stats."""
-    leaves: dict[str, np.ndarray] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, child in node.items():
-                walk(f"{prefix}/{key}", child)
-        else:
-            leaves[prefix] = np.asarray(node)
-
-    walk("params", params)
-    walk("batch_stats", batch_stats)
-    return leaves
-
-
 def torch_map(model: str) -> NameMap:
     """The registered name map for `model` whose layout is "torch"; InputError naming the
     model and the formats it can export if there is none."""
-    found = [m for m in maps_for(model) if m.layout == "torch"]
+    found = [m for m in maps_in_order(model) if m.layout == "torch"]
     if not found:
         raise InputError(f"model {model!r} has no PyTorch name map, so it cannot be exported "
                          f"as torch-names; it can be exported as: safetensors")
@@ -145,7 +129,7 @@ def export_trunk(trunk_path, out, *, format: str = "safetensors",
     if format == "torch-names":
         torch_map(read_metadata(trunk_path).model)  # refuses before reading any array
     params, batch_stats, metadata = load_trunk_state(trunk_path)
-    leaves = flat_leaves(params, batch_stats)
+    leaves = {leaf: np.asarray(value) for leaf, value in flat_leaves(params, batch_stats).items()}
     header = {"auxtl_format": EXPORT_MARK, "auxtl_model": metadata.model,
               "auxtl_config": json.dumps(metadata.config),
               "auxtl_metadata": json.dumps(metadata.to_json()), "layout": "flax"}
@@ -157,6 +141,12 @@ def export_trunk(trunk_path, out, *, format: str = "safetensors",
         names, arrays, map_name = _renamed(metadata.model, metadata.config, leaves)
         header.update(layout="torch", names=map_name)
         given = _torch_warnings(metadata.config)
+        if map_name == torchvision_names.TORCHVISION.name:
+            differences = torchvision_names.stock_differences(metadata.model, metadata.config)
+            if differences:
+                given.append(f"not torchvision's stock {metadata.model} "
+                             f"({', '.join(differences)}): torchvision.models.{metadata.model}() "
+                             f"would refuse these shapes; load into a model built to match")
         for message in given:
             warnings.warn(AuxtlWarning(f"export of {str(trunk_path)!r}: {message}"), stacklevel=2)
     write_atomically(arrays, out, header)

@@ -25,17 +25,16 @@ from flax import nnx
 from auxtl.checkpoints import save_trunk, trunk_metadata
 from auxtl.data import Normalization
 from auxtl.errors import AuxtlWarning, InputError
-from auxtl.interop import keras_names, rule_maps, torchvision_names
+from auxtl.interop import rule_maps
+from auxtl.interop.maps import maps_in_order
 from auxtl.interop.layout import converted, to_flax
-from auxtl.interop.name_maps import NAME_MAPS, NameMap, get_name_map, maps_for
+from auxtl.interop.name_maps import NAME_MAPS, NameMap, flat_leaves, get_name_map
 from auxtl.interop.readers import read_source
 from auxtl.interop.report import ImportReport, LeafRecord, mismatch_error
 from auxtl.interop.source import LAYOUTS, Source
 from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.models import build_trunk, config_to_json, make_config, model_entry
 
-# The built-in name maps (importing their modules registered them), most specific first.
-BUILT_IN_MAPS = (torchvision_names.TORCHVISION, keras_names.KERAS, rule_maps.AUXTL)
 # Wrappers training code puts around a state dict: tried in turn when no prefix is given.
 WRAPPERS = ("state_dict.", "model.", "module.", "state_dict.module.", "model.module.",
             "model_state_dict.", "trunk/", "params/")
@@ -90,7 +89,7 @@ def choose_map(source: Source, model: str, name_map=None,
     named = _resolve_map(name_map, model)
     prefixes = [prefix] if prefix is not None else [""] + [
         p for p in WRAPPERS if any(name.startswith(p) for name in source.tensors)]
-    candidates = named or maps_for(model)
+    candidates = named or maps_in_order(model)
     for candidate_prefix in prefixes:
         selected = source.select(candidate_prefix)
         for candidate in candidates:
@@ -101,16 +100,8 @@ def choose_map(source: Source, model: str, name_map=None,
     sample = ", ".join(list(source.tensors)[:6])
     raise InputError(f"no name map for model {model!r} recognizes the names in {source.path} "
                      f"(they begin: {sample}); maps for it: "
-                     f"{', '.join(m.name for m in maps_for(model)) or 'none'}; give --map "
+                     f"{', '.join(m.name for m in maps_in_order(model)) or 'none'}; give --map "
                      f"RULES ('PATTERN=REPLACEMENT;...') or --prefix")
-
-
-def _leaves(tree: Mapping, prefix: str) -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
-        out.update(_leaves(value, name) if isinstance(value, Mapping) else {name: value})
-    return out
 
 
 def _set(tree: dict, leaf: str, value) -> None:
@@ -148,14 +139,38 @@ def _default_normalization(chosen: NameMap, source: Source, channels: int):
             "none known: pixels in [0, 1] as given")
 
 
+def compile_ignores(ignore: Sequence[str]) -> list[re.Pattern]:
+    """The --ignore regexes compiled; InputError naming a bad one."""
+    patterns = []
+    for pattern in ignore:
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as error:
+            raise InputError(f"--ignore {pattern!r} is not a regular expression ({error})") from None
+    return patterns
+
+
+def as_leaf_array(array: np.ndarray, target, foreign: str, leaf: str) -> np.ndarray:
+    """`array` cast to the leaf's dtype; InputError naming both when the source is not a
+    real floating array or the cast leaves a non-finite value (overflow, NaN/Inf)."""
+    if not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):
+        raise InputError(f"{foreign} holds {array.dtype} values; the leaf {leaf} holds "
+                         f"{np.dtype(target.dtype)}: only floating arrays load into weights "
+                         f"(--ignore {foreign!r} drops it)")
+    value = np.ascontiguousarray(array, dtype=target.dtype)
+    if not np.isfinite(value).all():
+        raise InputError(f"{foreign} ({array.dtype}) has values that are not finite as "
+                         f"{np.dtype(target.dtype)} (NaN, Inf or out of range) for {leaf}")
+    return value
+
+
 def match_leaves(source: Source, chosen: NameMap, model: str, config, leaves: dict[str, Any],
-                 layout: str, ignore: Sequence[str], *, strict: bool,
+                 layout: str, patterns: Sequence[re.Pattern], *, strict: bool,
                  outside: Sequence[tuple[str, tuple]] = (), prefix: str = ""):
     """({leaf: float array in the leaf's layout and dtype}, [LeafRecord]) for every foreign
     array and every leaf; one ImportMismatchError listing each problem when `strict` (or a
     shape mismatch, always)."""
     mapping = chosen.names(model, config, source)
-    patterns = [re.compile(p) for p in ignore]
     records, arrays, taken, expected = [], {}, {}, {}
     missing, unused, misshaped, other = [], [], [], []
     for foreign, leaf in mapping.items():
@@ -189,7 +204,7 @@ def match_leaves(source: Source, chosen: NameMap, model: str, config, leaves: di
             notes.append("OIHW->HWIO" if array.ndim == 4 else "(out,in)->(in,out)")
         if value.dtype != target.dtype:
             notes.append(f"{value.dtype}->{np.dtype(target.dtype)}")
-        arrays[leaf] = np.ascontiguousarray(value, dtype=target.dtype)
+        arrays[leaf] = as_leaf_array(value, target, foreign, leaf)
         records.append(LeafRecord("converted" if notes else "loaded", leaf, tuple(target.shape),
                                   foreign, shape, ", ".join(notes)))
     for leaf, target in leaves.items():
@@ -240,11 +255,18 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
                                               or pathlib.Path(out).is_symlink()):
         raise InputError(f"{str(out)!r} exists; give overwrite=True (--overwrite) to replace it")
     model_entry(model)  # InputError naming the known models
+    patterns = compile_ignores(ignore)
     source = read_source(src, format)
+    auto_prefix = prefix is None
     chosen, prefix = choose_map(source, model, name_map, prefix)
     selected = source.select(prefix)
     outside = [(name, tuple(array.shape)) for name, array in source.tensors.items()
                if not name.startswith(prefix)] if prefix else []
+    if outside and auto_prefix:
+        shown = ", ".join(name for name, _ in outside[:4]) + (", ..." if len(outside) > 4 else "")
+        warnings.warn(AuxtlWarning(f"{source.path}: using the arrays under {prefix!r}; {len(outside)}"
+                                   f" array(s) outside it are ignored ({shown}); --prefix "
+                                   f"chooses another"), stacklevel=2)
     layout = layout or chosen.layout or selected.layout
     if layout not in LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -254,15 +276,17 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     notes = [str(w.message) for w in caught if issubclass(w.category, AuxtlWarning)]
-    values = {**inferred, **dict(model_args or {})}
+    # What an auxtl export recorded wins over what the arrays suggest (padding, epsilon
+    # cannot be read off arrays); --model-arg wins over both.
+    values = {**inferred, **rule_maps.recorded_config(model, selected), **dict(model_args or {})}
     config = make_config(model, tuple(input_shape) if input_shape else None, **values)
     # Strict: every leaf comes from the file, so the module's structure is enough.
     build = lambda: build_trunk(model, config, rngs=nnx.Rngs(seed))  # noqa: E731
     trunk = nnx.eval_shape(build) if strict else build()
     graphdef, params, stats = nnx.split(trunk, nnx.Param, nnx.BatchStat)
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
-    leaves = {**_leaves(pure["params"], "params"), **_leaves(pure["batch_stats"], "batch_stats")}
-    arrays, records = match_leaves(selected, chosen, model, config, leaves, layout, ignore,
+    leaves = flat_leaves(pure["params"], pure["batch_stats"])
+    arrays, records = match_leaves(selected, chosen, model, config, leaves, layout, patterns,
                                    strict=strict, outside=outside, prefix=prefix)
     records += [LeafRecord("ignored", source=name, note="not an array")
                 for name in source.info.get("non_tensors", [])]

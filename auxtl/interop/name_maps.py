@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from auxtl.errors import InputError, UnknownNameError
@@ -72,6 +72,23 @@ def get_name_map(name: str) -> NameMap:
         raise UnknownNameError(f"unknown name map {name!r}; known: {', '.join(sorted(NAME_MAPS))}"
                                f" (or regex rules 'PATTERN=REPLACEMENT;...')")
     return NAME_MAPS[name]
+
+
+def flat_leaves(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -> dict[str, Any]:
+    """{auxtl leaf name: value} of a trunk's pure-dict params and batch stats (the values as
+    they are: arrays, or ShapeDtypeStructs of an abstract trunk), in the trees' order."""
+    leaves: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(f"{prefix}/{key}", child)
+        else:
+            leaves[prefix] = node
+
+    walk("params", params)
+    walk("batch_stats", batch_stats)
+    return leaves
 
 
 def maps_for(model: str) -> list[NameMap]:

@@ -24,7 +24,7 @@ def _is_auxtl(source: Source) -> bool:
     return any(name.startswith("params/") for name in source.tensors)
 
 
-def _recorded_config(model: str, source: Source) -> dict[str, Any]:
+def recorded_config(model: str, source: Source) -> dict[str, Any]:
     """The config an auxtl export recorded, if it was of `model`."""
     if source.info.get("auxtl_model") == model and isinstance(source.info.get("auxtl_config"), dict):
         return dict(source.info["auxtl_config"])
@@ -35,7 +35,7 @@ def _recorded_config(model: str, source: Source) -> dict[str, Any]:
 
 
 AUXTL = register_name_map(NameMap(
-    name="auxtl", models=("*",), recognizes=_is_auxtl, infer_config=_recorded_config,
+    name="auxtl", models=("*",), recognizes=_is_auxtl, infer_config=recorded_config,
     names=lambda model, config, source: ({name: name for name in source.tensors}
                                          if source is not None else {})))
 
@@ -83,4 +83,4 @@ def rule_map(text: str) -> NameMap:
         return {name: rename(name, rules) for name in source.tensors}
 
     return NameMap(name=f"rules({text})", models=("*",), recognizes=lambda source: True,
-                   infer_config=_recorded_config, names=names)
+                   infer_config=recorded_config, names=names)

@@ -15,6 +15,7 @@ refused naming both.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -156,6 +157,23 @@ def infer_config(model: str, source: Source) -> dict[str, Any]:
     return {"in_channels": in_channels, "stem_width": None if stem_out == width else stem_out,
             "width": width, "large_stem": kernel == 7, "stage_sizes": _block_counts(source),
             "padding": "torch", "bn_epsilon": 1e-5}
+
+
+# torchvision.models.resnet18() / resnet50(): what their state dicts' shapes need.
+STOCK = {"in_channels": 3, "width": 64, "stem_width": (None, 64), "large_stem": True}
+STOCK_STAGES = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
+
+
+def stock_differences(model: str, config: Any) -> list[str]:
+    """The config values under which `torchvision.models.<model>()` cannot load these
+    weights (it would refuse the shapes): 'key=value' for each, empty if none."""
+    values = dataclasses.asdict(_config_values(model, config))
+    found = []
+    for key, stock in {**STOCK, "stage_sizes": STOCK_STAGES[model]}.items():
+        value = tuple(values[key]) if isinstance(values[key], list) else values[key]
+        if value not in (stock if isinstance(stock, tuple) and key == "stem_width" else (stock,)):
+            found.append(f"{key}={value!r}")
+    return found
 
 
 TORCHVISION = register_name_map(NameMap(
