@@ -157,7 +157,8 @@ def as_leaf_array(array: np.ndarray, target, foreign: str, leaf: str) -> np.ndar
         raise InputError(f"{foreign} holds {array.dtype} values; the leaf {leaf} holds "
                          f"{np.dtype(target.dtype)}: only floating arrays load into weights "
                          f"(--ignore {foreign!r} drops it)")
-    value = np.ascontiguousarray(array, dtype=target.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        value = np.ascontiguousarray(array, dtype=target.dtype)
     if not np.isfinite(value).all():
         raise InputError(f"{foreign} ({array.dtype}) has values that are not finite as "
                          f"{np.dtype(target.dtype)} (NaN, Inf or out of range) for {leaf}")
