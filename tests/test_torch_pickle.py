@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from auxtl.errors import InputError, MissingFileError, UnsafeFileError
+from auxtl.interop import torch_pickle, torch_zip
 from auxtl.interop.torch_pickle import flatten, read_torch, strided_copy
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "interop"
@@ -47,8 +48,9 @@ def _dict_pickle(items: dict[str, bytes]) -> bytes:
     return b"\x80\x02}(" + body + b"u."
 
 
-def _write_zip(path: pathlib.Path, data_pkl: bytes, storages=None, extra=None) -> pathlib.Path:
-    with zipfile.ZipFile(path, "w") as zf:
+def _write_zip(path: pathlib.Path, data_pkl: bytes, storages=None, extra=None,
+               compression=zipfile.ZIP_STORED) -> pathlib.Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
         zf.writestr("archive/data.pkl", data_pkl)
         for key, raw in (storages or {}).items():
             zf.writestr(f"archive/data/{key}", raw)
@@ -239,3 +241,108 @@ def test_a_missing_storage_is_named(tmp_path):
                     target.writestr(name, source.read(name))
     with pytest.raises(InputError, match=f"storage {dropped} is missing"):
         read_torch(path)
+
+
+# --- hostile pickles aimed at memory, time and the allow-list itself --------------------
+
+def _allow_list_state() -> dict:
+    """Everything a BUILD could rewrite in the allow-list, copied out."""
+    state = {}
+    for key, value in torch_pickle._ALLOWED.items():
+        function = getattr(value, "function", None)
+        state[key] = (value, getattr(value, "name", None), getattr(value, "dtype", None),
+                      function, getattr(function, "__defaults__", None),
+                      getattr(function, "__kwdefaults__", None),
+                      dict(getattr(function, "__dict__", {})),
+                      getattr(function, "__code__", None))
+    return state
+
+
+@pytest.mark.parametrize("target, state, named", [
+    (("torch._utils", "_rebuild_parameter"), (None, {"__defaults__": (True, None, None)}),
+     "torch._utils._rebuild_parameter"),
+    (("torch._utils", "_rebuild_tensor_v2"), {"injected": 1}, "torch._utils._rebuild_tensor_v2"),
+    (("torch", "FloatStorage"), ("FloatStorage", "<f8"), "torch.FloatStorage"),
+    (("torch", "float16"), ("float16", "<f4"), "torch.float16"),
+    (("collections", "OrderedDict"), (None, {"__init__": None}), "collections.OrderedDict"),
+])
+def test_build_aimed_at_an_allowed_global_is_refused_and_changes_nothing(
+        tmp_path, target, state, named):
+    before = _allow_list_state()
+    data = b"\x80\x02" + _global(*target) + _prim(state) + b"b0" + _prim({}) + b"."
+    with pytest.raises(UnsafeFileError, match=f"BUILD opcode tries to rewrite {named}") as raised:
+        read_torch(_write_zip(tmp_path / "build.pt", data))
+    assert str(tmp_path / "build.pt") in str(raised.value)
+    assert _allow_list_state() == before
+    assert torch_pickle._ALLOWED["torch", "FloatStorage"].dtype == np.float32
+
+
+def test_build_aimed_at_a_storage_is_refused(tmp_path):
+    persistent = (b"(" + _prim("storage") + _global("torch", "FloatStorage") + _prim("0")
+                  + _prim("cpu") + _prim(1) + b"tQ")
+    data = b"\x80\x02" + persistent + _prim(("0", "<f8", None)) + b"b."
+    with pytest.raises(UnsafeFileError, match="rewrite storage 0"):
+        read_torch(_write_zip(tmp_path / "s.pt", data, {"0": np.zeros(1, np.float32).tobytes()}))
+
+
+def test_a_tensor_holding_more_elements_than_its_storage_is_refused(tmp_path):
+    bomb = _tensor_ops("FloatStorage", "0", 4, 0, (1 << 20, 1 << 20), (0, 0))
+    path = _write_zip(tmp_path / "bomb.pt", _dict_pickle({"t": bomb}),
+                      {"0": np.zeros(4, np.float32).tobytes()})
+    with pytest.raises(InputError, match=r"size \(1048576, 1048576\), stride \(0, 0\) holds "
+                                         r"1099511627776 elements, more than its storage of 4"):
+        read_torch(path)
+    with pytest.raises(InputError, match="holds 3 elements, more than its storage of 2"):
+        strided_copy(np.zeros(2, np.float32), 0, (3,), (0,))  # in bounds, but expands
+    with pytest.raises(InputError, match="holds 4 elements, more than its storage of 3"):
+        strided_copy(np.zeros(3, np.float32), 0, (2, 2), (1, 1))  # overlapping strides
+    assert strided_copy(np.arange(4, dtype=np.float32), 0, (2, 2), (1, 2)).tolist() == \
+        [[0, 2], [1, 3]]
+
+
+def test_running_out_of_memory_on_a_malformed_file_names_it(tmp_path, monkeypatch):
+    def exhausted(*args):
+        raise MemoryError
+    monkeypatch.setattr(torch_zip, "native_elements", exhausted)
+    with pytest.raises(InputError, match=r"dtypes.pt: reading it ran out of memory"):
+        read_torch(FIXTURES / "dtypes.pt")
+
+
+def test_compressed_or_oversized_zip_entries_are_refused(tmp_path):
+    data = _dict_pickle({"t": _tensor_ops("FloatStorage", "0", 1, 0, (1,), (1,))})
+    raw = {"0": np.zeros(1, np.float32).tobytes()}
+    deflated = _write_zip(tmp_path / "z.pt", data, raw, compression=zipfile.ZIP_DEFLATED)
+    with pytest.raises(InputError, match="zip entry archive/data.pkl is compressed"):
+        read_torch(deflated)
+    path = _write_zip(tmp_path / "big.pt", data, raw)
+    blob = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        entry = zf.getinfo("archive/data/0")
+    # the central directory's declared uncompressed size (offset 24 in its record)
+    central = blob.index(b"archive/data/0", blob.index(b"PK\x01\x02")) - 46
+    assert blob[central:central + 4] == b"PK\x01\x02" and entry.file_size == 4
+    blob[central + 24:central + 28] = struct.pack("<I", 1 << 30)
+    path.write_bytes(bytes(blob))
+    with pytest.raises(InputError, match=r"zip entry archive/data/0 declares 1073741824 bytes"):
+        read_torch(path)
+
+
+def test_shared_containers_are_refused_before_an_exponential_walk(tmp_path):
+    shared: list = [np.zeros(1)]
+    for _ in range(40):
+        shared = [shared, shared]
+    with pytest.raises(InputError, match=r"the list at 'x(\.0){39}\.1' also occurs elsewhere"):
+        flatten({"w": np.ones(1), "x": shared}, "p")
+    # the same through a pickle: its memo (BINPUT 1 / BINGET 1) shares one dict twice
+    inner = b"}(" + _prim("w") + _tensor_ops("FloatStorage", "0", 1, 0, (1,), (1,)) + b"u"
+    data = b"\x80\x02}(" + _prim("a") + inner + b"q\x01" + _prim("b") + b"h\x01u."
+    path = _write_zip(tmp_path / "shared.pt", data, {"0": np.zeros(1, np.float32).tobytes()})
+    with pytest.raises(InputError, match=r"shared.pt: the dict at 'b' also occurs elsewhere"):
+        read_torch(path)
+    cycle: list = [np.zeros(1)]
+    cycle.append(cycle)
+    with pytest.raises(InputError, match="contains itself"):
+        flatten({"c": cycle}, "p")
+    betas = (0.9, 0.999)  # optimizer param groups share defaults: leaves, not refused
+    tensors, others = flatten({"w": np.zeros(1), "g": [{"betas": betas}, {"betas": betas}]}, "p")
+    assert list(tensors) == ["w"] and others == ["g"]

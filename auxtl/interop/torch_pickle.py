@@ -7,20 +7,24 @@ with an allow-list: each allowed global (tensor and parameter rebuilders, typed 
 classes, `OrderedDict`, `torch.Size`, `torch.device`) maps to a pure-Python stand-in
 that builds numpy arrays, and any other global (a user class, `os.system`,
 `builtins.exec`, a pickled `nn.Module`) raises `UnsafeFileError` when the pickle first
-names it, before anything is called. The extension opcodes (EXT1/2/4), which CPython
-resolves through a process-wide cache without asking `find_class`, are refused before
-unpickling starts. Each storage is read from the zip once, when a tensor first uses
-it; every tensor is copied out of it, so tensors that shared a storage are independent.
+names it, before anything is called. The stand-ins are shared by every load, so each
+refuses the pickle's BUILD opcode (which would otherwise rewrite a function's defaults or
+a storage class's dtype for the whole process) with UnsafeFileError. The extension
+opcodes (EXT1/2/4), which CPython resolves through a process-wide cache without asking
+`find_class`, are refused before unpickling starts. Each storage is read from the zip
+once (see `torch_zip`), when a tensor first uses it; a tensor may not hold more elements
+than its storage; every tensor is copied out of it, so tensors that shared a storage are
+independent. A container the pickle shares (reached twice) is refused before flattening.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import pickle
 import pickletools
-import sys
 import zipfile
 from collections import OrderedDict
 from typing import Any, Callable
@@ -30,6 +34,7 @@ import numpy as np
 
 from auxtl.errors import InputError, MissingFileError, UnsafeFileError
 from auxtl.interop.source import Source
+from auxtl.interop.torch_zip import Archive, refuse_non_zip
 
 # torch's typed storage classes -> the numpy dtype of their elements.
 STORAGE_DTYPES = {
@@ -70,11 +75,38 @@ _SAVE_STATE_DICT = ("if it is a whole pickled model (torch.save(model)), save "
                     "model.state_dict() instead")
 
 
+class _RefusedBuild(Exception):
+    """A pickle's BUILD aimed at a stand-in; `_Unpickler.load` reports it with the path."""
+
+
+def _refuse_build(name: str) -> None:
+    raise _RefusedBuild(name)
+
+
+class _Global:
+    """Stand-in for an allow-listed callable global: calls `function`; immune to BUILD
+    (no `__dict__`, and `__setstate__` refuses), so a pickle cannot reach the function
+    object itself (its `__defaults__`, `__code__`, `__dict__`)."""
+    __slots__ = ("name", "function")
+
+    def __init__(self, name: str, function: Callable[..., Any]):
+        self.name, self.function = name, function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __setstate__(self, state):
+        _refuse_build(self.name)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _StorageType:
     """Stand-in for a torch typed storage class (e.g. `torch.FloatStorage`)."""
     name: str
     dtype: np.dtype
+
+    def __setstate__(self, state):  # replaces dataclasses' own, which would rewrite us
+        _refuse_build(f"torch.{self.name}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,6 +114,9 @@ class _TorchDtype:
     """Stand-in for a torch dtype (e.g. `torch.uint16`)."""
     name: str
     dtype: np.dtype
+
+    def __setstate__(self, state):
+        _refuse_build(f"torch.{self.name}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,6 +130,9 @@ class _Storage:
     def elements(self, dtype: np.dtype | None = None) -> np.ndarray:
         return self.read(self.key, self.dtype if dtype is None else dtype)
 
+    def __setstate__(self, state):
+        _refuse_build(f"storage {self.key}")
+
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(type(v) is int for v in value):
@@ -105,7 +143,8 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
 def strided_copy(elements: np.ndarray, offset: int, size: tuple[int, ...],
                  stride: tuple[int, ...]) -> np.ndarray:
     """The tensor a storage holds at `offset` with `size` and `stride` (in elements), as a
-    fresh contiguous array; InputError if it would reach outside the storage."""
+    fresh contiguous array; InputError if it would reach outside the storage or hold
+    more elements than the storage (stride 0 or overlapping strides expanding it)."""
     if type(offset) is not int or offset < 0:
         raise InputError(f"tensor storage offset must be an int >= 0, got {offset!r}")
     size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
@@ -113,6 +152,10 @@ def strided_copy(elements: np.ndarray, offset: int, size: tuple[int, ...],
         raise InputError(f"tensor size {size} and stride {stride} do not match")
     if 0 in size:
         return np.zeros(size, elements.dtype)
+    if math.prod(size) > elements.size:
+        raise InputError(f"tensor of size {size}, stride {stride} holds {math.prod(size)} "
+                         f"elements, more than its storage of {elements.size} (a state dict "
+                         f"never expands a storage)")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= elements.size:
         raise InputError(f"tensor of size {size}, stride {stride} at offset {offset} "
@@ -154,7 +197,7 @@ def _device(*args) -> str:
     return ":".join(str(a) for a in args)
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
+_CALLABLES: dict[tuple[str, str], Callable[..., Any]] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -162,6 +205,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch", "Size"): _size,
     ("torch", "device"): _device,
+}
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    **{key: _Global(".".join(key), function) for key, function in _CALLABLES.items()},
     ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
     **{("torch", name): _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
     **{("torch", name): _TorchDtype(name, dtype) for name, dtype in TORCH_DTYPES.items()},
@@ -175,6 +222,14 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._path = path
         self._read_storage = read_storage
+
+    def load(self):
+        try:
+            return super().load()
+        except _RefusedBuild as refused:
+            raise UnsafeFileError(
+                f"{self._path}: the pickle's BUILD opcode tries to rewrite {refused} (shared "
+                f"by every load), which auxtl refuses") from None
 
     def find_class(self, module: str, name: str):
         allowed = _ALLOWED.get((module, name))
@@ -204,74 +259,37 @@ def refuse_extension_opcodes(data: bytes, path: str) -> None:
         raise InputError(f"{path}: data.pkl is not a valid pickle ({error})") from None
 
 
-def native_elements(raw: bytes, dtype: np.dtype, byteorder: str) -> np.ndarray:
-    """`raw` bytes of `byteorder` ("<" or ">") as a 1-D array of `dtype` in native order
-    (a read-only view when no swap is needed)."""
-    if byteorder == ("<" if sys.byteorder == "little" else ">") or dtype.itemsize == 1:
-        return np.frombuffer(raw, dtype)
-    if dtype.kind == "V":
-        # ml_dtypes' types have no byte-order variants: swap as unsigned ints
-        return np.frombuffer(raw, f"u{dtype.itemsize}").byteswap().view(dtype)
-    return np.frombuffer(raw, dtype.newbyteorder(byteorder)).astype(dtype)
-
-
-class _Archive:
-    """One torch.save zip: its root folder, byte order and storages (read once each)."""
-
-    def __init__(self, zf: zipfile.ZipFile, path: str):
-        self.zf, self.path = zf, path
-        names = set(zf.namelist())
-        roots = sorted({name.split("/", 1)[0] for name in names if "/" in name})
-        if any(f"{root}/constants.pkl" in names for root in roots):
-            raise InputError(
-                f"{path} is a TorchScript archive (torch.jit.save); auxtl reads state dicts: "
-                f"in PyTorch, torch.save(torch.jit.load(path).state_dict(), 'weights.pt')")
-        pickles = [root for root in roots if f"{root}/data.pkl" in names]
-        if len(pickles) != 1:
-            raise InputError(f"{path}: a torch.save zip holds one <root>/data.pkl, this one "
-                             f"holds {len(pickles)} (entries begin: {sorted(names)[:5]})")
-        self.root = pickles[0]
-        self.names = names
-        byteorder = (zf.read(f"{self.root}/byteorder").decode("ascii", "replace").strip()
-                     if f"{self.root}/byteorder" in names else "little")
-        if byteorder not in ("little", "big"):
-            raise InputError(f"{path}: byteorder must be little or big, got {byteorder!r}")
-        self.byteorder = "<" if byteorder == "little" else ">"
-        self._storages: dict[tuple[str, np.dtype], np.ndarray] = {}
-
-    def pickle_bytes(self) -> bytes:
-        return self.zf.read(f"{self.root}/data.pkl")
-
-    def storage(self, key: str, dtype: np.dtype) -> np.ndarray:
-        """The elements of storage `key` as `dtype` (native byte order), read once."""
-        if (key, dtype) not in self._storages:
-            entry = f"{self.root}/data/{key}"
-            if entry not in self.names:
-                raise InputError(f"{self.path}: storage {entry} is missing (the file is "
-                                 f"truncated or was edited); save it again")
-            raw = self.zf.read(entry)
-            if len(raw) % dtype.itemsize:
-                raise InputError(f"{self.path}: storage {entry} has {len(raw)} bytes, not a "
-                                 f"multiple of {dtype} ({dtype.itemsize} bytes)")
-            self._storages[key, dtype] = native_elements(raw, dtype, self.byteorder)
-        return self._storages[key, dtype]
-
-
-def _holds_tensor(value: Any) -> bool:
+def _holds_tensor(value: Any, known: dict[int, bool]) -> bool:
+    """Whether `value` holds a tensor at any depth; `known` caches the answer per
+    container id, so a container the pickle shares is examined once (and a cycle ends)."""
     if isinstance(value, np.ndarray):
         return True
-    if isinstance(value, dict):
-        return any(_holds_tensor(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensor(v) for v in value)
-    return False
+    if not isinstance(value, (dict, list, tuple)):
+        return False
+    if id(value) not in known:
+        known[id(value)] = False  # while in progress: a cycle holds nothing new
+        items = value.values() if isinstance(value, dict) else value
+        known[id(value)] = any(_holds_tensor(item, known) for item in items)
+    return known[id(value)]
 
 
 def flatten(obj: Any, path: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """Nested dicts (and lists/tuples holding tensors) -> ('.'-joined name -> array, in
-    order; the names of the non-tensor leaves). InputError on a name seen twice."""
+    order; the names of the non-tensor leaves). InputError on a name seen twice, and on a
+    dict or tensor-holding list/tuple reached twice (the pickle shared it: a state dict
+    never does, and walking a shared tree again at each reference takes exponential time);
+    a shared list/tuple without tensors (an optimizer's `betas`) is one leaf each time."""
     tensors: dict[str, np.ndarray] = {}
     others: list[str] = []
+    known: dict[int, bool] = {}
+    entered: set[int] = set()
+
+    def enter(value: Any, name: str) -> None:
+        if id(value) in entered:
+            raise InputError(f"{path}: the {type(value).__name__} at {name or '<root>'!r} "
+                             f"also occurs elsewhere in the saved object (it is shared or "
+                             f"contains itself); a state dict never shares containers")
+        entered.add(id(value))
 
     def walk(value: Any, name: str) -> None:
         if isinstance(value, np.ndarray):
@@ -279,9 +297,11 @@ def flatten(obj: Any, path: str) -> tuple[dict[str, np.ndarray], list[str]]:
                 raise InputError(f"{path}: tensor name {name!r} occurs twice")
             tensors[name] = value
         elif isinstance(value, dict) and value:
+            enter(value, name)
             for key, item in value.items():
                 walk(item, f"{name}.{key}" if name else str(key))
-        elif isinstance(value, (list, tuple)) and _holds_tensor(value):
+        elif isinstance(value, (list, tuple)) and _holds_tensor(value, known):
+            enter(value, name)
             for index, item in enumerate(value):
                 walk(item, f"{name}.{index}" if name else str(index))
         else:
@@ -294,18 +314,7 @@ def flatten(obj: Any, path: str) -> tuple[dict[str, np.ndarray], list[str]]:
     return tensors, others
 
 
-def _refuse_non_zip(path: str, head: bytes) -> None:
-    if head.startswith(b"PK"):
-        raise InputError(f"{path} is a damaged or truncated zip; save it again")
-    if head.startswith(b"\x80") or head[257:262] == b"ustar":
-        raise InputError(
-            f"{path} was written in torch.save's legacy format (torch < 1.6 or "
-            f"_use_new_zipfile_serialization=False), which auxtl does not read; re-save it "
-            f"with a current PyTorch: torch.save(state_dict, 'weights.pt')")
-    raise InputError(f"{path} is not a PyTorch file (neither a torch.save zip nor a pickle)")
-
-
-def load_object(path: str) -> tuple[Any, _Archive]:
+def load_object(path: str) -> tuple[Any, Archive]:
     """The object a torch.save zip holds, tensors as numpy arrays; errors as `read_torch`."""
     if not os.path.exists(path):
         raise MissingFileError(f"{path} does not exist")
@@ -314,10 +323,10 @@ def load_object(path: str) -> tuple[Any, _Archive]:
     with open(path, "rb") as handle:
         head = handle.read(512)
     if not zipfile.is_zipfile(path):
-        _refuse_non_zip(path, head)
+        refuse_non_zip(path, head)
     try:
         with zipfile.ZipFile(path) as zf:
-            archive = _Archive(zf, path)
+            archive = Archive(zf, path)
             data = archive.pickle_bytes()
             refuse_extension_opcodes(data, path)
             obj = _Unpickler(data, path, archive.storage).load()
@@ -325,6 +334,9 @@ def load_object(path: str) -> tuple[Any, _Archive]:
         raise InputError(f"{path} is a damaged zip ({error}); save it again") from None
     except (UnsafeFileError, InputError):
         raise
+    except MemoryError:
+        raise InputError(f"{path}: reading it ran out of memory (a malformed file, or "
+                         f"one too large for this machine)") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, RecursionError) as error:
         raise InputError(f"{path}: data.pkl could not be read as a torch.save pickle "
