@@ -19,8 +19,8 @@ from flax import nnx
 
 import auxtl
 from auxtl.errors import AuxtlWarning, InputError
-from auxtl.interop.keras_h5 import natural_key, read_keras
-from auxtl.interop.keras_names import KERAS, infer_config, names
+from auxtl.interop.keras_h5 import MAX_ZIP_RATIO, natural_key, read_keras
+from auxtl.interop.keras_names import KERAS, fold_conv_biases, infer_config, names
 from auxtl.interop.name_maps import get_name_map
 from auxtl.models.small_cnn import SmallCNNConfig
 
@@ -55,10 +55,9 @@ def _set(tree, path: list[str], value) -> None:
         _set(tree[key], path[1:], value)
 
 
-def _imported(path: pathlib.Path):
+def _imported(source):
     """The small_cnn trunk of the inferred config with every mapped leaf set (built
     abstract, then filled: no random initialisation to compute)."""
-    source = read_keras(path)
     config = SmallCNNConfig(**infer_config("small_cnn", source))
     graphdef, params, stats = nnx.split(
         nnx.eval_shape(lambda: auxtl.build_trunk("small_cnn", config, rngs=nnx.Rngs(0))),
@@ -134,20 +133,24 @@ def test_both_files_map_the_same_arrays_onto_every_leaf_of_the_trunk():
     mapped = names("small_cnn", config, read_keras(KERAS_FILE))
     assert mapped["batch_normalization_4/moving_variance"] == "batch_stats/layers/4/bn/var"
     assert mapped["dense/kernel"] == "params/layers/5/dense/kernel"
-    export = names("small_cnn", config, None)
-    assert export["conv2d_4/kernel"] == "params/layers/4/conv/kernel"
-    assert sorted(export.values()) == sorted(_leaves(config))
+    with pytest.raises(InputError, match="Keras export is not supported"):
+        names("small_cnn", config, None)
 
 
 def test_the_imported_trunk_computes_what_keras_computed():
     """Keras (torch backend) and XLA sum the same float32 products in different orders;
     their results differ by rounding, relative to the size of the terms summed, not of a
     near-cancelled output, so atol is rtol times the outputs' scale."""
-    trunk = _imported(KERAS_FILE)
+    got, want = _forward(read_keras(KERAS_FILE))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _forward(source):
+    """The imported trunk's outputs on the fixture inputs, and Keras's."""
     x = np.load(FIXTURES / "keras_inputs.npz")["x"]
     want = np.load(FIXTURES / "keras_small_cnn_outputs.npz")["y"]
-    got = np.asarray(nnx.jit(lambda model, x: model(x, train=False))(trunk, jnp.asarray(x)))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    trunk = _imported(source)
+    return np.asarray(nnx.jit(lambda model, x: model(x, train=False))(trunk, jnp.asarray(x))), want
 
 
 def test_a_file_that_is_not_keras_is_refused_naming_it(tmp_path):
@@ -277,3 +280,141 @@ def test_a_nested_model_reads_as_outer_inner_and_a_selected_prefix_maps(tmp_path
     assert {f"backbone/{foreign}": leaf for foreign, leaf in part.items()} == whole
     with pytest.raises(InputError, match="maps small_cnn, not 'resnet18'"):
         infer_config("resnet18", selected)
+
+
+def _move_first_pool_after_block(block: int):
+    def edit(layers):
+        pool = next(layer for layer in layers if layer["class_name"] == "MaxPooling2D")
+        layers.remove(pool)
+        relus = [i for i, layer in enumerate(layers) if layer["class_name"] == "ReLU"]
+        layers.insert(relus[block - 1] + 1, pool)
+        return layers
+    return edit
+
+
+@pytest.mark.parametrize("edit, pool_after", [
+    (_move_first_pool_after_block(1), (1, 4)),
+    (_move_first_pool_after_block(3), (3, 4)),
+    (lambda layers: [layer for layer in layers if layer["class_name"] != "MaxPooling2D"], ()),
+])
+def test_pool_after_is_read_from_where_the_config_puts_the_pools(tmp_path, edit, pool_after):
+    source = read_keras(_edited_archive(tmp_path, edit))
+    assert infer_config("small_cnn", source)["pool_after"] == pool_after
+
+
+def _biased(tmp_path, seed=0) -> pathlib.Path:
+    """The .keras fixture with a nonzero bias on every Conv2D (use_bias=True) and each
+    following moving mean raised by that bias: Keras computes (conv + b) - (mean + b),
+    the fixture's outputs, so a correct fold reproduces them and a dropped bias does not."""
+    rng = np.random.default_rng(seed)
+
+    def use_bias(layers):
+        for layer in layers:
+            if layer["class_name"] == "Conv2D":
+                layer["config"]["use_bias"] = True
+        return layers
+
+    def add_biases(f):
+        for k, suffix in enumerate(["", "_1", "_2", "_3", "_4"]):
+            mean = f[f"layers/batch_normalization{suffix}/vars/2"]
+            bias = rng.normal(size=mean.shape).astype(np.float32)
+            f.create_dataset(f"layers/conv2d{suffix}/vars/1", data=bias)
+            mean[...] = mean[...] + bias
+
+    return _edited_archive(tmp_path, use_bias, add_biases)
+
+
+def test_conv_biases_fold_into_the_moving_means_and_compute_what_keras_computed(tmp_path):
+    """Tolerance as in the unbiased forward test: the fold adds one float32 rounding of
+    (mean + b) - b per channel, far below the summation-order rounding."""
+    source = read_keras(_biased(tmp_path))
+    assert "conv2d_3/bias" in source.tensors
+    folded = fold_conv_biases(source)
+    assert not [name for name in folded.tensors if name.endswith("/bias")
+                and name.startswith("conv2d")]
+    assert folded.info["notes"][0] == "conv2d/bias folded into batch_normalization/moving_mean"
+    assert len(folded.info["notes"]) == 5 and "notes" not in source.info
+    assert set(names("small_cnn", SmallCNNConfig(widths=WIDTHS, fc_dim=32), folded)) == set(
+        folded.tensors)
+    got, want = _forward(folded)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    dropped, _ = _forward(source)   # the bias left out of the map: outputs shift
+    assert not np.allclose(dropped, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_fold_reads_unnamed_variables_and_leaves_a_bias_free_source_alone(tmp_path):
+    path = tmp_path / "bias.weights.h5"
+    shutil.copy(WEIGHTS_FILE, path)
+    with h5py.File(path, "r+") as f:
+        f.create_dataset("layers/conv2d_2/vars/1", data=np.ones(16, np.float32))
+    source = read_keras(path)
+    folded = fold_conv_biases(source)
+    assert set(source.tensors) - set(folded.tensors) == {"conv2d_2/vars/1"}
+    np.testing.assert_array_equal(folded.tensors["batch_normalization_2/vars/2"],
+                                  source.tensors["batch_normalization_2/vars/2"] - 1)
+    assert folded.info["notes"] == ["conv2d_2/vars/1 folded into batch_normalization_2/vars/2"]
+    plain = read_keras(WEIGHTS_FILE)
+    assert fold_conv_biases(plain) is plain
+
+
+def _weights_copy(tmp_path) -> pathlib.Path:
+    path = tmp_path / "m.weights.h5"
+    shutil.copy(WEIGHTS_FILE, path)
+    return path
+
+
+def _external_link(f, tmp_path):
+    other = tmp_path / "secret.h5"
+    with h5py.File(other, "w") as g:
+        g.create_dataset("data", data=np.arange(4.0))
+    f["layers/conv2d/vars/extra"] = h5py.ExternalLink(str(other), "/data")
+
+
+def _soft_link(f, tmp_path):
+    f["layers/conv2d/vars/extra"] = h5py.SoftLink("/layers/conv2d_1/vars/0")
+
+
+def _external_storage(f, tmp_path):
+    (tmp_path / "raw.bin").write_bytes(bytes(64))
+    f.create_dataset("layers/conv2d/vars/extra", shape=(8,), dtype="f8",
+                     external=[(str(tmp_path / "raw.bin"), 0, 64)])
+
+
+def _virtual(f, tmp_path):
+    layout = h5py.VirtualLayout(shape=(8,), dtype="f4")
+    layout[:] = h5py.VirtualSource(str(tmp_path / "elsewhere.h5"), "data", shape=(8,))
+    f["layers/conv2d"].create_virtual_dataset("vars/extra", layout)
+
+
+def _huge(f, tmp_path):
+    f.create_dataset("layers/conv2d/vars/extra", shape=(32768, 32768), dtype="f4")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_external_link, r"/layers/conv2d/vars/extra is a ExternalLink"),
+    (_soft_link, r"/layers/conv2d/vars/extra is a SoftLink"),
+    (_external_storage, r"dataset /layers/conv2d/vars/extra keeps its bytes outside.*external"),
+    (_virtual, r"dataset /layers/conv2d/vars/extra keeps its bytes outside.*virtual"),
+    (_huge, r"dataset /layers/conv2d/vars/extra declares shape \(32768, 32768\)"),
+])
+def test_links_outside_storage_and_unwritten_giants_are_refused(tmp_path, edit, message):
+    path = _weights_copy(tmp_path)
+    with h5py.File(path, "r+") as f:
+        edit(f, tmp_path)
+    with pytest.raises(InputError, match=r"m\.weights\.h5: HDF5 .*" + message):
+        read_keras(path)
+
+
+def test_a_keras_archive_checks_its_embedded_weights_and_its_zip_ratio(tmp_path):
+    archive = _edited_archive(tmp_path, lambda layers: layers, lambda f: _huge(f, tmp_path))
+    with pytest.raises(InputError, match=r"edited\.keras: HDF5 dataset .*more than the \d+ "
+                                         r"bytes of the HDF5 file"):
+        read_keras(archive)
+    bomb = tmp_path / "bomb.keras"
+    size = MAX_ZIP_RATIO * 2000
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        out.writestr("model.weights.h5", bytes(size))
+    assert bomb.stat().st_size * MAX_ZIP_RATIO < size
+    with pytest.raises(InputError, match=rf"bomb\.keras: its model\.weights\.h5 declares {size} "
+                                         r"bytes.*zip bomb"):
+        read_keras(bomb)

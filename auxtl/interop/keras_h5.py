@@ -16,6 +16,15 @@ layer order; without a config, in natural order of the path names, which is mode
 per class (HDF5 lists names alphabetically, conv2d_10 before conv2d_9). Keras's kernels
 are HWIO and (in, out), Flax's layout. Nothing in the file is executed: no Keras, no
 pickle, JSON and HDF5 datasets only.
+
+A weights file is untrusted, so before any array is read the whole HDF5 tree is walked
+without following links: every link must be a hard link (an external or soft link could
+pull in another file on disk or loop), no dataset may keep its bytes outside the file
+(external raw storage, virtual datasets), and no dataset may declare more bytes than the
+HDF5 file holds (a tiny file can declare a huge unwritten dataset, which reading would
+allocate). Keras writes none of these, so this refuses nothing Keras saved uncompressed;
+the `.keras` zip's weights entry may not declare more than MAX_ZIP_RATIO times the
+archive's size (a zip bomb). Each refusal is an InputError naming the path and object.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from auxtl.errors import InputError, MissingFileError
 from auxtl.interop.source import Source
 
 WEIGHTS_ENTRY = "model.weights.h5"
+# Float weights barely compress; a larger inflation than this is a zip bomb, not weights.
+MAX_ZIP_RATIO = 100
 
 def _variable_names(class_name: str, config: dict[str, Any]) -> list[str] | None:
     """The variables Keras creates for a layer, in creation order, where its class and
@@ -114,12 +125,53 @@ def _h5_layers(group: h5py.Group, path: str = "", name: str = ""
     return found
 
 
+def _checked_tree(path: pathlib.Path, group: h5py.Group, file_bytes: int) -> None:
+    """InputError naming `path` and the object unless every link under `group` is a hard
+    link and every dataset keeps at most `file_bytes` declared bytes inside the file.
+    Follows no link before checking it; visits each object once (hard links may loop)."""
+    seen, pending = {group.id}, [group]
+    while pending:
+        current = pending.pop()
+        for key in current:
+            where = f"{current.name.rstrip('/')}/{key}"
+            link = current.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise InputError(f"{path}: HDF5 object {where} is a {type(link).__name__}, "
+                                 f"not stored in the file; refused (Keras writes hard links only)")
+            child = current[key]
+            if child.id in seen:
+                continue
+            seen.add(child.id)
+            if isinstance(child, h5py.Group):
+                pending.append(child)
+            elif isinstance(child, h5py.Dataset):
+                _checked_dataset(path, child, where, file_bytes)
+
+
+def _checked_dataset(path: pathlib.Path, dataset: h5py.Dataset, where: str,
+                     file_bytes: int) -> None:
+    if dataset.external or dataset.is_virtual:
+        raise InputError(f"{path}: HDF5 dataset {where} keeps its bytes outside the file "
+                         f"({'virtual' if dataset.is_virtual else 'external storage'}); refused")
+    declared = int(np.prod(dataset.shape or (), dtype=np.int64)) * dataset.dtype.itemsize
+    if declared > file_bytes:
+        raise InputError(f"{path}: HDF5 dataset {where} declares shape {dataset.shape} "
+                         f"{dataset.dtype} ({declared} bytes), more than the {file_bytes} "
+                         f"bytes of the HDF5 file holding it; refused")
+
+
 def _read_archive(path: pathlib.Path) -> tuple[bytes, dict | None, dict | None]:
     with zipfile.ZipFile(path) as archive:
         entries = set(archive.namelist())
         if WEIGHTS_ENTRY not in entries:
             raise InputError(f"{path}: a zip without {WEIGHTS_ENTRY}, so no Keras weights inside "
                              f"(entries: {', '.join(sorted(entries)[:8])})")
+        declared = archive.getinfo(WEIGHTS_ENTRY).file_size
+        limit = MAX_ZIP_RATIO * path.stat().st_size
+        if declared > limit:
+            raise InputError(f"{path}: its {WEIGHTS_ENTRY} declares {declared} bytes, more than "
+                             f"{MAX_ZIP_RATIO} times the archive's size ({limit}); a zip bomb, "
+                             f"refused")
         config, metadata = (_json(path, archive, entry) if entry in entries else None
                             for entry in ("config.json", "metadata.json"))
         return archive.read(WEIGHTS_ENTRY), config, metadata
@@ -170,7 +222,8 @@ def read_keras(path: str | pathlib.Path) -> Source:
     as epsilon, padding, strides, pool_size), absent without a config; "keras_version"
     from metadata.json when present; "layer_order": "config" or "natural" (no config).
     Raises MissingFileError if `path` does not exist, InputError naming the path if it
-    is neither a zip nor HDF5, holds no weights, or is not laid out as Keras 3 writes.
+    is neither a zip nor HDF5, holds no weights, is not laid out as Keras 3 writes, or
+    fails the checks of an untrusted file (module docstring).
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -179,13 +232,15 @@ def read_keras(path: str | pathlib.Path) -> Source:
     if zipfile.is_zipfile(path):
         payload, config, metadata = _read_archive(path)
         weights: Any = io.BytesIO(payload)
+        file_bytes = len(payload)
     elif h5py.is_hdf5(path):
-        weights = path
+        weights, file_bytes = path, path.stat().st_size
     else:
         raise InputError(f"{path}: not a Keras file (neither a .keras zip nor an HDF5 "
                          f".weights.h5)")
     try:
         with h5py.File(weights, "r") as h5_file:
+            _checked_tree(path, h5_file, file_bytes)
             layers = _layer_arrays(path, h5_file)
     except OSError as error:
         raise InputError(f"{path}: its Keras weights are not readable HDF5 ({error})") from error

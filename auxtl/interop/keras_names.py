@@ -5,11 +5,12 @@ The Keras model must be small_cnn's shape: blocks Conv2D(3x3, stride 1, padding 
 Dense with ReLU (InputLayer and Dropout, identities at inference, may sit anywhere).
 Keras's "same" at stride 1 with an odd kernel pads symmetrically, as auxtl's "same" does.
 The k-th Conv2D and BatchNormalization become layers/k/conv and layers/k/bn, the Dense
-layers/<number of convs>/dense. A conv's bias (use_bias=True) has no auxtl leaf: it is
-left out of the map, so the strict importer names it as surplus (--ignore drops it);
-likewise a BatchNormalization without gamma or beta leaves an auxtl leaf unmapped, for
-the importer to name as missing. A nested model's layers ("backbone/conv2d") map as
-they are or after `Source.select("backbone/")`.
+layers/<number of convs>/dense. A conv's bias (use_bias=True, Keras's default) has no
+auxtl leaf: `fold_conv_biases` folds it into the next BatchNormalization's moving mean
+(exact, see there) before mapping; a bias not folded is left out of the map, so the
+strict importer names it as surplus. Likewise a BatchNormalization without gamma or
+beta leaves an auxtl leaf unmapped, for the importer to name as missing. A nested
+model's layers ("backbone/conv2d") map as they are or after `Source.select("backbone/")`.
 
 Without a config (a `.weights.h5` alone) the layers' kinds come from their arrays (4-D
 kernel: Conv2D; 2-D: Dense; four vectors: BatchNormalization) in the reader's order
@@ -189,15 +190,11 @@ def _from_arrays(source: Source) -> KerasCNN:
     return KerasCNN(tuple(kinds["conv"]), tuple(kinds["bn"]), kinds["dense"][0], None, None)
 
 
-def keras_cnn(model: str, source: Source | None) -> KerasCNN | None:
-    """The source's small-CNN structure (None without a source), from its config when it
-    has one; InputError naming the Keras layer that does not fit, or the model if it is
-    not small_cnn."""
+def keras_cnn(model: str, source: Source) -> KerasCNN:
+    """The source's small-CNN structure, from its config when it has one; InputError
+    naming the Keras layer that does not fit, or the model if it is not small_cnn."""
     if model != "small_cnn":
-        raise InputError(f"{source.path if source else 'export'}: the keras name map maps "
-                         f"small_cnn, not {model!r}")
-    if source is None:
-        return None
+        raise InputError(f"{source.path}: the keras name map maps small_cnn, not {model!r}")
     return _from_config(source) if "layers" in source.info else _from_arrays(source)
 
 
@@ -236,32 +233,21 @@ def _widths(config: Any) -> tuple[int, ...]:
     return tuple(config["widths"] if isinstance(config, dict) else config.widths)
 
 
-def _export_layers(config: Any) -> tuple[dict[str, list[str]], KerasCNN]:
-    """The names a fresh Keras session gives small_cnn's layers and variables (export,
-    where there is no source)."""
-    def numbered(base: str) -> tuple[str, ...]:
-        return tuple(base if i == 0 else f"{base}_{i}" for i in range(len(_widths(config))))
-
-    cnn = KerasCNN(numbered("conv2d"), numbered("batch_normalization"), "dense", None, None)
-    layers = {conv: [f"{conv}/kernel"] for conv in cnn.convs}
-    layers.update({bn: [f"{bn}/{role}" for role in _ROLES["bn"]] for bn in cnn.bns})
-    layers[cnn.dense] = ["dense/kernel", "dense/bias"]
-    return layers, cnn
-
-
 def _role(kind: str, foreign: str, index: int) -> str:
     """A variable's Keras name: its own, or by position for an unnamed vars/<i>."""
     return _ROLES[kind][index] if re.search(r"/vars/\d+$", foreign) else foreign.rsplit("/", 1)[1]
 
 
 def names(model: str, config: Any, source: Source | None) -> dict[str, str]:
-    """{foreign name: auxtl leaf} for small_cnn built from `config`; a conv bias and any
-    variable without an auxtl leaf are left out (the importer reports them). Without a
-    source, the names a fresh Keras session would give the layers."""
-    cnn = keras_cnn(model, source)
-    layers, cnn = _export_layers(config) if cnn is None else (_variables(source), cnn)
+    """{foreign name: auxtl leaf} for small_cnn built from `config`; a conv bias not
+    folded (`fold_conv_biases`) and any variable without an auxtl leaf are left out (the
+    importer reports them). InputError without a source: Keras export is not supported."""
+    if source is None:
+        raise InputError(f"{model}: the keras name map only imports; Keras export is not "
+                         f"supported (export writes torch names)")
+    cnn, layers = keras_cnn(model, source), _variables(source)
     if len(cnn.convs) != len(_widths(config)):
-        raise InputError(f"{source.path if source else 'export'}: the Keras model has "
+        raise InputError(f"{source.path}: the Keras model has "
                          f"{len(cnn.convs)} Conv2D layers, the small_cnn config "
                          f"{len(_widths(config))} widths")
     where = {layer: ("conv", k) for k, layer in enumerate(cnn.convs)}
@@ -274,6 +260,46 @@ def names(model: str, config: Any, source: Source | None) -> dict[str, str]:
             if role in _LEAVES[kind]:
                 mapping[foreign] = _LEAVES[kind][role].format(k=k)
     return mapping
+
+
+def _variable(source: Source, layer: str, kind: str, role: str) -> str | None:
+    """The foreign name of `layer`'s variable playing `role`, None if it has none."""
+    variables = _variables(source).get(layer, [])
+    return next((foreign for i, foreign in enumerate(variables)
+                 if i < len(_ROLES[kind]) and _role(kind, foreign, i) == role), None)
+
+
+def fold_conv_biases(source: Source, model: str = "small_cnn") -> Source:
+    """`source` with each Conv2D's bias folded into the BatchNormalization after it: the
+    bias removed and that BN's moving_mean replaced by moving_mean - bias, one note per
+    fold appended to info["notes"] ("conv2d/bias folded into
+    batch_normalization/moving_mean"). A source without conv biases comes back unchanged.
+
+    Exact in inference: the BN computes (conv + b - mean) / sqrt(var + eps) * gamma +
+    beta, and conv + b - mean = conv - (mean - b) (in float the same up to one rounding
+    of the subtraction). In training the BN subtracts the batch mean, which includes b,
+    so the bias has no effect there either and dropping it loses nothing. small_cnn's
+    convs have no bias, so without the fold the bias would be surplus, and ignoring it
+    would shift every output of its BN by gamma * b / sqrt(var + eps).
+    InputError if a bias and the moving mean differ in shape, or the source is not a
+    small CNN (`keras_cnn`)."""
+    cnn = keras_cnn(model, source)
+    tensors, notes = dict(source.tensors), []
+    for conv, bn in zip(cnn.convs, cnn.bns):
+        bias, mean = _variable(source, conv, "conv", "bias"), _variable(source, bn, "bn",
+                                                                        "moving_mean")
+        if bias is None or mean is None:
+            continue
+        if tensors[bias].shape != tensors[mean].shape:
+            raise InputError(f"{source.path}: Keras bias {bias} has shape "
+                             f"{tensors[bias].shape}, the moving mean {mean} after it "
+                             f"{tensors[mean].shape}; cannot fold one into the other")
+        tensors[mean] = tensors[mean] - tensors.pop(bias).astype(tensors[mean].dtype)
+        notes.append(f"{bias} folded into {mean}")
+    if not notes:
+        return source
+    info = {**source.info, "notes": list(source.info.get("notes", [])) + notes}
+    return dataclasses.replace(source, tensors=tensors, info=info)
 
 
 KERAS = register_name_map(NameMap(
