@@ -19,6 +19,7 @@ from flax import nnx
 
 import auxtl
 from auxtl.errors import AuxtlWarning, InputError
+from auxtl.interop.importer import import_trunk
 from auxtl.interop.keras_h5 import MAX_ZIP_RATIO, natural_key, read_keras
 from auxtl.interop.keras_names import KERAS, fold_conv_biases, infer_config, names
 from auxtl.interop.name_maps import get_name_map
@@ -340,6 +341,17 @@ def test_conv_biases_fold_into_the_moving_means_and_compute_what_keras_computed(
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     dropped, _ = _forward(source)   # the bias left out of the map: outputs shift
     assert not np.allclose(dropped, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_the_importer_folds_keras_conv_biases_and_records_it(tmp_path):
+    result = import_trunk(_biased(tmp_path), model="small_cnn", out=tmp_path / "trunk")
+    notes = auxtl.read_metadata(tmp_path / "trunk").imported["notes"]
+    assert "conv2d/bias folded into batch_normalization/moving_mean" in notes
+    assert result.report.counts()["unused"] == 0
+    with np.load(FIXTURES / "keras_inputs.npz") as x, \
+            np.load(FIXTURES / "keras_small_cnn_outputs.npz") as y:
+        got, want = np.asarray(nnx.jit(lambda t, v: t(v))(result.trunk, x["x"])), y["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_fold_reads_unnamed_variables_and_leaves_a_bias_free_source_alone(tmp_path):

@@ -261,6 +261,8 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     auto_prefix = prefix is None
     chosen, prefix = choose_map(source, model, name_map, prefix)
     selected = source.select(prefix)
+    if chosen.prepare is not None:
+        selected = chosen.prepare(selected, model)
     outside = [(name, tuple(array.shape)) for name, array in source.tensors.items()
                if not name.startswith(prefix)] if prefix else []
     if outside and auto_prefix:
@@ -277,6 +279,7 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     notes = [str(w.message) for w in caught if issubclass(w.category, AuxtlWarning)]
+    notes += list(selected.info.get("notes", []))
     # What an auxtl export recorded wins over what the arrays suggest (padding, epsilon
     # cannot be read off arrays); --model-arg wins over both.
     values = {**inferred, **rule_maps.recorded_config(model, selected), **dict(model_args or {})}

@@ -305,4 +305,4 @@ def fold_conv_biases(source: Source, model: str = "small_cnn") -> Source:
 KERAS = register_name_map(NameMap(
     name="keras", models=("small_cnn",), layout="flax",
     recognizes=lambda source: source.format == "keras",
-    infer_config=infer_config, names=names))
+    infer_config=infer_config, names=names, prepare=fold_conv_biases))

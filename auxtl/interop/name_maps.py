@@ -36,6 +36,9 @@ class NameMap:
         the reader's.
       ignore: regexes of foreign names the scheme drops by design (a classifier head,
         num_batches_tracked), each with the reason shown in the report.
+      prepare: prepare(source, model) -> Source, exact rewrites before matching (a Keras
+        conv bias folded into the BatchNorm mean after it), each stated in
+        info["notes"]; None: none.
     """
 
     name: str
@@ -45,6 +48,7 @@ class NameMap:
     names: Callable[[str, Any, Source | None], dict[str, str]]
     layout: str | None = None
     ignore: tuple[tuple[str, str], ...] = ()
+    prepare: Callable[[Source, str], Source] | None = None
 
     def __post_init__(self):
         if self.layout is not None and self.layout not in LAYOUTS:
