@@ -128,7 +128,9 @@ def test_a_keras_trunk_imports_and_computes_what_keras_computed(file, tmp_path):
 
 
 def test_an_imported_torch_trunk_transfers_and_searches_end_to_end(tmp_path, capsys):
-    """Imported at 16 px (cheap here), onto 8x8 grey digits: resized, channels adapted."""
+    """Imported at 16 px (cheap here), onto 8x8 grey digits: resized, channels adapted;
+    `auxtl transfer` trains a head on it, `--search` fine-tunes it (head, then all) with
+    scratch beside it."""
     trunk = str(tmp_path / "trunk")
     assert cli.main(["import", str(FIXTURES / "resnet18_w8.pt"), "--model", "resnet18",
                      "--input-shape", "16,16,3", "--out", trunk, "--quiet"]) == 0
@@ -143,5 +145,7 @@ def test_an_imported_torch_trunk_transfers_and_searches_end_to_end(tmp_path, cap
                               "--search", "--search-reuse", "5", "--search-unfreeze",
                               "0,all"]) == 0
     out = capsys.readouterr().out
-    assert "picked on validation: K=5" in out
-    assert json.loads((tmp_path / "s" / "search.json").read_text())
+    assert "resizing digits images 8x8 -> 16x16" in out and "picked on validation: K=5" in out
+    result = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert len(result["grid"]) == 2 and result["config"]["trunk"] == trunk
+    assert result["resize"]["to"] == [16, 16] and len(result["scratch_accuracies"]) == 2
