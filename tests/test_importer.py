@@ -124,6 +124,9 @@ def test_bad_input_is_named_before_anything_is_written(npz, tmp_path):
     with pytest.raises(InputError, match="input shape"):
         import_trunk(npz, model="small_cnn", model_args={**SMALL, "in_channels": 1},
                      input_shape=(28, 28, 3))
+    with pytest.raises(InputError, match="normalisation has 3 channel"):
+        import_trunk(npz, model="small_cnn", model_args=SMALL,
+                     normalization=auxtl.Normalization((0.5,) * 3, (0.2,) * 3))
     (tmp_path / "taken").mkdir()
     with pytest.raises(InputError, match="overwrite"):
         import_trunk(npz, model="small_cnn", model_args=SMALL, out=tmp_path / "taken")

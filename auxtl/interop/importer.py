@@ -32,8 +32,8 @@ from auxtl.interop.name_maps import NAME_MAPS, NameMap, flat_leaves, get_name_ma
 from auxtl.interop.readers import read_source
 from auxtl.interop.report import ImportReport, LeafRecord, mismatch_error
 from auxtl.interop.source import LAYOUTS, Source
-from auxtl.trunk_metadata import TrunkMetadata
 from auxtl.models import build_trunk, config_to_json, make_config, model_entry
+from auxtl.trunk_metadata import TrunkMetadata
 
 # Wrappers training code puts around a state dict: tried in turn when no prefix is given.
 WRAPPERS = ("state_dict.", "model.", "module.", "state_dict.module.", "model.module.",
@@ -284,6 +284,17 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     # cannot be read off arrays); --model-arg wins over both.
     values = {**inferred, **rule_maps.recorded_config(model, selected), **dict(model_args or {})}
     config = make_config(model, tuple(input_shape) if input_shape else None, **values)
+    shape = tuple(input_shape) if input_shape else _default_input_shape(model, config, selected)
+    if len(shape) != 3 or shape[-1] != config.in_channels:
+        raise InputError(f"input shape {shape} does not fit the imported {model} trunk, which "
+                         f"reads {config.in_channels} channel(s) (give H,W,C)")
+    if normalization is None:
+        normalization, why = _default_normalization(chosen, selected, shape[-1])
+    elif len(normalization.mean) != shape[-1]:
+        raise InputError(f"the normalisation has {len(normalization.mean)} channel(s), the "
+                         f"trunk reads {shape[-1]}")
+    else:
+        why = "given"
     # Strict: every leaf comes from the file, so the module's structure is enough.
     build = lambda: build_trunk(model, config, rngs=nnx.Rngs(seed))  # noqa: E731
     trunk = nnx.eval_shape(build) if strict else build()
@@ -301,14 +312,6 @@ def import_trunk(src, *, model: str, format: str | None = None, out=None,
     trunk = nnx.merge(graphdef, params, stats)
     report = ImportReport(str(src), source.format, file_sha256(src), model, chosen.name, prefix,
                           layout, strict, tuple(records))
-    shape = tuple(input_shape) if input_shape else _default_input_shape(model, config, selected)
-    if len(shape) != 3 or shape[-1] != config.in_channels:
-        raise InputError(f"input shape {shape} does not fit the imported {model} trunk, which "
-                         f"reads {config.in_channels} channel(s) (give H,W,C)")
-    if normalization is None:
-        normalization, why = _default_normalization(chosen, selected, shape[-1])
-    else:
-        why = "given"
     metadata = trunk_metadata(trunk, config_json=config_to_json(config), input_shape=shape,
                               normalization=normalization, tasks=[],
                               extra={"imported": {**report.to_json(), "normalization": why,

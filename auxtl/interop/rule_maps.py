@@ -19,6 +19,7 @@ from auxtl.errors import InputError
 from auxtl.interop.name_maps import NameMap, register_name_map
 from auxtl.interop.source import Source
 
+
 def _is_auxtl(source: Source) -> bool:
     """Some names are auxtl leaves (the others are then named as surplus, not guessed at)."""
     return any(name.startswith("params/") for name in source.tensors)
