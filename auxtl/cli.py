@@ -15,13 +15,14 @@ from auxtl.bench.transfer import main as transfer_main
 from auxtl.checkpoints import read_metadata
 from auxtl.data import load_dataset
 from auxtl.cli_interop import add_export_parser, add_import_parser
-from auxtl.cli_configs import (parse_task_flags, pretrain_config_from_args,
-                               search_space_from_args, transfer_config_from_args)
+from auxtl.cli_configs import (add_model_module, load_model_modules, parse_task_flags,
+                               pretrain_config_from_args, search_space_from_args,
+                               transfer_config_from_args)
 from auxtl.errors import AuxtlError, AuxtlWarning, InputError
 from auxtl.finetune import HEAD_INITS
 from auxtl.finetune_step import AUGMENTS
 from auxtl.freezing import PHASES_GRAMMAR, check_phases
-from auxtl.models import list_models, load_model_module
+from auxtl.models import list_models
 from auxtl.optim import FINETUNE_SCHEDULES
 from auxtl.parallel import initialize_distributed
 from auxtl.pretrain import PretrainConfig, run_pretraining
@@ -39,12 +40,6 @@ def _load_task_modules(paths: list[str]) -> None:
         load_task_module(path)
 
 
-def _load_model_modules(paths: list[str]) -> None:
-    """Imports each --model-module file, so the models it registers have names."""
-    for path in paths:
-        load_model_module(path)
-
-
 def cmd_tasks(args: argparse.Namespace) -> int:
     _load_task_modules(args.task_module)
     names = list_tasks()
@@ -57,13 +52,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    _load_model_modules(args.model_module)
+    load_model_modules(args.model_module)
     print("\n".join(list_models()))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    _load_model_modules(args.model_module)
+    load_model_modules(args.model_module)
     print(json.dumps(read_metadata(args.path).to_json(), indent=2))
     return 0
 
@@ -72,7 +67,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.coordinator:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     _load_task_modules(args.task_module)
-    _load_model_modules(args.model_module)
+    load_model_modules(args.model_module)
     config = pretrain_config_from_args(args)
     result = run_pretraining(config)
     held_out = result.eval_metrics
@@ -105,7 +100,7 @@ def cmd_search(args: argparse.Namespace, config: TransferConfig, space: SearchSp
 def cmd_transfer(args: argparse.Namespace) -> int:
     config = transfer_config_from_args(args)   # flags checked before anything loads
     space = search_space_from_args(args)
-    _load_model_modules(args.model_module)     # a user's trunk, rebuilt from the checkpoint
+    load_model_modules(args.model_module)     # a user's trunk, rebuilt from the checkpoint
     if space is not None:
         return cmd_search(args, config, space)
     reused = reused_layers(read_metadata(config.trunk), config.target)
@@ -148,12 +143,6 @@ def _interval(stats: dict) -> str:
     return f"{stats['mean']:.4f} (95% CI {stats['low']:.4f} .. {stats['high']:.4f})"
 
 
-def _add_model_module(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-module", action="append", default=[], metavar="PATH",
-                        help="a Python file registering extra models with "
-                             "auxtl.register_model (repeatable)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig()
     opt = recipes.pretrain_optimizer()
@@ -167,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.set_defaults(func=cmd_tasks)
 
     models = sub.add_parser("models", help="list trunk architectures")
-    _add_model_module(models)
+    add_model_module(models)
     models.set_defaults(func=cmd_models)
 
     add_import_parser(sub)
@@ -175,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="print a trunk checkpoint's metadata")
     inspect.add_argument("path")
-    _add_model_module(inspect)
+    add_model_module(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("pretrain", help="pretrain a trunk on auxiliary tasks")
@@ -192,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mnist5k | digits | npz:PATH | folder:PATH")
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
-    _add_model_module(p)
+    add_model_module(p)
     p.add_argument("--steps", type=int, default=defaults.steps,
                    help=f"training steps (or give --epochs; default: "
                         f"{recipes.PRETRAIN_EPOCHS:g} epochs)")
@@ -227,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("transfer", help="transplant a trunk's lower layers and fine-tune")
     t.add_argument("--trunk", required=True, help="trunk checkpoint folder")
-    _add_model_module(t)
+    add_model_module(t)
     t.add_argument("--reuse", default="all", help="how many of the lowest layers to reuse, or 'all'")
     t.add_argument("--top", default="drop", choices=["drop", "replace"],
                    help="drop the layers above --reuse, or keep them freshly initialised")

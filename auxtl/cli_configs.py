@@ -12,11 +12,25 @@ from auxtl import recipes
 from auxtl.errors import InputError
 from auxtl.finetune import FinetuneConfig
 from auxtl.freezing import parse_phases
+from auxtl.models import load_model_module
 from auxtl.models.target import TargetSpec
 from auxtl.optim import OptimizerConfig
 from auxtl.pretrain import PretrainConfig, TaskConfig
 from auxtl.search import SearchSpace
 from auxtl.transfer import TransferConfig
+
+
+def add_model_module(parser: argparse.ArgumentParser) -> None:
+    """--model-module PATH (repeatable): files registering extra models."""
+    parser.add_argument("--model-module", action="append", default=[], metavar="PATH",
+                        help="a Python file registering extra models with "
+                             "auxtl.register_model (repeatable)")
+
+
+def load_model_modules(paths: list[str]) -> None:
+    """Imports each --model-module file, so the models it registers have names."""
+    for path in paths:
+        load_model_module(path)
 
 
 def _parse_value(text: str) -> Any:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from auxtl.cli_configs import parse_key_values
+from auxtl.cli_configs import add_model_module, load_model_modules, parse_key_values
 from auxtl.data import Normalization
 from auxtl.errors import InputError
 from auxtl.interop.exporter import EXPORT_FORMATS, export_trunk
 from auxtl.interop.importer import import_trunk
 from auxtl.interop.layout import LAYOUTS
 from auxtl.interop.readers import FORMATS
-from auxtl.models import load_model_module
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -41,8 +40,7 @@ def parse_normalization(mean: str | None, std: str | None) -> Normalization | No
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    for path in args.model_module:
-        load_model_module(path)
+    load_model_modules(args.model_module)
     result = import_trunk(
         args.src, model=args.model, format=args.format, out=args.out, name_map=args.map,
         ignore=args.ignore, prefix=args.prefix,
@@ -96,14 +94,12 @@ def add_import_parser(sub) -> None:
                    help="the fresh initialisation of missing leaves under --no-strict")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at --out")
     p.add_argument("--quiet", action="store_true", help="print the summary, not every leaf")
-    p.add_argument("--model-module", action="append", default=[], metavar="PATH",
-                   help="a Python file registering extra models (repeatable)")
+    add_model_module(p)
     p.set_defaults(func=cmd_import)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    for path in args.model_module:
-        load_model_module(path)
+    load_model_modules(args.model_module)
     report = export_trunk(args.trunk, args.out, format=args.format, overwrite=args.overwrite)
     print(f"exported {report.count} arrays of {args.trunk} as {report.format} to {report.path}")
     return 0
@@ -119,6 +115,5 @@ def add_export_parser(sub) -> None:
                         "and layout, for load_state_dict(..., strict=False)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace a file at --out")
-    p.add_argument("--model-module", action="append", default=[], metavar="PATH",
-                   help="a Python file registering extra models (repeatable)")
+    add_model_module(p)
     p.set_defaults(func=cmd_export)

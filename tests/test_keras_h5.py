@@ -171,12 +171,17 @@ def test_a_file_that_is_not_keras_is_refused_naming_it(tmp_path):
         read_keras(legacy)
 
 
-def test_a_conv_bias_is_left_out_of_the_map_for_the_importer_to_name(tmp_path):
+def _with_third_conv_bias(tmp_path, value: float) -> pathlib.Path:
+    """The .weights.h5 fixture with a bias (all `value`) on its third Conv2D."""
     path = tmp_path / "bias.weights.h5"
     shutil.copy(WEIGHTS_FILE, path)
     with h5py.File(path, "r+") as f:
-        f.create_dataset("layers/conv2d_2/vars/1", data=np.zeros(16, np.float32))
-    source = read_keras(path)
+        f.create_dataset("layers/conv2d_2/vars/1", data=np.full(16, value, np.float32))
+    return path
+
+
+def test_a_conv_bias_is_left_out_of_the_map_for_the_importer_to_name(tmp_path):
+    source = read_keras(_with_third_conv_bias(tmp_path, 0.0))
     mapping = names("small_cnn", SmallCNNConfig(widths=WIDTHS, fc_dim=32), source)
     assert set(source.tensors) - set(mapping) == {"conv2d_2/vars/1"}
 
@@ -355,11 +360,7 @@ def test_the_importer_folds_keras_conv_biases_and_records_it(tmp_path):
 
 
 def test_fold_reads_unnamed_variables_and_leaves_a_bias_free_source_alone(tmp_path):
-    path = tmp_path / "bias.weights.h5"
-    shutil.copy(WEIGHTS_FILE, path)
-    with h5py.File(path, "r+") as f:
-        f.create_dataset("layers/conv2d_2/vars/1", data=np.ones(16, np.float32))
-    source = read_keras(path)
+    source = read_keras(_with_third_conv_bias(tmp_path, 1.0))
     folded = fold_conv_biases(source)
     assert set(source.tensors) - set(folded.tensors) == {"conv2d_2/vars/1"}
     np.testing.assert_array_equal(folded.tensors["batch_normalization_2/vars/2"],

@@ -59,3 +59,22 @@ def test_frozen_layers_keep_their_batch_statistics_in_training_mode():
         np.testing.assert_array_equal(before["layers"][index]["bn"]["mean"],
                                       after["layers"][index]["bn"]["mean"])
     assert not np.array_equal(before["layers"][2]["bn"]["mean"], after["layers"][2]["bn"]["mean"])
+
+
+def test_torch_padding_pads_strided_windows_symmetrically_and_bad_options_are_named():
+    """At stride 2 on an even input XLA's SAME pads (0, 1), PyTorch (1, 1): the outputs
+    have the same size but other values; at stride 1 the two paddings agree."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 3)), jnp.float32)
+    same, torch = (auxtl.build_trunk("resnet18", rngs=nnx.Rngs(0), width=4, stage_sizes=(1, 1),
+                                     padding=padding) for padding in ("same", "torch"))
+    assert torch.layers[2].conv1.padding == ((1, 1), (1, 1)) and same.layers[2].conv1.padding == "SAME"
+    low_same, low_torch = same.apply_layers(x, stop=2), torch.apply_layers(x, stop=2)
+    assert np.array_equal(low_same, low_torch)                  # stride 1: the same windows
+    # the strided conv (same weights: same seed and shapes): same size, shifted windows
+    high_same, high_torch = same.layers[2].conv1(low_same), torch.layers[2].conv1(low_torch)
+    assert high_same.shape == high_torch.shape == (1, 4, 4, 8)
+    assert not np.allclose(high_same, high_torch)
+    with pytest.raises(auxtl.BadParameterError, match="padding must be one of same, torch"):
+        auxtl.build_trunk("small_cnn", rngs=nnx.Rngs(0), padding="valid")
+    with pytest.raises(auxtl.BadParameterError, match="epsilon must be positive"):
+        auxtl.build_trunk("small_cnn", rngs=nnx.Rngs(0), bn_epsilon=0.0)

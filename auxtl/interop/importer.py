@@ -38,9 +38,6 @@ from auxtl.trunk_metadata import TrunkMetadata
 # Wrappers training code puts around a state dict: tried in turn when no prefix is given.
 WRAPPERS = ("state_dict.", "model.", "module.", "state_dict.module.", "model.module.",
             "model_state_dict.", "trunk/", "params/")
-IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-# The normalisation a name map's weights were trained with, where it is a convention.
-MAP_NORMALIZATION = {"torchvision": IMAGENET}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +129,7 @@ def _default_normalization(chosen: NameMap, source: Source, channels: int):
     recorded = source.info.get("auxtl_metadata")
     if isinstance(recorded, dict) and isinstance(recorded.get("normalization"), dict):
         return Normalization.from_json(recorded["normalization"]), "recorded in the file"
-    known = MAP_NORMALIZATION.get(chosen.name)
+    known = chosen.normalization
     if known is not None and len(known.mean) == channels:
         return known, f"the {chosen.name} convention"
     return (Normalization((0.0,) * channels, (1.0,) * channels),

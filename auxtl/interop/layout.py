@@ -14,34 +14,26 @@ from auxtl.interop.source import LAYOUTS
 __all__ = ["LAYOUTS", "to_flax", "from_flax", "converted"]
 
 
-def _is_kernel(leaf: str) -> bool:
-    return leaf.rsplit("/", 1)[-1] == "kernel"
+# PyTorch -> Flax axis order of a kernel, by its rank (conv: OIHW -> HWIO; dense: transpose).
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
+def converted(shape: tuple[int, ...], layout: str, leaf: str) -> bool:
+    """Whether an array of `shape` at the auxtl leaf `leaf` moves axes between `layout`
+    and Flax's: a 2-D or 4-D kernel of PyTorch's layout."""
+    assert layout in LAYOUTS, layout
+    return layout == "torch" and leaf.rsplit("/", 1)[-1] == "kernel" and len(shape) in _TO_FLAX
 
 
 def to_flax(array: np.ndarray, layout: str, leaf: str) -> np.ndarray:
-    """`array` of `layout` as the auxtl leaf `leaf` holds it (a view where no move is needed)."""
-    assert layout in LAYOUTS, layout
-    if layout == "flax" or not _is_kernel(leaf):
+    """`array` of `layout` as the auxtl leaf `leaf` holds it (itself where nothing moves)."""
+    if not converted(array.shape, layout, leaf):
         return array
-    if array.ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if array.ndim == 2:
-        return np.transpose(array)
-    return array
+    return np.transpose(array, _TO_FLAX[array.ndim])
 
 
 def from_flax(array: np.ndarray, layout: str, leaf: str) -> np.ndarray:
     """The inverse of `to_flax`: the auxtl leaf `leaf` as `layout` stores it."""
-    assert layout in LAYOUTS, layout
-    if layout == "flax" or not _is_kernel(leaf):
+    if not converted(array.shape, layout, leaf):
         return array
-    if array.ndim == 4:
-        return np.transpose(array, (3, 2, 0, 1))
-    if array.ndim == 2:
-        return np.transpose(array)
-    return array
-
-
-def converted(shape: tuple[int, ...], layout: str, leaf: str) -> bool:
-    """Whether `to_flax` moves axes for an array of `shape` at `leaf`."""
-    return layout == "torch" and _is_kernel(leaf) and len(shape) in (2, 4)
+    return np.transpose(array, np.argsort(_TO_FLAX[array.ndim]))

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from auxtl.data import Normalization
 from auxtl.errors import InputError, UnknownNameError
 from auxtl.interop.source import LAYOUTS, Source
 
@@ -39,6 +40,8 @@ class NameMap:
       prepare: prepare(source, model) -> Source, exact rewrites before matching (a Keras
         conv bias folded into the BatchNorm mean after it), each stated in
         info["notes"]; None: none.
+      normalization: the input normalisation weights of this scheme are trained with, by
+        convention (torchvision's: ImageNet statistics), the import's default; None: none.
     """
 
     name: str
@@ -49,6 +52,7 @@ class NameMap:
     layout: str | None = None
     ignore: tuple[tuple[str, str], ...] = ()
     prepare: Callable[[Source, str], Source] | None = None
+    normalization: Normalization | None = None
 
     def __post_init__(self):
         if self.layout is not None and self.layout not in LAYOUTS:
@@ -78,21 +82,25 @@ def get_name_map(name: str) -> NameMap:
     return NAME_MAPS[name]
 
 
+def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'/'-joined path: leaf} of nested mappings (and lists/tuples, by index), in the
+    tree's order; None leaves are dropped (orbax's empty nodes)."""
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {} if tree is None else {prefix.rstrip("/"): tree}
+    out: dict[str, Any] = {}
+    for key, child in items:
+        out.update(flatten_tree(child, f"{prefix}{key}/"))
+    return out
+
+
 def flat_leaves(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -> dict[str, Any]:
     """{auxtl leaf name: value} of a trunk's pure-dict params and batch stats (the values as
     they are: arrays, or ShapeDtypeStructs of an abstract trunk), in the trees' order."""
-    leaves: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, Mapping):
-            for key, child in node.items():
-                walk(f"{prefix}/{key}", child)
-        else:
-            leaves[prefix] = node
-
-    walk("params", params)
-    walk("batch_stats", batch_stats)
-    return leaves
+    return {**flatten_tree(params, "params/"), **flatten_tree(batch_stats, "batch_stats/")}
 
 
 def maps_for(model: str) -> list[NameMap]:

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import safetensors
 
 from auxtl.errors import InputError, MissingFileError
+from auxtl.interop.name_maps import flatten_tree
 from auxtl.interop.source import LAYOUTS, Source
 from auxtl.interop.keras_h5 import read_keras
 from auxtl.interop.torch_pickle import read_torch
@@ -82,19 +83,6 @@ def read_npz(path) -> Source:
     return Source(str(path), "npz", tensors, "flax")
 
 
-def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    if isinstance(tree, Mapping):
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}/"))
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            out.update(_flatten(value, f"{prefix}{index}/"))
-    elif tree is not None:
-        out[prefix[:-1]] = np.asarray(tree)
-    return out
-
-
 def _restore_numpy(folder: pathlib.Path) -> dict[str, np.ndarray]:
     """One orbax PyTree item, every leaf as a numpy array on the host, '/'-joined names."""
     checkpointer = ocp.PyTreeCheckpointer()
@@ -104,7 +92,7 @@ def _restore_numpy(folder: pathlib.Path) -> dict[str, np.ndarray]:
         restored = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(restore_args=args))
     except (ValueError, OSError, KeyError, RuntimeError, AttributeError) as error:
         raise InputError(f"orbax checkpoint {str(folder)!r} cannot be read ({error})") from error
-    return _flatten(restored)
+    return {name: np.asarray(leaf) for name, leaf in flatten_tree(restored).items()}
 
 
 def read_orbax(path) -> Source:

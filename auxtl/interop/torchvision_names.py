@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from auxtl.data import Normalization
 from auxtl.errors import InputError
 from auxtl.interop.name_maps import NameMap, register_name_map
 from auxtl.interop.source import Source
@@ -176,8 +177,12 @@ def stock_differences(model: str, config: Any) -> list[str]:
     return found
 
 
+# What torchvision's (and timm's ResNet) weights are trained on: ImageNet's statistics.
+IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
 TORCHVISION = register_name_map(NameMap(
     name="torchvision", models=MODELS, recognizes=recognizes, infer_config=infer_config,
     names=names, layout="torch",
     ignore=((r"(^|\.)num_batches_tracked$", "BatchNorm's step counter: auxtl keeps none"),
-            (r"^fc\.", "the classifier head: not part of the trunk"))))
+            (r"^fc\.", "the classifier head: not part of the trunk")),
+    normalization=IMAGENET))

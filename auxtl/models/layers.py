@@ -25,19 +25,15 @@ def conv_bn(conv: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array, *, train: bool, rel
 PADDINGS = ("same", "torch")
 
 
-def check_padding(padding: str) -> str:
-    """`padding` if it is one of PADDINGS, else BadParameterError naming the choices."""
-    if padding not in PADDINGS:
-        raise BadParameterError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-    return padding
-
-
 def conv_padding(kernel: int, padding: str) -> str | tuple[tuple[int, int], tuple[int, int]]:
     """The `nnx.Conv` padding of a kxk window: "same" is XLA's SAME, which pads a strided
     window asymmetrically (the extra row at the bottom); "torch" pads k//2 on every side,
     as PyTorch's `Conv2d(padding=k // 2)` and `MaxPool2d(padding=k // 2)` do, so that a
-    model imported from PyTorch computes what it computed there at every stride."""
-    if check_padding(padding) == "same":
+    model imported from PyTorch computes what it computed there at every stride.
+    BadParameterError naming the choices (PADDINGS) for anything else."""
+    if padding not in PADDINGS:
+        raise BadParameterError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+    if padding == "same":
         return "SAME"
     return ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
 

@@ -30,9 +30,10 @@ class ResNetConfig:
 
 def _build_stages(config: ResNetConfig, block_cls, model_name: str, *,
                   rngs: nnx.Rngs) -> Trunk:
-    """Stem (`stem_width` channels, `width` if None), then len(stage_sizes) stages; stage s has inner width width * 2**(s-1)
-    and strides 2 in its first block (s > 1). `padding` and `bn_epsilon` apply to every
-    conv and BatchNorm (see `layers.conv_padding`)."""
+    """Stem (`stem_width` channels, `width` if None), then len(stage_sizes) stages; stage
+    s has inner width width * 2**(s-1) and strides 2 in its first block (s > 1).
+    `padding` and `bn_epsilon` apply to every conv and BatchNorm (see
+    `layers.conv_padding`)."""
     dtype = jnp.dtype(config.dtype)
     options = {"padding": config.padding, "bn_epsilon": config.bn_epsilon}
     channels = config.stem_width or config.width
