@@ -13,6 +13,7 @@ from auxtl import cpu, recipes
 from auxtl.bench.throughput import main as throughput_main
 from auxtl.bench.transfer import main as transfer_main
 from auxtl.checkpoints import read_metadata
+from auxtl.compile_cache import enable_compilation_cache
 from auxtl.data import load_dataset
 from auxtl.cli_interop import add_export_parser, add_import_parser
 from auxtl.cli_configs import (add_model_module, load_model_modules, parse_task_flags,
@@ -298,6 +299,7 @@ def auxtl_warnings_as_lines():
 @auxtl_warnings_as_lines()
 def main(argv: list[str] | None = None) -> int:
     cpu.keep_freed_memory()   # before the first JAX computation starts XLA's threads
+    enable_compilation_cache()   # before the first compilation
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

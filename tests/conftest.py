@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
 import textwrap
 
-import numpy as np
-import pytest
+# One persistent XLA compilation cache for this test session, fresh each session (never
+# the user's ~/.cache): the suite's many `auxtl` subprocesses (which inherit it) and its
+# tests compile the same steps and initializers over and over. Set before JAX is imported.
+_XLA_CACHE = tempfile.mkdtemp(prefix="auxtl-test-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import auxtl
-from auxtl import models
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import auxtl  # noqa: E402
+from auxtl import models  # noqa: E402
 
 # As the command line does: the suite runs with the same malloc setting, in every order.
 auxtl.keep_freed_memory()

@@ -108,14 +108,14 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # The data-flow order of ARCHITECTURE.md: a module imports only from its own group or
 # groups above it (a group is a module or package, the longest that matches).
-ORDER = ("errors", "version", "registry", "tasks", "losses", "heads", "models.ops",
+ORDER = ("errors", "version", "user_cache", "registry", "tasks", "losses", "heads", "models.ops",
          "models.layers", "models.trunk", "models.small_cnn", "models.resnet", "models.nin",
          "models", "models.target", "cifar", "data", "resize", "splits", "pretrain_model",
          "optim", "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
          "trunk_metadata", "checkpoints", "interop", "pretrain", "target_data", "surgery", "transplant",
          "freezing", "finetune_step", "seeds", "finetune_config", "stats", "probes", "head_init", "finetune", "recipes",
          "transfer",
-         "search", "cpu", "bench", "cli_configs", "cli_interop", "cli")
+         "search", "cpu", "compile_cache", "bench", "cli_configs", "cli_interop", "cli")
 # The registry imports the built-in task package to register its tasks, whose files
 # import auxtl's public API like any user's task file: a plug-in edge, not a design one.
 PLUGIN_EDGES = {("auxtl.registry", "auxtl.tasks")}

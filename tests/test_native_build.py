@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from auxtl import user_cache
 from auxtl.cpu import native_build, switch, winograd
 from auxtl.errors import UnsafeFileError
 
@@ -145,7 +146,7 @@ def test_the_compiler_identity_is_the_first_line_of_its_version(tmp_path):
 
 
 def test_arm_cpuinfo_gives_a_signature_of_implementer_part_and_features():
-    signature = native_build.cpu_signature_of(ARM_CPUINFO, "aarch64")
+    signature = user_cache.cpu_signature_of(ARM_CPUINFO, "aarch64")
     assert signature.splitlines() == [
         "machine: aarch64",
         "CPU implementer: 0x41",
@@ -153,24 +154,24 @@ def test_arm_cpuinfo_gives_a_signature_of_implementer_part_and_features():
         "CPU variant: 0x3",
         "Features: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid"]
     other_part = ARM_CPUINFO.replace("0xd0c", "0xd40")
-    assert native_build.cpu_signature_of(other_part, "aarch64") != signature
+    assert user_cache.cpu_signature_of(other_part, "aarch64") != signature
 
 
 def test_x86_cpuinfo_gives_model_and_flags_and_no_text_still_a_signature():
-    assert native_build.cpu_signature_of(X86_CPUINFO, "x86_64", "x86_64").splitlines() == [
+    assert user_cache.cpu_signature_of(X86_CPUINFO, "x86_64", "x86_64").splitlines() == [
         "machine: x86_64", "flags: fpu vme sse sse2 avx2 avx512f",
         "model name: AMD EPYC 9654 96-Core Processor"]
-    assert native_build.cpu_signature_of("", "riscv64", "") == "machine: riscv64"
-    assert native_build.cpu_signature_of("", "", "") == "machine: unknown"
-    assert native_build.cpu_signature().startswith("machine: ")
+    assert user_cache.cpu_signature_of("", "riscv64", "") == "machine: riscv64"
+    assert user_cache.cpu_signature_of("", "", "") == "machine: unknown"
+    assert user_cache.cpu_signature().startswith("machine: ")
 
 
 def test_unsafe_reason_names_owner_and_mode():
     stat_of = lambda uid, mode: os.stat_result((mode, 0, 0, 1, uid, 0, 0, 0, 0, 0))
-    assert native_build.unsafe_reason(stat_of(7, stat.S_IFDIR | 0o755), 7) is None
-    assert native_build.unsafe_reason(stat_of(7, stat.S_IFDIR | 0o757), 7) == (
+    assert user_cache.unsafe_reason(stat_of(7, stat.S_IFDIR | 0o755), 7) is None
+    assert user_cache.unsafe_reason(stat_of(7, stat.S_IFDIR | 0o757), 7) == (
         "writable by group or others (mode 757)")
-    assert native_build.unsafe_reason(stat_of(8, stat.S_IFREG | 0o700), 7) == (
+    assert user_cache.unsafe_reason(stat_of(8, stat.S_IFREG | 0o700), 7) == (
         "owned by uid 8, not the current user (uid 7)")
-    assert native_build.chain(pathlib.Path("/a"), pathlib.Path("/a/b/c")) == [
+    assert user_cache.chain(pathlib.Path("/a"), pathlib.Path("/a/b/c")) == [
         pathlib.Path("/a"), pathlib.Path("/a/b"), pathlib.Path("/a/b/c")]

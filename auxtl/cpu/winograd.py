@@ -28,6 +28,7 @@ import numpy as np
 from auxtl.cpu import native_build, switch
 from auxtl.cpu.onednn import taps
 from auxtl.errors import InputError
+from auxtl.user_cache import cpu_signature
 
 SOURCE = native_build.SOURCES / "winograd_conv.cc"
 TARGET = "AuxtlWinogradConv"
@@ -83,7 +84,7 @@ def build_command(compiler: str) -> list[str]:
 
 def key_parts() -> list[str]:
     """What besides the source and command decides the library: `-march=native`'s CPU."""
-    return [native_build.cpu_signature()]
+    return [cpu_signature()]
 
 
 def _warn(reason: str) -> str:
