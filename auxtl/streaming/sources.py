@@ -167,7 +167,9 @@ def _npz_images_shape(file: str, spec: str) -> tuple[tuple[int, ...], bool]:
                                  "array named 'images'")
             with archive.open("images.npy") as member:
                 version = np.lib.format.read_magic(member)
-                shape, _, dtype = np.lib.format._read_array_header(member, version)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(f"data spec {spec!r}: shard {file!r} is not a readable .npz archive: "
                          f"{error}") from error
