@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from auxtl import parallel, streaming
-from auxtl.data import Dataset, Normalization, batch_indices, compute_normalization, load_dataset
+from auxtl.data import (STREAMED_KINDS, Dataset, Normalization, batch_indices,
+                        compute_normalization, load_dataset)
 from auxtl.errors import InputError
 from auxtl.splits import train_test_split
 
@@ -46,7 +47,7 @@ class PretrainData:
 
 def wants_stream(stream: bool, spec: str) -> bool:
     """Whether the data is streamed: asked for, or a shard spec (which only streams)."""
-    return stream or str(spec).partition(":")[0] in ("npz-shards", "arrayrecord")
+    return stream or str(spec).partition(":")[0] in STREAMED_KINDS
 
 
 def load_pretrain_data(spec: str, *, stream: bool, test_fraction: float, split_seed: int,

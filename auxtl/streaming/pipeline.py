@@ -79,7 +79,7 @@ def prepare_stream(spec: str, *, test_fraction: float, split_seed: int,
     source = open_source(spec)
     train, test = split_indices(len(source), source.labels, test_fraction=test_fraction,
                                 seed=split_seed, name=spec)
-    size = tuple(image_size) if image_size else ()
+    size = parse_image_size(",".join(str(v) for v in image_size)) if image_size else ()
     if len(size) < 2:
         first = decode(source.read(0), None, name=source.describe(0))
         size = first.shape[:2]

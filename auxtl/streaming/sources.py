@@ -22,10 +22,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from auxtl.data import IMAGE_EXTENSIONS
+from auxtl.data import IMAGE_EXTENSIONS, STREAMED_KINDS
 from auxtl.errors import InputError, MissingFileError
 
-STREAM_KINDS = ("folder", "npz-shards", "arrayrecord")
+STREAM_KINDS = ("folder", *STREAMED_KINDS)
 
 
 def is_stream_spec(spec: str) -> bool:
