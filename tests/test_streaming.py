@@ -11,6 +11,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import auxtl
@@ -177,3 +178,18 @@ def test_a_worker_process_gives_the_same_batches_and_its_state_resumes(folder):
     finally:
         inline.close()
         worker.close()
+
+
+def test_an_older_single_item_checkpoint_still_restores(tmp_path):
+    """Run folders from before the composite layout (the state alone, under `default/`)
+    resume: the state comes back and the input state is None (the step is enough)."""
+    tree = {"step": np.asarray(4, np.int32), "params": {"w": np.arange(6, dtype=np.float32)}}
+    with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False)) as old:
+        old.save(4, args=ocp.args.StandardSave(tree))
+    manager = pretrain_checkpoint.open_manager(tmp_path, keep=2)
+    restored, input_state = pretrain_checkpoint.restore(manager, 4, tree)
+    assert input_state is None and leaves_equal(restored, tree)
+    pretrain_checkpoint.save(manager, 5, tree, {"next_step": 5})
+    manager.wait_until_finished()
+    assert pretrain_checkpoint.restore(manager, 5, tree)[1] == {"next_step": 5}
