@@ -193,3 +193,12 @@ def test_an_older_single_item_checkpoint_still_restores(tmp_path):
     pretrain_checkpoint.save(manager, 5, tree, {"next_step": 5})
     manager.wait_until_finished()
     assert pretrain_checkpoint.restore(manager, 5, tree)[1] == {"next_step": 5}
+
+
+def test_device_prefetch_puts_the_next_batch_before_the_current_step_runs():
+    put = []
+    batches = streaming.device_prefetch(((i, {"after": i}) for i in range(4)),
+                                        lambda b: put.append(b) or b * 10, depth=2)
+    first = next(batches)
+    assert first == (0, {"after": 0}) and put == [0, 1]  # batch 1 is on its way already
+    assert list(batches) == [(10, {"after": 1}), (20, {"after": 2}), (30, {"after": 3})]
