@@ -7,7 +7,8 @@ temporary folder, then measures
   - streamed pretraining end to end (pipeline + device prefetch + step): images/s;
   - how long each asynchronous checkpoint save held the loop (seconds);
   - peak RSS of this process and of its largest child (grain workers), from
-    resource.getrusage, beside the decoded size of the whole set.
+    resource.getrusage, before and after the streamed run, beside the decoded size of
+    the whole set (the run holds the file listing, not the images).
 
     python benchmarks/streaming.py             # 20,000 files, 300 steps
     python benchmarks/streaming.py --small     # 600 files, 30 steps: a quick check
@@ -96,6 +97,7 @@ def main(argv=None) -> dict:
         results["pipeline_images_per_s"] = pipeline_images_per_s(
             spec, batch_size=args.batch_size, steps=min(steps, 100), workers=args.workers,
             image_size=size)
+        results["peak_rss_mib_before_stream_run"] = peak_rss_mib()  # generation + pipeline
         out = pathlib.Path(tmp) / "run"
         start = time.perf_counter()
         auxtl.run_pretraining(config(
