@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["fixed", "uncertainty"],
                    help="fixed task weights, or learned uncertainty weights (Kendall et al.)")
     p.add_argument("--data", default=defaults.data,
-                   help="mnist5k | digits | npz:PATH | folder:PATH")
+                   help="mnist5k | digits | npz:PATH | folder:PATH "
+                        "(--stream: also npz-shards:GLOB | arrayrecord:GLOB)")
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     add_model_module(p)
@@ -201,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--stream", action="store_true",
+                   help="stream the data with grain (folder:PATH, npz-shards:GLOB, "
+                        "arrayrecord:GLOB): decoded in worker processes, never all in memory")
+    p.add_argument("--image-size", metavar="H,W[,C]",
+                   help="streamed images are resized/cropped to this (default: the first "
+                        "file's size; C: 3 if the normalisation sample has colour)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="streaming decode processes (default: min(4, CPU count); 0: in-process)")
+    p.add_argument("--eval-examples", type=int, metavar="N",
+                   help="held-out images evaluated (default: all; streamed: 10000)")
     p.add_argument("--out", default="runs/pretrain", help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")

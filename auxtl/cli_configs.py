@@ -17,6 +17,7 @@ from auxtl.models.target import TargetSpec
 from auxtl.optim import OptimizerConfig
 from auxtl.pretrain import PretrainConfig, TaskConfig
 from auxtl.search import SearchSpace
+from auxtl.streaming import parse_image_size
 from auxtl.transfer import TransferConfig
 
 
@@ -88,7 +89,9 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         test_fraction=args.test_fraction, log_every=args.log_every,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         eval_batch_size=defaults.eval_batch_size, out=args.out, resume=args.resume,
-        overwrite=args.overwrite, keep=args.keep, progress=not args.no_progress)
+        overwrite=args.overwrite, keep=args.keep, progress=not args.no_progress,
+        stream=args.stream, image_size=parse_image_size(args.image_size), workers=args.workers,
+        eval_examples=args.eval_examples)
 
 
 def transfer_config_from_args(args: argparse.Namespace):

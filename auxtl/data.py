@@ -24,6 +24,7 @@ from auxtl import cifar
 from auxtl.errors import InputError, MissingFileError
 
 EMBEDDED_DATASETS = ("mnist5k", "digits")
+STREAMED_KINDS = ("npz-shards", "arrayrecord")  # specs only streaming reads (auxtl.streaming)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SPEC_FORMS = (f"an embedded name ({', '.join(EMBEDDED_DATASETS)}), 'npz:PATH', "
                "'folder:PATH', 'cifar10:PATH' / 'cifar10-test:PATH' (the python-pickle "
@@ -180,6 +181,9 @@ def load_dataset(spec: str) -> Dataset:
     if spec in EMBEDDED_DATASETS:
         return _load_embedded(spec)
     kind, sep, rest = spec.partition(":")
+    if sep and kind in STREAMED_KINDS:
+        raise InputError(f"data spec {spec!r} names shards, which are streamed, never loaded "
+                         "into memory: pretrain on them with --stream")
     if sep and kind in ("npz", "folder", "cifar10", "cifar10-test"):
         if not rest:
             raise InputError(f"data spec {spec!r} has no path; expected {kind}:PATH")

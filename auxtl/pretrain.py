@@ -13,6 +13,12 @@ Reliability: the config is checked before anything is built or written; a fresh
 run refuses a folder holding another run (--resume continues it, --overwrite
 replaces it); a run stops at the first NaN/Inf loss without checkpointing it; and
 SIGTERM saves a checkpoint and stops (Preempted) so --resume continues exactly.
+
+Input (`pretrain_data`): in memory by default, or streamed with grain (`stream`, see
+`auxtl.streaming`); step t+1's batch is put on the devices while step t runs. Step
+checkpoints (`pretrain_checkpoint`) hold the train state and the input state and are
+saved asynchronously: the loop waits only before the trunk save, a preemption or a NaN
+stop.
 """
 
 from __future__ import annotations
@@ -23,28 +29,27 @@ import json
 import math
 import numbers
 import pathlib
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from auxtl import checkpoints, parallel
-from auxtl.data import Dataset, batch_indices, compute_normalization, load_dataset
-from auxtl.errors import InputError, NonFiniteLossError, Preempted
+from auxtl import checkpoints, parallel, pretrain_checkpoint
+from auxtl.data import Dataset
+from auxtl.errors import InputError, Preempted
 from auxtl.models import config_to_json, make_config
 from auxtl.optim import OptimizerConfig, make_optimizer
+from auxtl.pretrain_data import load_pretrain_data
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
 from auxtl.registry import get_task
 from auxtl.reporting import MetricsLog, keep_metrics, plot_metrics, read_metrics
 from auxtl.run_folder import check_out_folder, kept_on_resume, remove_run_outputs
-from auxtl.splits import SplitRecord, train_test_split
+from auxtl.splits import SplitRecord
+from auxtl.streaming import device_prefetch
 from auxtl.pretrain_step import (HEALTH, TrainState, evaluate, init_state, make_eval_step,
                          make_train_step, split_model)
 
@@ -81,6 +86,10 @@ class PretrainConfig:
     overwrite: bool = False      # a fresh run into `out` first removes the old run there
     keep: int = 2                # step checkpoints kept in out/checkpoints
     progress: bool = True
+    stream: bool = False         # stream the data with grain (folder:/npz-shards:/arrayrecord:)
+    image_size: tuple[int, ...] | None = None  # streamed (H, W[, C]); None: the first file's
+    workers: int | None = None   # grain decoding processes; None: min(4, cpu count)
+    eval_examples: int | None = None  # held-out images evaluated; None: all (streamed: 10,000)
 
     def validate(self) -> None:
         """Raises InputError naming the first setting that cannot run (before any work)."""
@@ -99,6 +108,10 @@ class PretrainConfig:
             value = getattr(self, field)
             if (value is not None or field != "steps") and (not _is_whole(value) or value < 1):
                 refuse(field, "a positive integer")
+        for field in ("workers", "eval_examples"):
+            value = getattr(self, field)
+            if value is not None and (not _is_whole(value) or value < (field == "eval_examples")):
+                refuse(field, "a whole number >= 0" if field == "workers" else "positive")
         for field in ("eval_every", "checkpoint_every"):
             value = getattr(self, field)
             if not _is_whole(value) or value < 0:
@@ -129,6 +142,8 @@ class PretrainConfig:
         raw = dict(raw)
         raw["tasks"] = tuple(TaskConfig(**t) for t in raw.get("tasks", ()))
         raw["optimizer"] = OptimizerConfig(**raw.get("optimizer", {}))
+        if raw.get("image_size") is not None:
+            raw["image_size"] = tuple(raw["image_size"])
         return cls(**raw)
 
 
@@ -144,7 +159,7 @@ class PretrainResult:
 
 # Fields that must match for --resume to continue the same run exactly.
 _RESUME_FIELDS = ("tasks", "data", "model", "model_overrides", "loss_weighting", "steps",
-                  "batch_size", "seed", "optimizer", "test_fraction")
+                  "batch_size", "seed", "optimizer", "test_fraction", "stream", "image_size")
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -162,32 +177,11 @@ def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
     if not saved_path.exists():
         return
     saved, current = json.loads(saved_path.read_text()), config.to_json()
-    changed = [k for k in _RESUME_FIELDS if saved.get(k) != current.get(k)]
+    defaults = PretrainConfig().to_json()  # a field an older config.json lacks: its default
+    changed = [k for k in _RESUME_FIELDS if saved.get(k, defaults.get(k)) != current.get(k)]
     if changed:
         raise InputError(f"cannot resume {str(out)!r}: {changed} differ from the saved "
                          f"config.json; resume needs the same run settings")
-
-
-@contextlib.contextmanager
-def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
-    """An event SIGTERM sets while the block runs; the previous handler comes back after.
-
-    Signal handlers can only be installed from the main thread; elsewhere (or when
-    not `enabled`) the event is never set and SIGTERM keeps its old meaning.
-    """
-    requested = threading.Event()
-    # With several processes each host would stop at its own step and meet the others
-    # at different collectives (a hang), and jax.distributed has its own SIGTERM notice:
-    # there a preempted run resumes from its last periodic checkpoint instead.
-    if (not enabled or jax.process_count() > 1
-            or threading.current_thread() is not threading.main_thread()):
-        yield requested
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _first_nonfinite(unchecked: list[tuple[int, Any]],
@@ -202,30 +196,6 @@ def _first_nonfinite(unchecked: list[tuple[int, Any]],
         if not bool(health["state_finite"]):
             return done, None, math.nan
     return None
-
-
-def _nonfinite_error(found: tuple[int, str | None, float], window: tuple[int, int],
-                     manager, out: pathlib.Path | None,
-                     config: PretrainConfig) -> NonFiniteLossError:
-    done, task, value = found
-    if task is None:
-        what = (f"the training state (parameters, batch statistics or optimizer state) "
-                f"became NaN/Inf at step {done} while every task's loss was finite")
-    else:
-        kind = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
-        what = f"loss of task {task!r} is {kind} at step {done}"
-    what += f" (first seen between steps {window[0]} and {window[1]})"
-    if manager is None:
-        saved = "no checkpoint (no --out)"
-    else:
-        manager.wait_until_finished()
-        last = manager.latest_step()
-        saved = ("no checkpoint was saved before it" if last is None else
-                 f"last good checkpoint: step {last} at {out / 'checkpoints' / str(last)}")
-    opt = config.optimizer
-    return NonFiniteLossError(
-        f"{what}; stopped without saving it; {saved}; try a lower --lr (now "
-        f"{opt.learning_rate:g}) or more --warmup-steps (now {opt.warmup_steps})")
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -260,19 +230,22 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         check_out_folder(out, resume=config.resume, overwrite=config.overwrite)
         if jax.process_count() > 1:  # every process has looked before any writes there
             multihost_utils.sync_global_devices(f"auxtl-pretrain-checked-{out}")
-    dataset = load_dataset(config.data) if dataset is None else dataset
-    train_set, test_set = train_test_split(dataset, test_fraction=config.test_fraction,
-                                           seed=SPLIT_SEED)
-    config = config.resolved(len(train_set))
+    data = load_pretrain_data(
+        config.data, stream=config.stream, test_fraction=config.test_fraction,
+        split_seed=SPLIT_SEED, batch_size=config.batch_size, seed=config.seed,
+        image_size=config.image_size, workers=config.workers,
+        eval_examples=config.eval_examples, dataset=dataset,
+        log=print if jax.process_index() == 0 else (lambda *_: None))
+    config = config.resolved(data.n_train)
     if out is not None and config.resume:   # the resolved steps, before anything is written
         _check_resume_config(out, config)
-    normalization = compute_normalization(train_set.images)
+    normalization = data.normalization
     tasks = [WeightedTask(t.name, get_task(t.name, **t.params), float(t.weight))
              for t in config.tasks]
-    if config.batch_size > len(train_set):
-        raise InputError(f"batch size {config.batch_size} exceeds the {len(train_set)} "
+    if config.batch_size > data.n_train:
+        raise InputError(f"batch size {config.batch_size} exceeds the {data.n_train} "
                          f"training images of {config.data!r}")
-    input_shape = train_set.image_shape
+    input_shape = data.input_shape
     model_config = make_config(config.model, input_shape, **config.model_overrides)
     model = build_pretrain_model(config.model, model_config, tasks, input_shape,
                                  seed=config.seed, loss_weighting=config.loss_weighting)
@@ -282,7 +255,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
     parallel.check_batch_size(config.batch_size, mesh)
     state = parallel.replicate(init_state(params, batch_stats, optimizer, config.seed), mesh)
 
-    manager = None
+    manager, input_state = None, None
     is_main = jax.process_index() == 0
     if out is not None:
         if config.overwrite and out.is_dir() and is_main:
@@ -290,11 +263,10 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         if jax.process_count() > 1:  # the others wait until process 0 has cleared it
             multihost_utils.sync_global_devices(f"auxtl-pretrain-out-{out}")
         out.mkdir(parents=True, exist_ok=True)
-        manager = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep, create=True, cleanup_tmp_directories=True))
+        manager = pretrain_checkpoint.open_manager(out / "checkpoints", keep=config.keep)
         if config.resume and manager.latest_step() is not None:
-            restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
-                jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))))
+            restored, input_state = pretrain_checkpoint.restore(
+                manager, manager.latest_step(), _state_tree(state))
             state = TrainState(**restored)
         if is_main:
             (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
@@ -308,7 +280,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
 
     train_step = make_train_step(graphdef, tasks, optimizer, normalization, health=True)
     eval_step = make_eval_step(graphdef, tasks, normalization)
-    run_eval = lambda: evaluate(eval_step, state.params, state.batch_stats, test_set.images,
+    run_eval = lambda: evaluate(eval_step, state.params, state.batch_stats, data.eval_images,
                                 batch_size=config.eval_batch_size, seed=SPLIT_SEED)
 
     if config.eval_every and start_step == 0 and log:
@@ -324,16 +296,19 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         if unchecked:
             found = _first_nonfinite(unchecked, task_names)
             if found is not None:
-                raise _nonfinite_error(found, (unchecked[0][0], unchecked[-1][0]), manager,
-                                       out, config)
+                raise pretrain_checkpoint.nonfinite_error(
+                    found, (unchecked[0][0], unchecked[-1][0]), manager, out, config.optimizer)
             unchecked.clear()
 
+    blocked: list[float] = []  # seconds each checkpoint save held the loop
+    save = lambda done, force=False: blocked.append(pretrain_checkpoint.save(
+        manager, done, _state_tree(state), input_state, force=force))
+    batches = device_prefetch(data.batches(config.steps, start_step, input_state),
+                              lambda local: parallel.put_batch(local, mesh))
     last_time, last_step = time.perf_counter(), start_step
-    with _stop_requests(manager is not None) as stop, contextlib.closing(bar):
-        for step in range(start_step, config.steps):
-            indices = parallel.process_slice(
-                batch_indices(len(train_set), config.batch_size, seed=config.seed, step=step))
-            images = parallel.put_batch(train_set.images[indices], mesh)
+    with (pretrain_checkpoint.stop_requests(manager is not None) as stop, contextlib.closing(bar),
+          contextlib.closing(batches), pretrain_checkpoint.closing_call(data.close)):
+        for step, (images, input_state) in zip(range(start_step, config.steps), batches):
             state, metrics = train_step(state, images)
             done = step + 1
             unchecked.append((done, metrics.pop(HEALTH)))
@@ -358,13 +333,12 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
             saved = False
             if manager and config.checkpoint_every and done % config.checkpoint_every == 0:
                 check_finite()  # never checkpoint a non-finite state
-                manager.save(done, args=ocp.args.StandardSave(_state_tree(state)))
+                save(done)
                 saved = True
             if stop.is_set() and done < config.steps:
                 check_finite()
                 if not saved:
-                    manager.save(done, args=ocp.args.StandardSave(_state_tree(state)),
-                                 force=True)
+                    save(done, force=True)
                 manager.wait_until_finished()
                 raise Preempted(f"preempted at step {done} of {config.steps}; checkpoint "
                                 f"saved at {out / 'checkpoints' / str(done)}; rerun with "
@@ -372,37 +346,43 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
 
     eval_metrics = run_eval()
     budget = {"steps": config.steps, "examples_seen": config.steps * config.batch_size,
-              "epochs": config.steps * config.batch_size / len(train_set)}
+              "epochs": config.steps * config.batch_size / data.n_train}
     trunk_path = None
     if out is not None:
         if manager.latest_step() != config.steps:
-            manager.save(config.steps, args=ocp.args.StandardSave(_state_tree(state)))
+            save(config.steps)
         manager.wait_until_finished()
         if log:
             log.write({"step": config.steps, "split": "eval", **eval_metrics})
         trunk_path = save_pretrained_trunk(out / "trunk", state, model.trunk, config,
                                            model_config, input_shape, normalization, tasks,
-                                           eval_metrics, dataset=dataset)
+                                           eval_metrics, dataset=data.dataset,
+                                           stream=data.stream)
         if is_main:
             plot_metrics(read_metrics(out / "metrics.jsonl"), out / "metrics.png",
                          title=f"pretrain {'+'.join(t.name for t in tasks)} on {config.data}")
             (out / "summary.json").write_text(json.dumps(
-                {"eval": eval_metrics, "trunk": str(trunk_path), **budget}, indent=2))
+                {"eval": eval_metrics, "trunk": str(trunk_path), **budget,
+                 "checkpoint_save_blocked_s": {"saves": len(blocked), "total": sum(blocked),
+                                               "max": max(blocked, default=0.0)}}, indent=2))
     return PretrainResult(state, graphdef, eval_metrics, trunk_path, out, budget)
 
 
 def save_pretrained_trunk(path, state: TrainState, trunk, config: PretrainConfig, model_config,
                           input_shape, normalization, tasks, eval_metrics, *,
-                          dataset: Dataset | None = None) -> pathlib.Path:
+                          dataset: Dataset | None = None,
+                          stream: dict | None = None) -> pathlib.Path:
     """The trunk checkpoint; its metadata records the held-out split of `dataset` (the data
     pretraining split, content-hashed) so that transfer can keep those images for test.
-    Without `dataset` no split is recorded, and transfer warns that it cannot honour one."""
+    Without `dataset` no split is recorded, and transfer warns that it cannot honour one;
+    a streamed run records `stream` (spec, listing hash, file count, split seed) instead."""
     split = None if dataset is None else SplitRecord.of(
         dataset, data=config.data, test_fraction=config.test_fraction, seed=SPLIT_SEED)
     metadata = checkpoints.trunk_metadata(
         trunk, config_json=config_to_json(model_config), input_shape=input_shape,
         normalization=normalization, tasks=task_json(tasks),
         extra={"data": config.data, **({"split": split.to_json()} if split else {}),
+               **({"stream": stream} if stream else {}),
                "steps": config.steps,
                "seed": config.seed, "loss_weighting": config.loss_weighting,
                "eval": eval_metrics})

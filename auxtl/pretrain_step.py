@@ -134,6 +134,6 @@ def evaluate(eval_step: Callable, params, batch_stats, images, *, batch_size: in
     per_chunk = jax.device_get([  # dispatch every chunk, then one transfer to the host
         eval_step(params, batch_stats, images[s:s + batch_size], jax.random.fold_in(key, i))
         for i, s in enumerate(starts)])
-    sizes = [len(images[s:s + batch_size]) for s in starts]
+    sizes = [min(batch_size, len(images) - s) for s in starts]  # (lazy images: no re-read)
     return {name: sum(float(m[name]) * n for m, n in zip(per_chunk, sizes)) / len(images)
             for name in per_chunk[0]}

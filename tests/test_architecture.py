@@ -111,8 +111,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 ORDER = ("errors", "version", "user_cache", "registry", "tasks", "losses", "heads", "models.ops",
          "models.layers", "models.trunk", "models.small_cnn", "models.resnet", "models.nin",
          "models", "models.target", "cifar", "data", "resize", "splits", "pretrain_model",
-         "optim", "train_state", "pretrain_step", "parallel", "run_folder", "reporting",
-         "trunk_metadata", "checkpoints", "interop", "pretrain", "target_data", "surgery", "transplant",
+         "optim", "train_state", "pretrain_step", "parallel", "streaming", "run_folder", "reporting",
+         "trunk_metadata", "checkpoints", "interop", "pretrain_data", "pretrain_checkpoint", "pretrain", "target_data", "surgery", "transplant",
          "freezing", "finetune_step", "seeds", "finetune_config", "stats", "probes", "head_init", "finetune", "recipes",
          "transfer",
          "search", "cpu", "compile_cache", "bench", "cli_configs", "cli_interop", "cli")

@@ -111,7 +111,7 @@ def restore_checkpoint(out, step, like):
     """The state tree saved at `step`, restored into the structure of TrainState `like`."""
     from auxtl.pretrain import _state_tree
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(like))
-    return ocp.StandardCheckpointer().restore(out / "checkpoints" / str(step) / "default",
+    return ocp.StandardCheckpointer().restore(out / "checkpoints" / str(step) / "state",
                                               target)
 
 
