@@ -49,8 +49,7 @@ def compute_in(module: nnx.Module, dtype) -> nnx.Module:
     Returns `module`, changed in place (before it is split or traced)."""
     dtype = jnp.dtype(dtype)
     for _, sub in nnx.iter_modules(module):
-        if (isinstance(sub, nnx.Module) and "dtype" in vars(sub) and sub.dtype is None
-                and "param_dtype" in vars(sub)):
+        if "param_dtype" in vars(sub) and vars(sub).get("dtype", dtype) is None:
             sub.dtype = dtype
     return module
 
