@@ -23,7 +23,7 @@ from auxtl.errors import AuxtlError, AuxtlWarning, InputError
 from auxtl.finetune import HEAD_INITS
 from auxtl.finetune_step import AUGMENTS
 from auxtl.freezing import PHASES_GRAMMAR, check_phases
-from auxtl.models import list_models
+from auxtl.models import COMPUTE_DTYPES, list_models
 from auxtl.optim import FINETUNE_SCHEDULES
 from auxtl.parallel import initialize_distributed
 from auxtl.pretrain import PretrainConfig, run_pretraining
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--stream: also npz-shards:GLOB | arrayrecord:GLOB)")
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--compute-dtype", default=defaults.compute_dtype, metavar="DTYPE",
+                   help=f"{' or '.join(COMPUTE_DTYPES)}: the dtype the model computes in; "
+                        "parameters and optimizer state stay float32")
     add_model_module(p)
     p.add_argument("--steps", type=int, default=defaults.steps,
                    help=f"training steps (or give --epochs; default: "
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(L2 chosen on validation; LP-FT)")
     t.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="... and at most N steps (validation every N steps on large sets)")
+    t.add_argument("--compute-dtype", default=ft.compute_dtype, metavar="DTYPE",
+                   help=f"{' or '.join(COMPUTE_DTYPES)}: the target model's compute dtype "
+                        "(the trunk's pretraining one is not inherited); weights stay float32")
     t.add_argument("--dry-run", action="store_true", help="print the surgery plan and stop")
     t.add_argument("--search", action="store_true",
                    help="sweep reuse depth K x unfrozen top reused layers N on validation, "

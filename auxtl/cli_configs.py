@@ -81,6 +81,7 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         tasks=parse_task_flags(args.task or [recipes.PRETRAIN_TASK], args.task_arg),
         data=args.data, model=args.model,
         model_overrides=parse_key_values(args.model_arg, "--model-arg"),
+        compute_dtype=args.compute_dtype,
         loss_weighting=args.loss_weighting,
         steps=args.steps,
         epochs=recipes.PRETRAIN_EPOCHS if args.steps is None and args.epochs is None
@@ -127,7 +128,7 @@ def transfer_config_from_args(args: argparse.Namespace):
                               warmup=args.warmup,
                               min_steps_per_epoch=args.min_steps_per_epoch,
                               max_steps_per_epoch=args.max_steps_per_epoch,
-                              head_init=args.head_init)
+                              head_init=args.head_init, compute_dtype=args.compute_dtype)
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     return TransferConfig(trunk=args.trunk, data=args.data,
                           labels_per_class=args.labels_per_class,

@@ -1,7 +1,9 @@
 """What a fine-tuning run is given and gives back: `FinetuneConfig` (the recipe: phases,
 optimizer, augmentation, schedule, epoch rule, head start) and `FinetuneResult` (one
 seed's outcome). The engine that runs them is `auxtl.finetune`; its docstring says how
-each setting acts.
+each setting acts. `compute_dtype` acts where the target model is built
+(`auxtl.transplant.build_transfer_model`, which transfer and search pass it to): the
+engine trains whatever model it is given, in that model's compute dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from auxtl.errors import InputError
 from auxtl.finetune_step import AUGMENTS
 from auxtl.freezing import Phase
+from auxtl.models import check_compute_dtype
 from auxtl.optim import FINETUNE_SCHEDULES
 
 
@@ -37,6 +40,8 @@ class FinetuneConfig:
     min_steps_per_epoch: int = 1       # an epoch: one pass over the subset, at least this
     max_steps_per_epoch: int | None = None   # ... and at most this (None: no cap)
     head_init: str = "random"          # "ridge": LP-FT, the head starts as the ridge probe
+    compute_dtype: str = "float32"     # or "bfloat16": the target model's compute dtype
+                                       # (params, optimizer state, statistics stay float32)
 
     def __post_init__(self):
         phases = tuple(self.phases)
@@ -74,6 +79,7 @@ class FinetuneConfig:
         if self.head_init not in HEAD_INITS:
             raise InputError(f"head_init (--head-init) must be one of {', '.join(HEAD_INITS)}, "
                              f"got {self.head_init!r}")
+        check_compute_dtype(self.compute_dtype)
         cap = self.max_steps_per_epoch
         if cap is not None and not (_whole(cap) and cap >= self.min_steps_per_epoch):
             raise InputError(f"max_steps_per_epoch (--max-steps-per-epoch) must be None or a "

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from auxtl import checkpoints, parallel, pretrain_checkpoint
 from auxtl.data import Dataset
 from auxtl.errors import InputError, Preempted
-from auxtl.models import config_to_json, make_config
+from auxtl.models import check_compute_dtype, config_to_json, make_config, with_compute_dtype
 from auxtl.optim import OptimizerConfig, make_optimizer
 from auxtl.pretrain_data import load_pretrain_data
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
@@ -70,6 +70,7 @@ class PretrainConfig:
     data: str = "mnist5k"
     model: str = "small_cnn"
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compute_dtype: str = "float32"  # or "bfloat16"; params and optimizer state stay float32
     loss_weighting: str = "fixed"   # or "uncertainty": learned per-task weights
     steps: int | None = None     # None: DEFAULT_STEPS, or from `epochs`
     epochs: float | None = None  # passes over the training split (after the held-out split)
@@ -121,6 +122,7 @@ class PretrainConfig:
             refuse("test_fraction", "between 0 and 1 (exclusive)")
         if not self.tasks:
             raise InputError("tasks: at least one task is needed")
+        check_compute_dtype(self.compute_dtype)
         if self.resume and self.overwrite:
             raise InputError("--resume continues the run in --out and --overwrite deletes "
                              "it; give one of them")
@@ -158,8 +160,9 @@ class PretrainResult:
 
 
 # Fields that must match for --resume to continue the same run exactly.
-_RESUME_FIELDS = ("tasks", "data", "model", "model_overrides", "loss_weighting", "steps",
-                  "batch_size", "seed", "optimizer", "test_fraction", "stream", "image_size")
+_RESUME_FIELDS = ("tasks", "data", "model", "model_overrides", "compute_dtype",
+                  "loss_weighting", "steps", "batch_size", "seed", "optimizer",
+                  "test_fraction", "stream", "image_size")
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -246,7 +249,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         raise InputError(f"batch size {config.batch_size} exceeds the {data.n_train} "
                          f"training images of {config.data!r}")
     input_shape = data.input_shape
-    model_config = make_config(config.model, input_shape, **config.model_overrides)
+    model_config = make_config(config.model, input_shape, **with_compute_dtype(
+        config.model, config.compute_dtype, config.model_overrides))
     model = build_pretrain_model(config.model, model_config, tasks, input_shape,
                                  seed=config.seed, loss_weighting=config.loss_weighting)
     graphdef, params, batch_stats = split_model(model)

@@ -42,10 +42,27 @@ class PretrainModel(nnx.Module):
                          if loss_weighting == "uncertainty" else None)
 
 
+def compute_in(module: nnx.Module, dtype) -> nnx.Module:
+    """Sets the compute dtype of every layer in `module` that left it unset (`dtype=None`:
+    promote from inputs and parameters, which for float32 parameters is float32) to
+    `dtype`; layers given a dtype keep it. Parameters stay as they are (float32).
+    Returns `module`, changed in place (before it is split or traced)."""
+    dtype = jnp.dtype(dtype)
+    for _, sub in nnx.iter_modules(module):
+        if "param_dtype" in vars(sub) and vars(sub).get("dtype", dtype) is None:
+            sub.dtype = dtype
+    return module
+
+
 def build_pretrain_model(model_name: str, model_config, tasks: Sequence[WeightedTask],
                          input_shape: tuple[int, int, int], *, seed: int,
                          loss_weighting: str = "fixed") -> PretrainModel:
-    """Trunk from (name, config) plus each task's head; validates each task's input needs."""
+    """Trunk from (name, config) plus each task's head; validates each task's input needs.
+
+    The heads compute in the trunk's compute dtype (`model_config.dtype`; float32 for a
+    config without one): below float32, `compute_in` sets it on every head layer that
+    leaves its dtype unset, so a task needs no dtype argument; the losses cast outputs
+    up to float32 (`auxtl.losses`)."""
     names = [t.name for t in tasks]
     if not tasks:
         raise InputError("at least one task is needed")
@@ -60,6 +77,9 @@ def build_pretrain_model(model_name: str, model_config, tasks: Sequence[Weighted
     trunk = build_trunk(model_name, model_config, rngs=rngs, input_shape=tuple(input_shape))
     heads = {t.name: t.task.make_head(trunk.feature_dim, image_shape=tuple(input_shape),
                                       rngs=rngs) for t in tasks}
+    compute_dtype = jnp.dtype(getattr(model_config, "dtype", "float32"))
+    if compute_dtype != jnp.float32:   # float32: the heads stay exactly as the task built them
+        heads = {name: compute_in(head, compute_dtype) for name, head in heads.items()}
     model = PretrainModel(trunk, heads, loss_weighting=loss_weighting)
     for weighted in tasks:
         check_task_fits(model, weighted, tuple(input_shape))

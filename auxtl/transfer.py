@@ -139,7 +139,7 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
                     test=(splits.test.images, splits.test.labels))
         model, seed_report = build_transfer_model(
             metadata, source_params, source_stats, config.target, num_classes=num_classes,
-            in_channels=in_channels, seed=seed)
+            in_channels=in_channels, seed=seed, compute_dtype=config.finetune.compute_dtype)
         report = report or seed_report
         k = num_reused(config.target, len(metadata.layer_names))
         fine = dataclasses.replace(config.finetune, seed=seed)
@@ -149,7 +149,8 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
         if config.baseline:
             fresh, _ = build_transfer_model(metadata, None, None, config.target,
                                             num_classes=num_classes, in_channels=in_channels,
-                                            seed=seed, transplant=False)
+                                            seed=seed, transplant=False,
+                                            compute_dtype=config.finetune.compute_dtype)
             scratch = finetune(fresh, k, scratch_config(fine), normalization=normalization,
                                cache=cache, progress=config.progress,
                                desc=f"scratch seed {seed}", **data)
@@ -208,7 +209,8 @@ def save_transfer_model(path, model, result: FinetuneResult, source_metadata: Tr
     trunk = model.trunk
     params, stats = result.params, result.batch_stats
     metadata = checkpoints.trunk_metadata(
-        trunk, config_json=config_to_json(target_config(source_metadata, input_shape[-1])),
+        trunk, config_json=config_to_json(target_config(
+            source_metadata, input_shape[-1], config.finetune.compute_dtype)),
         input_shape=input_shape, normalization=normalization,
         tasks=[{"name": "classification", "weight": 1.0,
                 "params": {"num_classes": int(model.head.out_features)}}],

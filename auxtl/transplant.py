@@ -18,7 +18,7 @@ from typing import Any
 from flax import nnx
 
 from auxtl import checkpoints, surgery
-from auxtl.models import build_trunk, make_config, model_entry
+from auxtl.models import build_trunk, make_config, model_entry, with_compute_dtype
 from auxtl.models.target import TargetSpec, TransferModel, build_target_trunk, num_reused
 from auxtl.trunk_metadata import TrunkMetadata, as_trunk_metadata
 
@@ -33,19 +33,27 @@ def transfer_rules(k: int, adapt_paths: Sequence[str] = ()) -> list[surgery.Rule
     return rules
 
 
-def target_config(metadata: TrunkMetadata, in_channels: int):
-    """The source trunk's config with the target data's channel count."""
+def target_config(metadata: TrunkMetadata, in_channels: int, compute_dtype: str = "float32"):
+    """The source trunk's config with the target data's channel count and the transfer's
+    compute dtype. A trunk checkpoint's config records the dtype it was pretrained in
+    (its weights are float32 either way); a transfer computes in its own
+    (`FinetuneConfig.compute_dtype`, float32 unless asked), whatever the source's was.
+    InputError for a compute dtype the model cannot take (`with_compute_dtype`)."""
     metadata = as_trunk_metadata(metadata)
-    return make_config(metadata.model, None, **{**metadata.config, "in_channels": in_channels})
+    source = {k: v for k, v in metadata.config.items() if k != "dtype"}
+    return make_config(metadata.model, None, **with_compute_dtype(
+        metadata.model, compute_dtype, {**source, "in_channels": in_channels}))
 
 
 def new_transfer_model(metadata: TrunkMetadata, spec: TargetSpec, *, num_classes: int,
-                       in_channels: int, seed: int) -> TransferModel:
-    """The target architecture with fresh weights."""
+                       in_channels: int, seed: int,
+                       compute_dtype: str = "float32") -> TransferModel:
+    """The target architecture with fresh weights, computing in `compute_dtype` (trunk,
+    added layers and classifier; parameters float32)."""
     metadata = as_trunk_metadata(metadata)
     rngs = nnx.Rngs(seed)
-    trunk = build_target_trunk(metadata.model, target_config(metadata, in_channels), spec,
-                               rngs=rngs)
+    config = target_config(metadata, in_channels, compute_dtype)
+    trunk = build_target_trunk(metadata.model, config, spec, rngs=rngs)
     return TransferModel(trunk, num_classes, rngs=rngs)
 
 
@@ -109,14 +117,15 @@ def rules_for(metadata: TrunkMetadata, spec: TargetSpec, in_channels: int):
 
 def build_transfer_model(metadata: TrunkMetadata, source_params, source_stats,
                          spec: TargetSpec, *, num_classes: int, in_channels: int, seed: int,
-                         transplant: bool = True):
-    """The target model, with the source's lowest k layers transplanted (or all fresh).
+                         transplant: bool = True, compute_dtype: str = "float32"):
+    """The target model, with the source's lowest k layers transplanted (or all fresh),
+    computing in `compute_dtype` (its float32 weights copied as they are).
 
     Returns (model, report); report is None when `transplant` is False (scratch).
     """
     metadata = as_trunk_metadata(metadata)
     model = new_transfer_model(metadata, spec, num_classes=num_classes,
-                               in_channels=in_channels, seed=seed)
+                               in_channels=in_channels, seed=seed, compute_dtype=compute_dtype)
     if not transplant:
         return model, None
     tree, report = surgery.transplant({"params": source_params, "batch_stats": source_stats},

@@ -200,4 +200,8 @@ def sliced_kernel_gradient(x, dy, *, kernel_shape, strides, padding) -> jax.Arra
     parts = [xla_kernel_gradient(x[i:i + _SLICE_IMAGES], dy[i:i + _SLICE_IMAGES],
                                  kernel_shape=kernel_shape, strides=strides, padding=padding)
              for i in range(0, x.shape[0], _SLICE_IMAGES)]
-    return functools.reduce(jnp.add, parts)
+    if len(parts) == 1:
+        return parts[0]
+    # Summed in float32 at least (bfloat16 slices too), rounded once to dy's dtype.
+    total = jnp.promote_types(dy.dtype, jnp.float32)
+    return functools.reduce(jnp.add, [p.astype(total) for p in parts]).astype(dy.dtype)

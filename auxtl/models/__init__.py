@@ -27,7 +27,8 @@ from auxtl.registry import import_user_file, load_entry_points
 
 __all__ = ["Trunk", "global_avg_pool", "SmallCNNConfig", "ResNetConfig",
            "ResNet50Config", "NINConfig", "MODELS", "register_model", "load_model_module",
-           "model_entry", "make_config", "build_trunk", "list_models"]
+           "model_entry", "make_config", "build_trunk", "list_models", "COMPUTE_DTYPES",
+           "check_compute_dtype", "with_compute_dtype"]
 
 ENTRY_POINT_GROUP = "auxtl.models"
 
@@ -190,6 +191,43 @@ def _check_override(model: str, key: str, default: Any, value: Any) -> None:
     if not ok:
         raise InputError(f"model {model!r}: field {key!r} must be like its default "
                          f"{default!r} ({type(default).__name__}), got {value!r}")
+
+
+# The compute dtypes a run may ask for (--compute-dtype). Parameters, optimizer state and
+# BatchNorm statistics stay float32 whatever is chosen ("master weights"); float16 is
+# left out: without loss scaling its gradients underflow.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(value: Any, flag: str = "--compute-dtype") -> str:
+    """`value` if it is one of COMPUTE_DTYPES, else InputError naming `flag` and them."""
+    if not isinstance(value, str) or value not in COMPUTE_DTYPES:
+        raise InputError(f"compute dtype ({flag}) must be one of {', '.join(COMPUTE_DTYPES)}, "
+                         f"got {value!r}")
+    return value
+
+
+def with_compute_dtype(name: str, compute_dtype: str,
+                       overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`overrides` (config values) with the model config's `dtype` (its compute dtype) set
+    to `compute_dtype`. A model whose config has no `dtype` field computes as its own
+    code says: float32 is then accepted as is (nothing set), bfloat16 refused. A `dtype`
+    already in `overrides` (--model-arg dtype=...) that disagrees is refused, naming
+    both. InputError for each."""
+    check_compute_dtype(compute_dtype)
+    overrides = dict(overrides or {})
+    given = overrides.get("dtype", compute_dtype)
+    if given != compute_dtype:
+        raise InputError(f"--model-arg dtype={given} disagrees with --compute-dtype "
+                         f"{compute_dtype}; set the compute dtype with --compute-dtype alone")
+    config_cls, _ = model_entry(name)
+    if "dtype" in {f.name for f in dataclasses.fields(config_cls)}:
+        return {**overrides, "dtype": compute_dtype}
+    if compute_dtype != "float32":
+        raise InputError(f"model {name!r}: its config ({_origin(config_cls)}) has no `dtype` "
+                         f"field, so it cannot compute in {compute_dtype}; add a `dtype: str` "
+                         f"field its builder passes to its layers")
+    return overrides
 
 
 def config_to_json(config) -> dict[str, Any]:

@@ -14,7 +14,9 @@ already compiled keeps what it was traced with):
 fills the hooks with `install(...)` (auxtl.cpu does, on import of auxtl); `restore()`
 puts back what was there, the defaults unless told otherwise. An installed
 implementation must compute the same function as the default (to rounding) and may
-fall back to the default for inputs it does not take.
+fall back to the default for inputs it does not take; it keeps the inputs' dtype (a
+bfloat16 layer gets bfloat16 back, never a silent float32 upcast). auxtl.cpu's kernels
+take float32 only: bfloat16 compute runs XLA's convolutions (tests/test_compute_dtype.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from auxtl.errors import InputError
@@ -50,8 +51,19 @@ def num_reused(spec: TargetSpec, source_layers: int) -> int:
     return spec.reuse
 
 
+def trunk_compute_dtype(trunk: nnx.Module) -> jnp.dtype:
+    """The compute dtype of a trunk's layers: that of the first Flax layer with a dtype
+    set, float32 if none sets one."""
+    for _, module in nnx.iter_modules(trunk):
+        dtype = vars(module).get("dtype")
+        if "param_dtype" in vars(module) and dtype is not None:
+            return jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32)
+
+
 def build_target_trunk(model: str, config, spec: TargetSpec, *, rngs: nnx.Rngs) -> Trunk:
-    """The source architecture cut and extended as `spec` says (fresh weights)."""
+    """The source architecture cut and extended as `spec` says (fresh weights); added
+    layers compute in the source architecture's compute dtype (`trunk_compute_dtype`)."""
     if spec.top not in ("drop", "replace"):
         raise InputError(f"top must be 'drop' or 'replace', got {spec.top!r}")
     base = build_trunk(model, config, rngs=rngs)
@@ -65,7 +77,7 @@ def build_target_trunk(model: str, config, spec: TargetSpec, *, rngs: nnx.Rngs) 
     for index, width in enumerate(spec.add, start=1):
         if dim is None:
             raise InputError("added dense layers need at least one layer below them")
-        layers.append(DenseBlock(dim, width, rngs=rngs))
+        layers.append(DenseBlock(dim, width, dtype=trunk_compute_dtype(base), rngs=rngs))
         names.append(f"added{index}")
         dim = width
     return Trunk(layers, names, feature_dim=dim, model_name=base.model_name,
@@ -86,11 +98,14 @@ def _output_width(base: Trunk, count: int) -> int:
 
 
 class TransferModel(nnx.Module):
-    """Target trunk + linear classification head."""
+    """Target trunk + linear classification head. The head computes in `dtype` (None: the
+    trunk's, `trunk_compute_dtype`); its parameters are float32 and the loss casts the
+    logits to float32 (`auxtl.losses.classification`)."""
 
-    def __init__(self, trunk: Trunk, num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, trunk: Trunk, num_classes: int, *, rngs: nnx.Rngs, dtype=None):
         self.trunk = trunk
-        self.head = nnx.Linear(trunk.feature_dim, num_classes, rngs=rngs)
+        dtype = trunk_compute_dtype(trunk) if dtype is None else jnp.dtype(dtype)
+        self.head = nnx.Linear(trunk.feature_dim, num_classes, dtype=dtype, rngs=rngs)
 
     def logits(self, x, *, start: int = 0, train: bool = False,
                frozen: Collection[str] = ()):
