@@ -6,11 +6,15 @@ process feeds its own slice of the global batch.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from auxtl.errors import InputError
+from auxtl.errors import AuxtlWarning, InputError
+
+DISTRIBUTED_MODES = ("off", "auto")
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -47,7 +51,75 @@ def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def replicate(tree, mesh: Mesh):
+    """`tree` on every device of the mesh (a global array; with several processes each
+    must pass the same values, as every process holds the same small labeled set)."""
     return jax.device_put(tree, replicated_sharding(mesh))
+
+
+_UNSPLIT_WARNED: set[tuple[int, int]] = set()
+
+
+def constrain_batch(batch, mesh: Mesh):
+    """Inside a traced step: `batch` (leading axis = examples) split over the mesh's
+    "data" axis (`jax.lax.with_sharding_constraint`), so XLA runs each device on its share
+    and reduces (BatchNorm statistics and gradients stay those of the global batch). A
+    batch the device count does not divide is left replicated (every device computes the
+    whole batch: correct, not faster), with one warning per (size, devices)."""
+    devices = mesh.devices.size
+    if devices == 1:
+        return batch
+    if batch.shape[0] % devices:
+        if (batch.shape[0], devices) not in _UNSPLIT_WARNED:
+            _UNSPLIT_WARNED.add((batch.shape[0], devices))
+            warnings.warn(AuxtlWarning(
+                f"batch of {batch.shape[0]} is not divisible by the {devices} devices of the "
+                f"mesh: it runs replicated on every device (use a multiple of {devices} to "
+                f"split it)"), stacklevel=2)
+        return batch
+    return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+
+
+class BatchLayout:
+    """How compiled steps laid out their batch, read at compile time from the real traced
+    array (`jax.debug.inspect_array_sharding`, no run-time cost): per distinct layout its
+    PartitionSpec and how many devices its examples are split over. `record()` lists them
+    (empty until a step has been compiled)."""
+
+    def __init__(self):
+        self._seen: dict[tuple[int, str], dict] = {}
+
+    def inspect(self, batch, examples_axis: int = 0) -> None:
+        """Registers `batch` (inside a traced function) to be inspected when compiled;
+        `examples_axis`: where its examples are (1 under a vmap over seeds, whose
+        inspection sees the stacked array)."""
+        size = int(batch.shape[0])
+        jax.debug.inspect_array_sharding(
+            batch, callback=lambda sharding: self._note(sharding, size, examples_axis))
+
+    def _note(self, sharding, size: int, axis: int) -> None:
+        spec = getattr(sharding, "spec", None)
+        if sharding.is_fully_replicated:
+            devices = 1
+        elif spec is not None and len(spec) > axis and spec[axis] is not None:
+            names = spec[axis] if isinstance(spec[axis], tuple) else (spec[axis],)
+            devices = int(np.prod([sharding.mesh.shape[n] for n in names]))
+        else:
+            devices = 1
+        text = str(spec) if spec is not None else type(sharding).__name__
+        self._seen[(size, text)] = {"batch": size, "batch_spec": text,
+                                    "batch_devices": devices,
+                                    "mesh_devices": len(sharding.device_set)}
+
+    def record(self) -> list[dict]:
+        return list(self._seen.values())
+
+
+def mesh_record(mesh: Mesh) -> dict:
+    """The mesh a run used, for its summary: devices, processes, axes, platform."""
+    return {"devices": int(mesh.devices.size), "processes": jax.process_count(),
+            "local_devices": jax.local_device_count(),
+            "axes": {name: int(size) for name, size in mesh.shape.items()},
+            "platform": mesh.devices.flat[0].platform}
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -59,3 +131,37 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
+
+
+def initialize_auto() -> None:
+    """`jax.distributed.initialize()` with no arguments: JAX finds the coordinator, the
+    process count and this process's id in a cluster launcher's environment (Slurm,
+    Open MPI, Cloud TPU / GKE, Kubernetes) or in `JAX_COORDINATOR_ADDRESS` with
+    `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`-style variables. InputError when it finds none.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize()
+    except ValueError as error:
+        if "should be defined" not in str(error) and "must be defined" not in str(error):
+            raise
+        raise InputError(
+            f"--distributed auto found no cluster environment ({error}): run under a "
+            f"launcher JAX detects (Slurm srun: SLURM_JOB_ID, SLURM_STEP_NODELIST, "
+            f"SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID; Open MPI mpirun; Cloud TPU / GKE), "
+            f"or set JAX_COORDINATOR_ADDRESS=host:port with the process count and id, or "
+            f"pass --coordinator/--num-processes/--process-id, or --distributed off"
+        ) from None
+
+
+def start_distributed(mode: str, coordinator: str | None, num_processes: int,
+                      process_id: int) -> None:
+    """The CLI's rule: explicit --coordinator flags start an explicit run; else
+    `mode` "auto" detects the cluster (`initialize_auto`), "off" runs one process."""
+    if mode not in DISTRIBUTED_MODES:
+        raise InputError(f"--distributed must be one of {', '.join(DISTRIBUTED_MODES)}, "
+                         f"got {mode!r}")
+    if coordinator:
+        initialize_distributed(coordinator, num_processes, process_id)
+    elif mode == "auto":
+        initialize_auto()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl import parallel
 from auxtl.data import batch_indices
 
 
@@ -52,7 +53,7 @@ def batch_schedule(subsets: Sequence[np.ndarray], batch_size: int, steps: int, *
                      for subset, seed, first in zip(subsets, seeds, starts)])
 
 
-def seed_runner(step_fn, *, vmap: bool):
+def seed_runner(step_fn, *, vmap: bool, mesh=None, layout: parallel.BatchLayout | None = None):
     """(states[S], inputs, labels, schedule[S, T, B], active[S], norm) -> (states after T
     steps of each active seed, losses): inactive seeds' states come back exactly as they
     went in; losses[s] holds seed s's T per-step losses (an (S, T) device array with
@@ -66,10 +67,20 @@ def seed_runner(step_fn, *, vmap: bool):
     a conv vmapped over weights becomes a grouped conv, slower than S separate steps,
     and a lax.scan over steps slower than dispatching each step (benchmarks/NOTES.md,
     "Seeds on CPU"). Either way one compile per shape, and the host never waits between steps.
+
+    `mesh` (a `auxtl.parallel.data_mesh`): the states and shared data are expected
+    replicated on it (global arrays); the gathered batch is split over its devices
+    (`parallel.constrain_batch`; a batch they do not divide runs replicated, with a
+    warning) and `layout` records the split the compiled step really has.
     """
+    def place(x):
+        return x if mesh is None else parallel.constrain_batch(x, mesh)
 
     def indexed(state, inputs, labels, index, norm):
-        state, metrics = step_fn(state, inputs[index], labels[index], norm)
+        batch, batch_labels = place(inputs[index]), place(labels[index])
+        if layout is not None:
+            layout.inspect(batch, examples_axis=1 if vmap else 0)
+        state, metrics = step_fn(state, batch, batch_labels, norm)
         return state, metrics["loss"]
 
     if vmap:
@@ -81,7 +92,7 @@ def seed_runner(step_fn, *, vmap: bool):
                        donate_argnums=0)
 
         def run(states, inputs, labels, schedule, active, norm):
-            losses, active = [], jnp.asarray(active)
+            losses, active = [], np.asarray(active)
             for t in range(schedule.shape[1]):
                 states, loss = step(states, inputs, labels, schedule[:, t], active, norm)
                 losses.append(loss)
