@@ -136,31 +136,36 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 def initialize_auto() -> None:
     """`jax.distributed.initialize()` with no arguments: JAX finds the coordinator, the
     process count and this process's id in a cluster launcher's environment (Slurm,
-    Open MPI, Cloud TPU / GKE, Kubernetes) or in `JAX_COORDINATOR_ADDRESS` with
-    `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`-style variables. InputError when it finds none.
+    Open MPI, Cloud TPU / GKE, Kubernetes); the coordinator's port may be set with
+    `JAX_COORDINATOR_PORT` (the port JAX's Slurm / Open MPI detection would pick
+    otherwise), and `JAX_COORDINATOR_ADDRESS` overrides the detected address. InputError
+    when it finds no cluster (nothing is changed then).
     """
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize()
     except ValueError as error:
         if "should be defined" not in str(error) and "must be defined" not in str(error):
             raise
         raise InputError(
-            f"--distributed auto found no cluster environment ({error}): run under a "
+            f"--distributed auto found no cluster environment ({error}): run it under a "
             f"launcher JAX detects (Slurm srun: SLURM_JOB_ID, SLURM_STEP_NODELIST, "
-            f"SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID; Open MPI mpirun; Cloud TPU / GKE), "
-            f"or set JAX_COORDINATOR_ADDRESS=host:port with the process count and id, or "
-            f"pass --coordinator/--num-processes/--process-id, or --distributed off"
-        ) from None
+            f"SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID; Open MPI mpirun; Cloud TPU / GKE "
+            f"TPU slices), or pass --coordinator HOST:PORT --num-processes N --process-id I, "
+            f"or --distributed off") from None
+    # after the cluster was found (the CPU backend, created later, reads it then)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def start_distributed(mode: str, coordinator: str | None, num_processes: int,
                       process_id: int) -> None:
     """The CLI's rule: explicit --coordinator flags start an explicit run; else
-    `mode` "auto" detects the cluster (`initialize_auto`), "off" runs one process."""
+    `mode` "auto" detects the cluster (`initialize_auto`), "off" runs one process. A
+    process already joined (a second command in one interpreter) stays as it is."""
     if mode not in DISTRIBUTED_MODES:
         raise InputError(f"--distributed must be one of {', '.join(DISTRIBUTED_MODES)}, "
                          f"got {mode!r}")
+    if jax.distributed.is_initialized():
+        return
     if coordinator:
         initialize_distributed(coordinator, num_processes, process_id)
     elif mode == "auto":
