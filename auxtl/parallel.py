@@ -1,7 +1,11 @@
 """One mesh over every device (all hosts), batch sharded on the 'data' axis.
 
-The same code path serves 1 or N devices: parameters are replicated, each
-process feeds its own slice of the global batch.
+The same code path serves 1 or N devices: parameters are replicated. Pretraining: each
+process feeds its own slice of the global batch (`put_batch`). Fine-tuning: every process
+holds the whole (small) labeled set, replicated (`replicate`), and the step's gathered
+batch is constrained to the 'data' axis (`constrain_batch`). `mesh_record`,
+`array_layout` and `BatchLayout` describe what a run really did, for its summary;
+`start_distributed` joins a multi-process run (explicit flags or `--distributed auto`).
 """
 
 from __future__ import annotations
@@ -112,6 +116,17 @@ class BatchLayout:
 
     def record(self) -> list[dict]:
         return list(self._seen.values())
+
+
+def array_layout(array: jax.Array) -> dict:
+    """A real global batch array's layout, in `BatchLayout.record()`'s terms (e.g. for
+    pretraining's summary: `array_layout(images)` of a step's batch)."""
+    size = int(array.shape[0])
+    spec = getattr(array.sharding, "spec", None)
+    return {"batch": size, "batch_spec": str(spec) if spec is not None else
+            type(array.sharding).__name__,
+            "batch_devices": size // int(array.sharding.shard_shape(array.shape)[0]),
+            "mesh_devices": len(array.sharding.device_set)}
 
 
 def mesh_record(mesh: Mesh) -> dict:

@@ -59,10 +59,8 @@ if len(sys.argv) > 5:   # --distributed auto, no cluster: refused, nothing start
 seen, put = [], parallel.put_batch
 def recording(local, mesh):
     array = put(local, mesh)
-    seen.append({"spec": str(array.sharding.spec), "batch": array.shape[0],
-                 "rows_per_device": array.sharding.shard_shape(array.shape)[0],
-                 "devices": len(array.sharding.device_set),
-                 "local_devices": len(array.addressable_shards)})
+    seen.append({**parallel.array_layout(array), "local_devices": len(array.addressable_shards),
+                 "rows_per_device": array.sharding.shard_shape(array.shape)[0]})
     return array
 parallel.put_batch = recording
 assert main(["pretrain", *tiny, "--out", str(out / "pretrain"), *extra]) == 0
@@ -140,9 +138,9 @@ def test_four_devices_in_one_process_split_the_batch_and_match_one_device(single
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     seen = batches(out)
     assert len(seen) == PRETRAIN_STEPS
-    assert all(b == {"spec": "P('data',)", "batch": PRETRAIN_BATCH,
-                     "rows_per_device": PRETRAIN_BATCH // 4, "devices": 4, "local_devices": 4}
-               for b in seen), seen
+    assert all(b == {"batch_spec": "P('data',)", "batch": PRETRAIN_BATCH, "batch_devices": 4,
+                     "mesh_devices": 4, "rows_per_device": PRETRAIN_BATCH // 4,
+                     "local_devices": 4} for b in seen), seen
     mesh = json.loads((out / "transfer" / "transfer.json").read_text())["mesh"]
     assert mesh["devices"] == 4 and mesh["processes"] == 1 and mesh["axes"] == {"data": 4}
     assert mesh["steps"] == [{"batch": TRANSFER_BATCH, "batch_spec": "P('data',)",
@@ -164,7 +162,7 @@ def test_two_processes_started_by_distributed_auto_match_one_process(single, tmp
     for process in range(2):
         seen = batches(out, process)
         assert len(seen) == PRETRAIN_STEPS
-        assert all(b["devices"] == 4 and b["local_devices"] == 2 and b["batch"] == PRETRAIN_BATCH
+        assert all(b["batch_devices"] == b["mesh_devices"] == 4 and b["local_devices"] == 2
                    and b["rows_per_device"] == PRETRAIN_BATCH // 4 for b in seen), seen
     mesh = json.loads((out / "transfer" / "transfer.json").read_text())["mesh"]
     assert (mesh["devices"], mesh["processes"], mesh["local_devices"]) == (4, 2, 2)
