@@ -84,31 +84,24 @@ def constrain_batch(batch, mesh: Mesh):
 
 
 class BatchLayout:
-    """How compiled steps laid out their batch, read at compile time from the real traced
-    array (`jax.debug.inspect_array_sharding`, no run-time cost): per distinct layout its
-    PartitionSpec and how many devices its examples are split over. `record()` lists them
-    (empty until a step has been compiled)."""
+    """How compiled steps laid out their batch: per distinct layout its PartitionSpec
+    and how many devices its examples are split over, as `note`d from the sharding XLA
+    compiled (`auxtl.seeds.seed_runner` compiles the step's own gather and placement of
+    the batch and reads its output sharding). `record()` lists them (empty until a step
+    has been compiled)."""
 
     def __init__(self):
         self._seen: dict[tuple[int, str], dict] = {}
 
-    def inspect(self, batch, examples_axis: int = 0) -> None:
-        """Registers `batch` (inside a traced function) to be inspected when compiled;
-        `examples_axis`: where its examples are (1 under a vmap over seeds, whose
-        inspection sees the stacked array)."""
-        size = int(batch.shape[0])
-        jax.debug.inspect_array_sharding(
-            batch, callback=lambda sharding: self._note(sharding, size, examples_axis))
-
-    def _note(self, sharding, size: int, axis: int) -> None:
+    def note(self, sharding, size: int, examples_axis: int = 0) -> None:
+        """Records a batch of `size` examples laid out as `sharding`, its examples on
+        `examples_axis` (1 for seeds stacked in front)."""
         spec = getattr(sharding, "spec", None)
-        if sharding.is_fully_replicated:
-            devices = 1
-        elif spec is not None and len(spec) > axis and spec[axis] is not None:
-            names = spec[axis] if isinstance(spec[axis], tuple) else (spec[axis],)
+        devices = 1
+        if not sharding.is_fully_replicated and spec is not None and len(spec) > examples_axis:
+            names = spec[examples_axis]
+            names = () if names is None else names if isinstance(names, tuple) else (names,)
             devices = int(np.prod([sharding.mesh.shape[n] for n in names]))
-        else:
-            devices = 1
         text = str(spec) if spec is not None else type(sharding).__name__
         self._seen[(size, text)] = {"batch": size, "batch_spec": text,
                                     "batch_devices": devices,

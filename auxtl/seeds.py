@@ -76,12 +76,25 @@ def seed_runner(step_fn, *, vmap: bool, mesh=None, layout: parallel.BatchLayout 
     def place(x):
         return x if mesh is None else parallel.constrain_batch(x, mesh)
 
+    def gather(inputs, index):
+        return place(inputs[index])
+
     def indexed(state, inputs, labels, index, norm):
-        batch, batch_labels = place(inputs[index]), place(labels[index])
-        if layout is not None:
-            layout.inspect(batch, examples_axis=1 if vmap else 0)
-        state, metrics = step_fn(state, batch, batch_labels, norm)
+        state, metrics = step_fn(state, gather(inputs, index), place(labels[index]), norm)
         return state, metrics["loss"]
+
+    inspected = set()
+
+    def inspect(inputs, index):
+        """Compiles the step's own gather + placement once per batch shape and records
+        the output sharding XLA gave it (an inspection inside the step itself, an
+        effect, would cost every step the slow dispatch path)."""
+        if layout is None or (index.shape, vmap) in inspected:
+            return
+        inspected.add((index.shape, vmap))
+        fn = jax.vmap(gather, in_axes=(None, 0)) if vmap else gather
+        compiled = jax.jit(fn).lower(inputs, index).compile()
+        layout.note(compiled.output_shardings, int(index.shape[-1]), 1 if vmap else 0)
 
     if vmap:
         def guarded(state, inputs, labels, index, active, norm):
@@ -93,6 +106,7 @@ def seed_runner(step_fn, *, vmap: bool, mesh=None, layout: parallel.BatchLayout 
 
         def run(states, inputs, labels, schedule, active, norm):
             losses, active = [], np.asarray(active)
+            inspect(inputs, schedule[:, 0])
             for t in range(schedule.shape[1]):
                 states, loss = step(states, inputs, labels, schedule[:, t], active, norm)
                 losses.append(loss)
@@ -102,6 +116,7 @@ def seed_runner(step_fn, *, vmap: bool, mesh=None, layout: parallel.BatchLayout 
 
         def run(states, inputs, labels, schedule, active, norm):
             out, losses = [], []
+            inspect(inputs, schedule[0, 0])
             for s in range(schedule.shape[0]):
                 state, seed_losses = unstack(states, s), []
                 for t in range(schedule.shape[1] if active[s] else 0):
