@@ -25,7 +25,7 @@ from auxtl.finetune_step import AUGMENTS
 from auxtl.freezing import PHASES_GRAMMAR, check_phases
 from auxtl.models import COMPUTE_DTYPES, list_models
 from auxtl.optim import FINETUNE_SCHEDULES
-from auxtl.parallel import initialize_distributed
+from auxtl.parallel import DISTRIBUTED_MODES, start_distributed
 from auxtl.pretrain import PretrainConfig, run_pretraining
 from auxtl.registry import list_tasks, load_task_module, task_class
 from auxtl.search import SearchSpace, plan_search, search_transfer
@@ -64,9 +64,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_distributed(args: argparse.Namespace) -> None:
+    start_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", default="off", choices=list(DISTRIBUTED_MODES),
+                   help="auto: jax.distributed.initialize() finds the cluster from its "
+                        "launcher (Slurm, Open MPI, TPU/GKE, JAX_COORDINATOR_ADDRESS); off: "
+                        "one process (unless --coordinator is given)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process run: the coordinator's address (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    if args.coordinator:
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    _start_distributed(args)
     _load_task_modules(args.task_module)
     load_model_modules(args.model_module)
     config = pretrain_config_from_args(args)
@@ -99,6 +113,7 @@ def cmd_search(args: argparse.Namespace, config: TransferConfig, space: SearchSp
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
+    _start_distributed(args)
     config = transfer_config_from_args(args)   # flags checked before anything loads
     space = search_space_from_args(args)
     load_model_modules(args.model_module)     # a user's trunk, rebuilt from the checkpoint
@@ -223,10 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=defaults.keep, metavar="N",
                    help="step checkpoints to keep in --out/checkpoints (the latest N)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="multi-process run: the coordinator's address (jax.distributed)")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
+    add_distributed_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
     t = sub.add_parser("transfer", help="transplant a trunk's lower layers and fine-tune")
@@ -286,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the pick, score every cell on test too (analysis only)")
     t.add_argument("--out", default="runs/transfer")
     t.add_argument("--no-progress", action="store_true")
+    add_distributed_flags(t)
     t.set_defaults(func=cmd_transfer)
 
     b = sub.add_parser("bench", help="benchmarks (throughput, transfer; see --help of each)")

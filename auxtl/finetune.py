@@ -30,6 +30,11 @@ most that many (a large labeled set is then validated, and its schedule counted,
 that many steps; the batch order continues across epochs). `head_init="ridge"` starts
 the new head as the frozen trunk's ridge probe, its L2 chosen on validation (LP-FT,
 `auxtl.head_init`).
+
+Every seed runs on one mesh (`auxtl.parallel.data_mesh`, the pretraining mesh: all
+devices of all processes): the labeled data and the states are replicated on it (every
+process holds the same small labeled set) and each step's gathered batch is split over
+its "data" axis, so XLA runs each device on its share of the global batch.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from auxtl import freezing
+from auxtl import freezing, parallel
 from auxtl.data import Normalization
 from auxtl.errors import AuxtlWarning, InputError
 from auxtl.finetune_config import HEAD_INITS, FinetuneConfig, FinetuneResult
@@ -126,7 +131,8 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
                    labels, subsets: Sequence[np.ndarray], seeds: Sequence[int],
                    normalization: Normalization | NormStats, val=None, test=None,
                    vmap: bool | None = None, cache: StepCache | None = None,
-                   progress: bool = False, desc: str = "finetune") -> list[FinetuneResult]:
+                   progress: bool = False, desc: str = "finetune",
+                   mesh=None) -> list[FinetuneResult]:
     """Runs `config.phases` on S seeds of one configuration; one FinetuneResult per seed.
 
     `models`: S TransferModels of one architecture (their lowest `num_reused` trunk layers
@@ -137,7 +143,9 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
     (each seed keeps its best epoch; a stopped seed's state is left exactly as it was);
     step phases score `test` after each phase. `vmap`: one step vmapped over seeds
     (default: off the CPU backend), else seed after seed (the results then equal S
-    one-seed runs bit for bit). `cache` shares compiled steps across calls.
+    one-seed runs bit for bit). `cache` shares compiled steps across calls (and records
+    the batch layouts its steps compiled to: `cache.layout`). `mesh`: the devices to run
+    on (default `auxtl.parallel.data_mesh()`, every device of every process).
     """
     count = len(models)
     if not count or len(subsets) != count or len(seeds) != count:
@@ -145,6 +153,8 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
                          f"{len(subsets)} subsets, {len(seeds)} seeds")
     vmap = jax.default_backend() != "cpu" if vmap is None else vmap
     cache = cache or StepCache()
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    put = lambda x: parallel.replicate(np.asarray(x), mesh)  # noqa: E731
     norm = norm_stats(normalization)
     graphdef, params, batch_stats = _model_trees(models)
     layer_names = models[0].trunk.layer_names
@@ -173,10 +183,13 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
                                subsets=subsets, val=val, norm=norm,
                                num_classes=int(np.shape(params[0]["head"]["bias"])[-1]))
     template = params[0]
-    states = TrainState(step=jnp.zeros(count, jnp.int32), params=stack(params),
-                        batch_stats=stack(batch_stats), opt_state=None,
-                        rng=stack([jax.random.key_data(jax.random.key(s)) for s in seeds]))
-    labels = jnp.asarray(labels)
+    states = parallel.replicate(TrainState(
+        step=jnp.zeros(count, jnp.int32), params=stack(params), batch_stats=stack(batch_stats),
+        opt_state=None, rng=stack([jax.random.key_data(jax.random.key(s)) for s in seeds])),
+        mesh)
+    labels = put(labels)   # the evaluated sets' labels too: everything global on the mesh
+    val = None if val is None else (val[0], put(val[1]))
+    test = None if test is None else (test[0], put(test[1]))
     global_steps = np.zeros(count, np.int64)
     best = [{"accuracy": -1.0, "params": _snapshot(p), "batch_stats": _snapshot(b)}
             for p, b in zip(params, batch_stats)]
@@ -207,23 +220,23 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
         plan = planned(config.cache_features)
         if plan.start and count > 1 and not _prefix_shared(states, plan.start):
             plan = planned(False)
-        states = states.replace(opt_state=freezing.carry_over_state(
+        states = parallel.replicate(states.replace(opt_state=freezing.carry_over_state(
             states.opt_state, old_labels, jax.vmap(plan.optimizer.init)(states.params),
-            plan.labels))
+            plan.labels)), mesh)
         old_labels = plan.labels
-        run = cache.get(("run", graphdef, plan.key, vmap), lambda: seeds_runner(
-            graphdef, plan, vmap))
+        run = cache.get(("run", graphdef, plan.key, vmap, mesh), lambda: seeds_runner(
+            graphdef, plan, vmap, mesh=mesh, layout=cache.layout))
         logits = cache.get(("logits", graphdef, plan.start, vmap), lambda: (
             seed_logits(logits_fn(graphdef, plan.start)) if vmap
             else make_logits_fn(graphdef, plan.start)))
-        features = lambda x: jnp.asarray(x)  # noqa: E731
+        features = put
         if plan.start:
             prefix = cache.get(("prefix", graphdef, plan.start),
                                lambda: make_prefix_fn(graphdef, plan.start))
             first = unstack(states.params, 0), unstack(states.batch_stats, 0)
             key = ("features", graphdef, plan.start, _prefix_digest(*first, plan.start, norm))
             features = lambda x: cache.features(key, x, lambda data: in_chunks(  # noqa: E731
-                lambda c: prefix(*first, c, norm), jnp.asarray(data)))
+                lambda c: prefix(*first, c, norm), put(data)))
         inputs = features(images)
         scored = val if by_epochs else test
         scored_inputs = None if scored is None else features(scored[0])
@@ -283,8 +296,10 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
             seed_logits(logits_fn(graphdef, 0)) if vmap else make_logits_fn(graphdef, 0)))
 
         def test_of(kept):
-            return list(seed_correct(logits, stack([k["params"] for k in kept]),
-                                     stack([k["batch_stats"] for k in kept]), test[0], test[1],
+            kept_params, kept_stats = parallel.replicate(
+                (stack([k["params"] for k in kept]), stack([k["batch_stats"] for k in kept])),
+                mesh)
+            return list(seed_correct(logits, kept_params, kept_stats, test[0], test[1],
                                      norm, vmap=vmap) / len(test[1]))
 
         test_accuracy = test_of(best)
@@ -302,14 +317,15 @@ def finetune_seeds(models: Sequence, num_reused: int, config: FinetuneConfig, *,
             for b, a, h, n, phase in zip(best, test_accuracy, history, global_steps, summaries)]
 
 
-def seeds_runner(graphdef, plan: freezing.PhasePlan, vmap: bool):
-    """The seed runner (`auxtl.seeds.seed_runner`) of one phase plan."""
-    return seed_runner(finetune_step_fn(graphdef, plan), vmap=vmap)
+def seeds_runner(graphdef, plan: freezing.PhasePlan, vmap: bool, *, mesh=None,
+                 layout: parallel.BatchLayout | None = None):
+    """The seed runner (`auxtl.seeds.seed_runner`) of one phase plan on `mesh`."""
+    return seed_runner(finetune_step_fn(graphdef, plan), vmap=vmap, mesh=mesh, layout=layout)
 
 
 def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test=None,
              normalization: Normalization, cache: StepCache | None = None,
-             progress: bool = False, desc: str = "finetune") -> FinetuneResult:
+             progress: bool = False, desc: str = "finetune", mesh=None) -> FinetuneResult:
     """Runs `config.phases` on (images, labels) pairs `train` and `val`; evaluates `test`.
 
     `model` is a TransferModel; its lowest `num_reused` trunk layers are the reused ones.
@@ -318,7 +334,7 @@ def finetune(model, num_reused: int, config: FinetuneConfig, *, train, val, test
     return finetune_seeds([model], num_reused, config, images=train[0], labels=train[1],
                           subsets=[np.arange(len(train[0]))], seeds=[config.seed],
                           normalization=normalization, val=val, test=test, vmap=False,
-                          cache=cache, progress=progress, desc=desc)[0]
+                          cache=cache, progress=progress, desc=desc, mesh=mesh)[0]
 
 
 def score(model, result: FinetuneResult, images, labels, *,

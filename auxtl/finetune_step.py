@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from auxtl import freezing
+from auxtl import freezing, parallel
 from auxtl.data import Normalization, normalize
 from auxtl.errors import InputError
 from auxtl.losses import classification
@@ -29,9 +29,11 @@ from auxtl.train_state import TrainState
 class StepCache:
     """Compiled functions keyed by everything they close over (graphdef + `PhasePlan.key`
     for steps), reused across phases, seeds and calls; and the last `keep_features`
-    frozen-prefix outputs of shared data (`features`)."""
+    frozen-prefix outputs of shared data (`features`); `layout` records how the compiled
+    steps split their batch over the mesh (`auxtl.parallel.BatchLayout`)."""
 
     def __init__(self, keep_features: int = 4):
+        self.layout = parallel.BatchLayout()
         self._steps: dict[tuple, Any] = {}
         self._features: collections.OrderedDict[tuple, tuple[Any, Any]] = (
             collections.OrderedDict())

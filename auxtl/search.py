@@ -22,6 +22,8 @@ import numbers
 import pathlib
 from typing import Any, Callable
 
+import jax
+
 from auxtl import checkpoints
 from auxtl.data import Dataset, Normalization, load_dataset
 from auxtl.errors import InputError
@@ -371,7 +373,7 @@ def search_transfer(config: TransferConfig, space: SearchSpace = SearchSpace(),
         if config.baseline else None,
         hindsight_summary({c: scored_on_test(*kept[c], data, cache) for c in kept}, chosen)
         if hindsight else None)
-    if config.out:
+    if config.out and jax.process_index() == 0:   # every process searched alike
         out = pathlib.Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "search.json").write_text(json.dumps(

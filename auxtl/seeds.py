@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxtl import parallel
 from auxtl.data import batch_indices
 
 
@@ -52,7 +53,7 @@ def batch_schedule(subsets: Sequence[np.ndarray], batch_size: int, steps: int, *
                      for subset, seed, first in zip(subsets, seeds, starts)])
 
 
-def seed_runner(step_fn, *, vmap: bool):
+def seed_runner(step_fn, *, vmap: bool, mesh=None, layout: parallel.BatchLayout | None = None):
     """(states[S], inputs, labels, schedule[S, T, B], active[S], norm) -> (states after T
     steps of each active seed, losses): inactive seeds' states come back exactly as they
     went in; losses[s] holds seed s's T per-step losses (an (S, T) device array with
@@ -66,11 +67,34 @@ def seed_runner(step_fn, *, vmap: bool):
     a conv vmapped over weights becomes a grouped conv, slower than S separate steps,
     and a lax.scan over steps slower than dispatching each step (benchmarks/NOTES.md,
     "Seeds on CPU"). Either way one compile per shape, and the host never waits between steps.
+
+    `mesh` (a `auxtl.parallel.data_mesh`): the states and shared data are expected
+    replicated on it (global arrays); the gathered batch is split over its devices
+    (`parallel.constrain_batch`; a batch they do not divide runs replicated, with a
+    warning) and `layout` records the split the compiled step really has.
     """
+    def place(x):
+        return x if mesh is None else parallel.constrain_batch(x, mesh)
+
+    def gather(inputs, index):
+        return place(inputs[index])
 
     def indexed(state, inputs, labels, index, norm):
-        state, metrics = step_fn(state, inputs[index], labels[index], norm)
+        state, metrics = step_fn(state, gather(inputs, index), place(labels[index]), norm)
         return state, metrics["loss"]
+
+    inspected = set()
+
+    def inspect(inputs, index):
+        """Compiles the step's own gather + placement once per batch shape and records
+        the output sharding XLA gave it (an inspection inside the step itself, an
+        effect, would cost every step the slow dispatch path)."""
+        if layout is None or (index.shape, vmap) in inspected:
+            return
+        inspected.add((index.shape, vmap))
+        fn = jax.vmap(gather, in_axes=(None, 0)) if vmap else gather
+        compiled = jax.jit(fn).lower(inputs, index).compile()
+        layout.note(compiled.output_shardings, int(index.shape[-1]), 1 if vmap else 0)
 
     if vmap:
         def guarded(state, inputs, labels, index, active, norm):
@@ -81,7 +105,8 @@ def seed_runner(step_fn, *, vmap: bool):
                        donate_argnums=0)
 
         def run(states, inputs, labels, schedule, active, norm):
-            losses, active = [], jnp.asarray(active)
+            losses, active = [], np.asarray(active)
+            inspect(inputs, schedule[:, 0])
             for t in range(schedule.shape[1]):
                 states, loss = step(states, inputs, labels, schedule[:, t], active, norm)
                 losses.append(loss)
@@ -91,6 +116,7 @@ def seed_runner(step_fn, *, vmap: bool):
 
         def run(states, inputs, labels, schedule, active, norm):
             out, losses = [], []
+            inspect(inputs, schedule[0, 0])
             for s in range(schedule.shape[0]):
                 state, seed_losses = unstack(states, s), []
                 for t in range(schedule.shape[1] if active[s] else 0):

@@ -6,6 +6,11 @@ architecture trained from scratch for the same steps, per seed. Here: the config
 runs and their summary; the target data's preparation (held-out test split, resize to
 the trunk's resolution, normalisation, per-seed splits) is auxtl.target_data's, whose
 names are re-exported here.
+
+Fine-tuning runs on the pretraining mesh (`auxtl.parallel.data_mesh`: every device of
+every process). With several processes each runs the same transfer on its own copy of
+the data, to identical results; only process 0 writes files (the model checkpoint is
+saved by all together, as orbax requires, and written by process 0).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from auxtl import checkpoints, freezing, recipes
+import jax
+
+from auxtl import checkpoints, freezing, parallel, recipes
 from auxtl.data import Dataset, load_dataset
 from auxtl.errors import InputError
 from auxtl.finetune import FinetuneConfig, FinetuneResult, StepCache, finetune
@@ -130,6 +137,8 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
     normalization = target.normalization
     in_channels = target.dataset.image_shape[-1]
     cache = StepCache()
+    mesh = parallel.data_mesh()
+    is_main = jax.process_index() == 0
     results: list[SeedResult] = []
     report = None
     for seed in config.seeds:
@@ -144,7 +153,8 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
         k = num_reused(config.target, len(metadata.layer_names))
         fine = dataclasses.replace(config.finetune, seed=seed)
         transferred = finetune(model, k, fine, normalization=normalization, cache=cache,
-                               progress=config.progress, desc=f"transfer seed {seed}", **data)
+                               progress=config.progress and is_main,
+                               desc=f"transfer seed {seed}", mesh=mesh, **data)
         scratch = None
         if config.baseline:
             fresh, _ = build_transfer_model(metadata, None, None, config.target,
@@ -152,8 +162,8 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
                                             seed=seed, transplant=False,
                                             compute_dtype=config.finetune.compute_dtype)
             scratch = finetune(fresh, k, scratch_config(fine), normalization=normalization,
-                               cache=cache, progress=config.progress,
-                               desc=f"scratch seed {seed}", **data)
+                               cache=cache, progress=config.progress and is_main,
+                               desc=f"scratch seed {seed}", mesh=mesh, **data)
         results.append(SeedResult(seed, transferred, scratch))
         line = f"seed {seed}: transfer test accuracy {transferred.test_accuracy:.4f}"
         if scratch:
@@ -168,7 +178,8 @@ def run_transfer(config: TransferConfig, dataset: Dataset | None = None,
                         "note": target.split_note}
     summary["normalization"] = target.normalization_record
     summary["resize"] = target.resize
-    if config.out:
+    summary["mesh"] = {**parallel.mesh_record(mesh), "steps": cache.layout.record()}
+    if config.out and is_main:
         out = pathlib.Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "transfer.json").write_text(json.dumps(summary, indent=2))
