@@ -22,7 +22,7 @@ import numpy as np
 from auxtl import parallel
 from auxtl.bench import BenchError
 from auxtl.data import batch_indices, load_dataset
-from auxtl.errors import InputError
+from auxtl.errors import AuxtlError
 
 BatchIteratorFactory = Callable[[int], Iterator[Any]]
 SYNTHETIC = "synthetic"
@@ -50,7 +50,7 @@ def input_source(spec: str, image_shape: tuple[int, ...], *, num_images: int,
         return InputSource(images, f"synthetic uint8 {tuple(images.shape)}")
     try:
         dataset = load_dataset(spec)
-    except InputError as error:
+    except AuxtlError as error:   # a spec that names nothing usable: before any step runs
         raise BenchError(f"--data: {error}") from error
     return InputSource(dataset.images, f"{spec} {tuple(dataset.images.shape)} "
                                        f"{dataset.images.dtype}")
