@@ -315,6 +315,23 @@ def check_outputs(record: dict, out: pathlib.Path) -> None:
         record["problem"] = problem
 
 
+def summary_text(record: dict) -> str:
+    """One short line of what a stage found, for the markdown table."""
+    summary = record.get("summary") or {}
+    if record["name"].startswith("throughput_") and summary:
+        mfu = summary.get("mfu")
+        return (f"{summary['model']} batch {summary['batch_size']}: step "
+                f"{summary['step_images_per_s']:.1f} img/s, input "
+                f"{summary.get('input_images_per_s') or 0:.1f} img/s, bound "
+                f"{summary.get('bound')}, MFU {'n/a' if mfu is None else f'{mfu * 100:.1f} %'}")
+    if record["name"] == "environment" and summary:
+        return (f"{summary.get('device_kind')} ({summary.get('backend')}), jax "
+                f"{summary.get('jax_version')}, peak table: {summary.get('peak_table_entry')}")
+    if record["name"] == "install":
+        return f"auxtl from {record.get('auxtl_file')}"
+    return "; ".join(str(v) for v in summary.values() if v)
+
+
 def markdown(results: dict) -> str:
     meta, lines = results["meta"], ["# auxtl device check", ""]
     env = results.get("environment") or {}
@@ -327,9 +344,7 @@ def markdown(results: dict) -> str:
               f"- started {meta['started_utc']}", "",
               "| stage | status | seconds | limit s | summary |", "|---|---|---:|---:|---|"]
     for s in results["stages"]:
-        summary = s.get("summary") or {}
-        text = "; ".join(f"{k} {v}" for k, v in summary.items()
-                         if v is not None and not k.startswith("peak_detail"))[:300]
+        text = summary_text(s)[:300] if s["status"] != "skipped" else s.get("tail", "")
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', 0):.1f} | "
                      f"{s.get('timeout_s', 0):.0f} | {text.replace('|', '/')} |")
     rows = [s["summary"] for s in results["stages"]
@@ -401,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parallel = args.dry_run if args.parallel is None else args.parallel
     if args.dry_run:
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), DRY_XLA_FLAGS]))
+    else:   # auxtl's CPU kernels serve CPU steps only: nothing to build on an accelerator
+        env.setdefault("AUXTL_CPU_KERNELS", "0")
 
     def limit(name: str, lane: tuple[str, ...]) -> float:
         """The stage's cap, cut to keep FLOOR_S for each later stage of its lane (of every
@@ -445,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(s["status"] == "ok" for s in stages)
     results = {"meta": {"mode": "dry-run" if args.dry_run else "full", "budget_s": budget,
                         "parallel_lanes": parallel, "xla_flags": env.get("XLA_FLAGS"),
+                        "auxtl_cpu_kernels": env.get("AUXTL_CPU_KERNELS"),
                         "total_s": round(time.monotonic() - started, 2), "commit": commit(),
                         "started_utc": started_utc, "python": args.python},
                "ok": ok, "environment": environment, "stages": stages}
