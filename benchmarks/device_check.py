@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from device_check_report import check_outputs, markdown, tail   # beside this file
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "device_check"
@@ -107,10 +108,10 @@ FULL = Sizes(
            "20", "--warmup", "3", "--input-images", "512"),
     images=4096, image_size=32,
     model=("--model", "resnet18"),
-    pretrain=("--task", "rotation", "--steps", "200", "--batch-size", "128",
-              "--log-every", "50", "--checkpoint-every", "200"),
+    pretrain=("--task", "rotation", "--steps", "100", "--batch-size", "128",
+              "--log-every", "25"),
     transfer=("--labels-per-class", "20", "--val-per-class", "20", "--seeds", "2",
-              "--phases", "head:3,all:3@0.1"),
+              "--phases", "head:2,all:2@0.1"),
     caps={"install": 120, "environment": 60, "throughput_bfloat16": 150,
           "throughput_float32": 150, "data": 30, "pretrain": 120, "transfer": 120},
     budget_s=450)
@@ -136,13 +137,6 @@ LANES = (("environment", "throughput_bfloat16", "throughput_float32"),
 # A dry run checks the plumbing, not the speed: XLA's CPU back end at its cheapest
 # optimisation compiles each step about twice as fast.
 DRY_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def tail(path: pathlib.Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def run_stage(name: str, argv: list[str], *, timeout_s: float, logs: pathlib.Path,
@@ -181,31 +175,6 @@ def run_stage(name: str, argv: list[str], *, timeout_s: float, logs: pathlib.Pat
     return {"name": name, "status": status, "returncode": code, "seconds": round(seconds, 2),
             "timeout_s": round(timeout_s, 1), "command": argv, "log": str(log),
             "tail": "" if status == "ok" else tail(log)}
-
-
-def throughput_summary(path: pathlib.Path) -> tuple[dict | None, str | None]:
-    """The pretrain row of a throughput.json (None and why when it did not measure)."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        return None, f"no throughput.json: {error}"
-    rows = [r for r in result.get("results", []) if r.get("kind") == "pretrain"]
-    if not rows:
-        return None, "no pretrain row"
-    row = rows[0]
-    if "error" in row:
-        return None, row["error"].splitlines()[0][:300]
-    keys = ("model", "dtype", "batch_size", "examples_per_step", "step_time_median_s",
-            "step_images_per_s", "examples_per_s", "input_images_per_s", "bound",
-            "flops_per_step", "achieved_flops_per_s", "peak_flops_per_s", "peak_source",
-            "peak_precision", "peak_detail", "mfu", "compile_s", "device_kind",
-            "input_source", "input_error")
-    return {k: row.get(k) for k in keys if k in row}, None
-
-
-def first_match(path: pathlib.Path, pattern: str) -> str | None:
-    match = re.search(pattern, tail(path, 200), re.MULTILINE)
-    return match.group(0).strip() if match else None
 
 
 def probe(python: str, env: dict[str, str]) -> dict:
@@ -282,92 +251,6 @@ def bf16_flags(python: str, env: dict[str, str]) -> list[str]:
     except subprocess.TimeoutExpired:
         pass
     return ["--model-arg", "dtype=bfloat16"]
-
-
-def check_outputs(record: dict, out: pathlib.Path) -> None:
-    """Adds the stage's summary; an expected output missing turns an ok into failed."""
-    name = record["name"]
-    log = pathlib.Path(record["log"])
-    problem = None
-    if name.startswith("throughput_"):
-        record["summary"], problem = throughput_summary(out / name / "throughput.json")
-    elif name == "environment":
-        try:
-            env = json.loads((out / "environment.json").read_text())
-            record["summary"] = {k: env.get(k) for k in (
-                "backend", "device_kind", "devices_available", "jax_version", "jaxlib_version",
-                "flax_version", "python", "peak_table_entry")}
-        except (OSError, ValueError) as error:
-            problem = f"no environment.json: {error}"
-    elif name == "pretrain":
-        record["summary"] = {"trained": first_match(log, r"^trained .*$"),
-                             "held_out": first_match(log, r"^held-out .*$")}
-        if not (out / "pretrain" / "trunk").is_dir():
-            problem = "no trunk checkpoint written"
-    elif name == "transfer":
-        record["summary"] = {"transfer": first_match(log, r"^transfer test accuracy.*$"),
-                             "scratch": first_match(log, r"^scratch +test accuracy.*$")}
-        if not record["summary"]["transfer"]:
-            problem = "no 'transfer test accuracy' line"
-    if problem and record["status"] == "ok":
-        record.update(status="failed", tail=f"{problem}\n{tail(log)}")
-    elif problem:
-        record["problem"] = problem
-
-
-def summary_text(record: dict) -> str:
-    """One short line of what a stage found, for the markdown table."""
-    summary = record.get("summary") or {}
-    if record["name"].startswith("throughput_") and summary:
-        mfu = summary.get("mfu")
-        return (f"{summary['model']} batch {summary['batch_size']}: step "
-                f"{summary['step_images_per_s']:.1f} img/s, input "
-                f"{summary.get('input_images_per_s') or 0:.1f} img/s, bound "
-                f"{summary.get('bound')}, MFU {'n/a' if mfu is None else f'{mfu * 100:.1f} %'}")
-    if record["name"] == "environment" and summary:
-        return (f"{summary.get('device_kind')} ({summary.get('backend')}), jax "
-                f"{summary.get('jax_version')}, peak table: {summary.get('peak_table_entry')}")
-    if record["name"] == "install":
-        return f"auxtl from {record.get('auxtl_file')}"
-    return "; ".join(str(v) for v in summary.values() if v)
-
-
-def markdown(results: dict) -> str:
-    meta, lines = results["meta"], ["# auxtl device check", ""]
-    env = results.get("environment") or {}
-    lines += [f"- mode: {meta['mode']}; budget {meta['budget_s']} s; total "
-              f"{meta['total_s']:.1f} s; {'all stages ok' if results['ok'] else 'FAILED'}",
-              f"- device: {env.get('device_kind')} ({env.get('backend')}, "
-              f"{env.get('devices_available')} device(s)); jax {env.get('jax_version')}, "
-              f"jaxlib {env.get('jaxlib_version')}, flax {env.get('flax_version')}, "
-              f"python {env.get('python')}; commit {meta.get('commit')}",
-              f"- started {meta['started_utc']}", "",
-              "| stage | status | seconds | limit s | summary |", "|---|---|---:|---:|---|"]
-    for s in results["stages"]:
-        text = summary_text(s)[:300] if s["status"] != "skipped" else s.get("tail", "")
-        lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', 0):.1f} | "
-                     f"{s.get('timeout_s', 0):.0f} | {text.replace('|', '/')} |")
-    rows = [s["summary"] for s in results["stages"]
-            if s["name"].startswith("throughput_") and s.get("summary")]
-    if rows:
-        lines += ["", "## Pretraining step (rotation, 4 examples per image)", "",
-                  "| model | dtype | batch | step ms | step img/s | input img/s | bound | "
-                  "TFLOP/s | peak TFLOP/s | MFU % |", "|---|---|---:|---:|---:|---:|---|---:|"
-                  "---:|---:|"]
-        for r in rows:
-            achieved, peak, mfu = (r.get("achieved_flops_per_s"), r.get("peak_flops_per_s"),
-                                   r.get("mfu"))
-            lines.append(
-                f"| {r['model']} | {r['dtype']} | {r['batch_size']} | "
-                f"{r['step_time_median_s'] * 1e3:.2f} | {r['step_images_per_s']:.1f} | "
-                f"{r['input_images_per_s'] or 0:.1f} | {r.get('bound')} | "
-                f"{(achieved or 0) / 1e12:.2f} | {(peak or 0) / 1e12:.1f} "
-                f"({r.get('peak_source')}, {r.get('peak_precision')}) | "
-                f"{(mfu or 0) * 100:.1f} |")
-    failed = [s for s in results["stages"] if s["status"] != "ok"]
-    for s in failed:
-        lines += ["", f"## {s['name']}: {s['status']}", "", "```", s.get("tail", ""), "```"]
-    return "\n".join(lines) + "\n"
 
 
 def commit() -> str | None:

@@ -161,6 +161,11 @@ def test_peak_table_lookup():
         "tf32")
     assert peaks.lookup_peak("NVIDIA A100-SXM4-40GB", "bfloat16").flops_per_s == 312e12
     assert peaks.lookup_peak("NVIDIA H100 PCIe", "bfloat16").flops_per_s == 756.5e12
+    assert peaks.lookup_peak("NVIDIA H100 PCIe", "float32").flops_per_s == 378e12    # TF32
+    assert peaks.lookup_peak("NVIDIA H100 80GB HBM3", "float32", f32_peak="fp32").flops_per_s \
+        == 67e12                                                                  # SXM
+    assert peaks.lookup_peak("NVIDIA H200", "bfloat16").flops_per_s == 989.5e12     # SXM
+    assert peaks.lookup_peak("NVIDIA H200 NVL", "bfloat16").flops_per_s == 835.5e12
     assert peaks.lookup_peak("NVIDIA L40", "bfloat16").flops_per_s == 181e12   # not the L4
     assert peaks.lookup_peak("TPU v5 lite", "bfloat16").flops_per_s == 197e12
     assert peaks.lookup_peak("TPU v5p", "bfloat16").flops_per_s == 459e12

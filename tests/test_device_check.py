@@ -16,6 +16,8 @@ SCRIPT = REPO / "benchmarks" / "device_check.sh"
 
 
 def _driver():
+    if str(REPO / "benchmarks") not in sys.path:   # as when run: its report module beside it
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("device_check",
                                                   REPO / "benchmarks" / "device_check.py")
     module = importlib.util.module_from_spec(spec)
