@@ -139,6 +139,20 @@ LANES = (("environment", "throughput_bfloat16", "throughput_float32"),
 DRY_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+RUNNING: set[subprocess.Popen] = set()   # the stages' processes, for a SIGTERM to end
+
+
+def end_running(signum, frame) -> None:
+    """On SIGTERM (the wrapper's backstop `timeout`): end every stage's process group
+    (each runs in its own session, out of reach of a signal to ours), then exit."""
+    for process in list(RUNNING):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(128 + signum)
+
+
 def run_stage(name: str, argv: list[str], *, timeout_s: float, logs: pathlib.Path,
               env: dict[str, str]) -> dict:
     """Runs argv in its own process group with its output in logs/NAME.log; on timeout
@@ -151,6 +165,7 @@ def run_stage(name: str, argv: list[str], *, timeout_s: float, logs: pathlib.Pat
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
                                    cwd=logs.parent,
                                    env=env, start_new_session=True)
+        RUNNING.add(process)
         try:
             code, timed_out = process.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
@@ -166,6 +181,7 @@ def run_stage(name: str, argv: list[str], *, timeout_s: float, logs: pathlib.Pat
                 except subprocess.TimeoutExpired:
                     continue
             code = process.poll()
+        RUNNING.discard(process)
     seconds = time.monotonic() - start
     status = "timeout" if timed_out else ("ok" if code == 0 else "failed")
     print(f"[device_check] {name}: {status} in {seconds:.1f} s (limit {timeout_s:.0f} s)",
@@ -290,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out / stale, ignore_errors=True)
     logs.mkdir(parents=True)
     (out / "data").mkdir()
+    signal.signal(signal.SIGTERM, end_running)
     started, deadline = time.monotonic(), time.monotonic() + budget
     started_utc = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -330,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             records[name] = record
 
     if parallel:
-        threads = [threading.Thread(target=run_lane, args=(lane,)) for lane in LANES]
+        threads = [threading.Thread(target=run_lane, args=(lane,), daemon=True)
+                   for lane in LANES]
         for thread in threads:
             thread.start()
         for thread in threads:
