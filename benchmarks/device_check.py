@@ -59,12 +59,16 @@ print(json.dumps({"missing": missing, "found": found,
                   "auxtl_file": spec.origin if spec else None}))
 """
 ENVIRONMENT = """
-import json, sys
+import json, shutil, subprocess, sys
 from auxtl.bench.machine import environment
 from auxtl.bench import peaks
 import jax
 env = environment()
 env["devices"] = [str(d) for d in jax.devices()]
+if shutil.which("nvidia-smi"):
+    env["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit",
+         "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
 device = jax.devices()[0]
 env["peak_table_entry"] = (None if device.platform == "cpu" else
                            getattr(peaks.find_entry(device.device_kind), "name", None))

@@ -53,7 +53,7 @@ def check_outputs(record: dict, out: pathlib.Path) -> None:
             env = json.loads((out / "environment.json").read_text())
             record["summary"] = {k: env.get(k) for k in (
                 "backend", "device_kind", "devices_available", "jax_version", "jaxlib_version",
-                "flax_version", "python", "peak_table_entry")}
+                "flax_version", "python", "peak_table_entry", "nvidia_smi")}
         except (OSError, ValueError) as error:
             problem = f"no environment.json: {error}"
     elif name == "pretrain":
@@ -83,7 +83,8 @@ def summary_text(record: dict) -> str:
                 f"{summary.get('bound')}, MFU {'n/a' if mfu is None else f'{mfu * 100:.1f} %'}")
     if record["name"] == "environment" and summary:
         return (f"{summary.get('device_kind')} ({summary.get('backend')}), jax "
-                f"{summary.get('jax_version')}, peak table: {summary.get('peak_table_entry')}")
+                f"{summary.get('jax_version')}, peak table: {summary.get('peak_table_entry')}"
+                + (f", nvidia-smi: {summary['nvidia_smi']}" if summary.get('nvidia_smi') else ""))
     if record["name"] == "install":
         return f"auxtl from {record.get('auxtl_file')}"
     return "; ".join(str(v) for v in summary.values() if v)
