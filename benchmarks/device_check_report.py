@@ -99,7 +99,11 @@ def markdown(results: dict) -> str:
               f"{env.get('devices_available')} device(s)); jax {env.get('jax_version')}, "
               f"jaxlib {env.get('jaxlib_version')}, flax {env.get('flax_version')}, "
               f"python {env.get('python')}; commit {meta.get('commit')}",
-              f"- started {meta['started_utc']}", "",
+              f"- started {meta['started_utc']}"]
+    if meta.get("parallel_lanes"):
+        lines.append("- the bench lane and the pretrain/transfer lane ran side by side: "
+                     "these timings check the plumbing, not the speed")
+    lines += ["",
               "| stage | status | seconds | limit s | summary |", "|---|---|---:|---:|---|"]
     for s in results["stages"]:
         text = summary_text(s)[:300] if s["status"] != "skipped" else s.get("tail", "")

@@ -63,6 +63,14 @@ def test_a_hanging_stage_is_killed_at_its_limit_and_recorded(tmp_path):
                               timeout_s=10, logs=tmp_path, env=dict(os.environ))
     assert failed["status"] == "failed" and failed["returncode"] == 3
     assert "broken" in failed["tail"]
+    skipped = {"name": "later", "status": "skipped", "seconds": 0.0, "timeout_s": 0,
+               "tail": "no time left in the budget"}
+    markdown = driver.markdown({"meta": {"mode": "full", "budget_s": 450, "total_s": 12.0,
+                                         "started_utc": "now"}, "ok": False, "environment": {},
+                                "stages": [record, failed, skipped]})
+    assert "FAILED" in markdown and "| hang | timeout |" in markdown
+    assert "## fail: failed" in markdown and "broken" in markdown
+    assert "| later | skipped | 0.0 | 0 | no time left in the budget |" in markdown
 
 
 def test_a_missing_package_is_named(tmp_path, monkeypatch):
