@@ -233,8 +233,10 @@ def test_a_failing_case_is_reported_and_the_rest_still_run(tmp_path, monkeypatch
     result = throughput.main(["--models", "small_cnn", "--tiny", "--batch-size", "4",
                               "--warmup", "0", "--steps", "1", "--dtypes", "float32",
                               "--kinds", "cached_features,inference",
-                              "--peak-matmul-size", "64", "--no-plot", "--out", str(tmp_path)])
+                              "--peak-matmul-size", "64", "--no-plot", "--data", "none",
+                              "--out", str(tmp_path)])
     failed, ok = result["results"]
     assert "RESOURCE_EXHAUSTED" in failed["error"] and "error" not in ok
+    assert ok["input_images_per_s"] is None and ok["bound"] is None     # --data none
     assert "FAILED small_cnn float32 cached_features" in capsys.readouterr().out
     assert "FAILED" in (tmp_path / "throughput.md").read_text()
