@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 from flax import nnx
 
 import auxtl
-from auxtl.bench import BenchError, peaks, throughput, throughput_measure
+from auxtl.bench import BenchError, peaks, throughput, throughput_input, throughput_measure
 from auxtl.bench.throughput_cases import STEP_KINDS, layers_to_freeze
 from auxtl.bench.throughput_timing import cost_flops
 
@@ -23,7 +25,9 @@ ROW_FIELDS = (
     "step_time_iqr_s", "step_times_s", "examples_per_s", "images_per_s", "flops_per_step",
     "flops_source", "flops_per_example", "achieved_flops_per_s", "peak_flops_per_s",
     "peak_source", "peak_detail", "peak_precision", "mfu", "params", "trainable_params",
-    "frozen_layers", "start_layer", "device_kind", "backend", "jax_version")
+    "frozen_layers", "start_layer", "device_kind", "backend", "jax_version",
+    "step_images_per_s", "input_images_per_s", "input_batch_time_median_s", "input_source",
+    "input_shape", "input_pipeline")
 TINY_ARGS = ["--models", "small_cnn", "--tiny", "--batch-size", "8", "--warmup", "1",
              "--steps", "2", "--dtypes", "float32,bfloat16", "--peak-matmul-size", "128"]
 
@@ -31,11 +35,14 @@ TINY_ARGS = ["--models", "small_cnn", "--tiny", "--batch-size", "8", "--warmup",
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return throughput.main(TINY_ARGS + ["--out", str(out)]), out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = throughput.main(TINY_ARGS + ["--out", str(out)])
+    return result, out, printed.getvalue()
 
 
 def test_tiny_run_returns_and_writes_every_field(tiny_run):
-    result, out = tiny_run
+    result, out, _ = tiny_run
     rows = result["results"]
     assert [(r["dtype"], r["kind"]) for r in rows] == [
         (d, k) for d in ("float32", "bfloat16") for k in STEP_KINDS]
@@ -61,6 +68,52 @@ def test_tiny_run_returns_and_writes_every_field(tiny_run):
     markdown = (out / "throughput.md").read_text()
     assert markdown.count("| small_cnn |") == len(rows)
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_input_rate_is_beside_the_step_rate(tiny_run):
+    """Every row carries the in-memory input pipeline's images/s (measured once per model,
+    so the same in every row) beside the step's, and which bounds; table, JSON and MD."""
+    result, out, printed = tiny_run
+    rows = result["results"]
+    rates = {r["input_images_per_s"] for r in rows}
+    assert len(rates) == 1 and rates.pop() > 0
+    for row in rows:
+        assert row["step_images_per_s"] == row["images_per_s"]
+        assert row["input_shape"] == row["image_shape"] == [28, 28, 1]
+        assert row["input_source"] == "synthetic uint8 (1024, 28, 28, 1)"
+        expected = None if row["kind"] == "cached_features" else (
+            "input" if row["input_images_per_s"] < row["step_images_per_s"] else "step")
+        assert row["bound"] == expected
+    header = next(line for line in printed.splitlines() if line.startswith("model "))
+    assert "step img/s" in header and "input img/s" in header and "bound" in header
+    assert "input small_cnn: in-memory (batch_indices, process_slice, put_batch)" in printed
+    markdown = (out / "throughput.md").read_text()
+    assert "| step img/s | input img/s | bound |" in markdown
+    assert "- input small_cnn: in-memory" in markdown
+
+
+def test_a_batch_iterator_factory_plugs_in():
+    """The seam a streaming pipeline uses: any factory(start_step) -> iterator of batches."""
+    started = []
+
+    def factory(start_step):
+        started.append(start_step)
+        while True:
+            yield jax.numpy.zeros((4, 2, 2, 1), jax.numpy.uint8)
+
+    timed = throughput_input.time_input(factory, batch_size=4, warmup=1, steps=3)
+    assert started == [0] and timed["input_timed_batches"] == 3
+    assert timed["input_images_per_s"] > 0
+    assert throughput_input.bound(100.0, 50.0) == "input"
+    assert throughput_input.bound(100.0, 500.0) == "step"
+    assert throughput_input.bound(None, 500.0) is None
+    with pytest.raises(BenchError, match="--data: .*no such path"):
+        throughput_input.input_source("npz:/no/such.npz", (8, 8, 1), num_images=8)
+    images = np.arange(6 * 2 * 2 * 1, dtype=np.uint8).reshape(6, 2, 2, 1)
+    mesh = auxtl.parallel.data_mesh(jax.devices()[:1])
+    batches = throughput_input.in_memory_batches(images, 3, mesh, seed=5)(2)
+    expected = images[auxtl.data.batch_indices(6, 3, seed=5, step=2)]
+    np.testing.assert_array_equal(np.asarray(next(batches)), expected)   # the loop's batch 2
 
 
 def test_freezing_and_caching_cut_flops(tiny_run):
@@ -108,6 +161,11 @@ def test_peak_table_lookup():
         "tf32")
     assert peaks.lookup_peak("NVIDIA A100-SXM4-40GB", "bfloat16").flops_per_s == 312e12
     assert peaks.lookup_peak("NVIDIA H100 PCIe", "bfloat16").flops_per_s == 756.5e12
+    assert peaks.lookup_peak("NVIDIA H100 PCIe", "float32").flops_per_s == 378e12    # TF32
+    assert peaks.lookup_peak("NVIDIA H100 80GB HBM3", "float32", f32_peak="fp32").flops_per_s \
+        == 67e12                                                                  # SXM
+    assert peaks.lookup_peak("NVIDIA H200", "bfloat16").flops_per_s == 989.5e12     # SXM
+    assert peaks.lookup_peak("NVIDIA H200 NVL", "bfloat16").flops_per_s == 835.5e12
     assert peaks.lookup_peak("NVIDIA L40", "bfloat16").flops_per_s == 181e12   # not the L4
     assert peaks.lookup_peak("TPU v5 lite", "bfloat16").flops_per_s == 197e12
     assert peaks.lookup_peak("TPU v5p", "bfloat16").flops_per_s == 459e12
@@ -175,8 +233,10 @@ def test_a_failing_case_is_reported_and_the_rest_still_run(tmp_path, monkeypatch
     result = throughput.main(["--models", "small_cnn", "--tiny", "--batch-size", "4",
                               "--warmup", "0", "--steps", "1", "--dtypes", "float32",
                               "--kinds", "cached_features,inference",
-                              "--peak-matmul-size", "64", "--no-plot", "--out", str(tmp_path)])
+                              "--peak-matmul-size", "64", "--no-plot", "--data", "none",
+                              "--out", str(tmp_path)])
     failed, ok = result["results"]
     assert "RESOURCE_EXHAUSTED" in failed["error"] and "error" not in ok
+    assert ok["input_images_per_s"] is None and ok["bound"] is None     # --data none
     assert "FAILED small_cnn float32 cached_features" in capsys.readouterr().out
     assert "FAILED" in (tmp_path / "throughput.md").read_text()

@@ -16,8 +16,11 @@ Step kinds:
   finetune_full    (opt-in) fine-tuning step with everything trainable
 
 Parameters stay float32; `--dtypes bfloat16` sets the model config's compute dtype.
-Inputs are synthetic uint8 images already on the device: host input pipelines
-are not measured.
+The steps are timed on synthetic uint8 images already on the device. Beside each
+step's images/s, the input pipeline's: once per model, the pretraining loop's
+in-memory path (`auxtl.data.batch_indices`, `parallel.process_slice`, host gather,
+`parallel.put_batch`, waited for) on `--data` (default: synthetic uint8 images of the
+model's input shape), and which of the two bounds a run (`bound`).
 
     auxtl bench throughput --models small_cnn,resnet18 --steps 10
     python -m auxtl.bench.throughput --tiny --batch-size 8 --steps 2 --out runs/bench
@@ -145,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-matmul-size", type=int, default=None,
                         help="matmul size for measured peaks (CPU, unknown devices); "
                              "default 2048 on CPU")
+    parser.add_argument("--data", default="synthetic",
+                        help="images the input pipeline gathers from: 'synthetic' (random "
+                             "uint8 of each model's input shape), a data spec as for "
+                             "`auxtl pretrain --data` (digits, mnist5k, npz:PATH, folder:PATH), "
+                             "or 'none' to skip the input measurement")
+    parser.add_argument("--input-images", type=int, default=1024,
+                        help="how many synthetic images the input pipeline gathers from "
+                             "(default 1024; at least one batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench",
                         help="folder for throughput.json, throughput.md and throughput.png")
@@ -196,7 +207,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        batch_sizes=parse_batch_sizes(args.batch_size), steps=steps,
                        warmup=warmup, model_args=model_args, devices=devices,
                        f32_peak=args.f32_peak, peak_matmul_size=args.peak_matmul_size,
-                       seed=args.seed)
+                       seed=args.seed, data=args.data, input_images=args.input_images)
 
 
 def _jsonable(value):

@@ -45,7 +45,8 @@ NUM_CLASSES = 10
 class BenchConfig:
     """Everything that fixes a throughput run (saved in throughput.json's meta):
     models x dtypes x kinds, per-model batch sizes, timed and warm-up steps, model
-    config overrides, devices, and how the peak FLOP/s is found."""
+    config overrides, devices, how the peak FLOP/s is found, and the input pipeline's
+    data (`throughput_input.input_source`)."""
 
     models: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50")
     dtypes: tuple[str, ...] = DTYPES
@@ -58,6 +59,8 @@ class BenchConfig:
     f32_peak: str = "auto"
     peak_matmul_size: int | None = None
     seed: int = 0
+    data: str = "synthetic"      # the input measurement's images ("none": not measured)
+    input_images: int = 1024     # synthetic images to gather from
 
 
 def layers_to_freeze(layer_names: Sequence[str]) -> int:

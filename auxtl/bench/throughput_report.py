@@ -6,7 +6,11 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 COLUMNS = ("model", "dtype", "kind", "batch", "ex/step", "median ms", "min-max ms", "ex/s",
-           "GFLOP/step", "TFLOP/s", "MFU %")
+           "step img/s", "input img/s", "bound", "GFLOP/step", "TFLOP/s", "MFU %")
+
+
+def _rate(value) -> str:
+    return f"{value:.1f}" if value else "n/a"
 
 
 def _cells(row: dict) -> list[str]:
@@ -14,7 +18,8 @@ def _cells(row: dict) -> list[str]:
     return [row["model"], row["dtype"], row["kind"], str(row["batch_size"]),
             str(row["examples_per_step"]), f"{row['step_time_median_s'] * 1e3:.2f}",
             f"{row['step_time_min_s'] * 1e3:.1f}-{row['step_time_max_s'] * 1e3:.1f}",
-            f"{row['examples_per_s']:.1f}",
+            f"{row['examples_per_s']:.1f}", _rate(row.get("step_images_per_s")),
+            _rate(row.get("input_images_per_s")), row.get("bound") or "-",
             f"{flops / 1e9:.3f}" if flops else "n/a",
             f"{achieved / 1e12:.4f}" if achieved else "n/a",
             f"{mfu * 100:.2f}" if mfu is not None else "n/a"]
@@ -41,7 +46,24 @@ def format_table(rows: Sequence[dict]) -> str:
                                for i, (c, w) in enumerate(zip(line, widths))))
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines + format_errors(rows))
+    return "\n".join(lines + format_errors(rows) + input_lines(rows))
+
+
+def input_lines(rows: Sequence[dict]) -> list[str]:
+    """One line per model on its input pipeline: what it gathered from, or why it
+    failed, and a shape note where the input images differ from the step's."""
+    lines, seen = [], set()
+    for r in rows:
+        if r["model"] in seen or ("input_source" not in r and "input_error" not in r):
+            continue
+        seen.add(r["model"])
+        if "input_error" in r:
+            lines.append(f"input {r['model']}: FAILED {r['input_error'].splitlines()[0][:200]}")
+            continue
+        lines.append(f"input {r['model']}: {r['input_pipeline']} from {r['input_source']}, "
+                     f"batch {r['batch_size']}: {r['input_images_per_s']:.1f} img/s"
+                     + (f"; {r['input_note']}" if r.get("input_note") else ""))
+    return lines
 
 
 def format_header(meta: dict) -> str:
@@ -72,7 +94,11 @@ def markdown_table(rows: Sequence[dict], meta: dict) -> str:
              "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in ok_rows(rows)]
     lines += [""] + [f"- {line}" for line in format_errors(rows)] if format_errors(rows) else []
-    lines += ["", "ex/step: examples per step (pretrain: 4 rotations per image). FLOPs from "
+    lines += [""] + [f"- {line}" for line in input_lines(rows)] if input_lines(rows) else []
+    lines += ["", "step img/s: images the step consumes per second; input img/s: images the "
+              "pretraining loop's in-memory input path (batch_indices, process_slice, put_batch, "
+              "waited for) delivers per second; bound: the slower of the two (cached_features "
+              "starts from features: no bound).", "", "ex/step: examples per step (pretrain: 4 rotations per image). FLOPs from "
               "XLA's cost analysis of the compiled step (auxtl.cpu's convolution kernels counted "
               "as the direct convolutions they compute: model FLOPs, so with a fast algorithm's "
               "fewer multiply-adds MFU can pass 100%); MFU = achieved FLOP/s / peak."]
