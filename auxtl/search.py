@@ -286,10 +286,9 @@ def run_scratch(cell: Cell, metadata, config: TransferConfig, data: list[SeedDat
                                         in_channels=d.in_channels, seed=d.seed, transplant=False,
                                         compute_dtype=recipe.compute_dtype)
         accuracies.append(finetune(fresh, cell.reuse, dataclasses.replace(recipe, seed=d.seed),
-                                   train=d.train, val=d.val, test=d.test,
-                                   normalization=d.normalization, cache=cache,
-                                   progress=config.progress, desc=f"scratch seed {d.seed}"
-                                   ).test_accuracy)
+                                   train=d.train, val=d.val, test=d.test, cache=cache,
+                                   normalization=d.normalization, progress=config.progress,
+                                   desc=f"scratch seed {d.seed}").test_accuracy)
     return tuple(accuracies)
 
 
@@ -349,10 +348,10 @@ def search_transfer(config: TransferConfig, space: SearchSpace = SearchSpace(),
     scores, kept, best = [], {}, None
     for depth in sorted({c.reuse for c in cells}):
         spec = dataclasses.replace(config.target, reuse=depth)
-        models = [build_transfer_model(metadata, source_params, source_stats, spec,
-                                       num_classes=dataset.num_classes, in_channels=d.in_channels,
-                                       seed=d.seed, compute_dtype=config.finetune.compute_dtype)[0]
-                  for d in data]
+        models = [build_transfer_model(
+            metadata, source_params, source_stats, spec, num_classes=dataset.num_classes,
+            in_channels=d.in_channels, seed=d.seed, compute_dtype=config.finetune.compute_dtype)[0]
+            for d in data]
         for cell in (c for c in cells if c.reuse == depth):
             results = run_cell(cell, models, data, config, cache)
             scored = CellScore(cell, tuple(r.best_val_accuracy for r in results),
