@@ -130,6 +130,11 @@ class PretrainConfig:
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def canonical(self) -> "PretrainConfig":
+        """The compute dtype as `compute_dtype` alone: a `--model-arg dtype=X` with the
+        default compute dtype (how bfloat16 was asked for before the flag) moves there."""
+        return dataclasses.replace(self, **_canonical_dtype(dataclasses.asdict(self)))
+
     def resolved(self, n_train: int) -> "PretrainConfig":
         """This config with `steps` set: ceil(epochs * n_train / batch_size) when `epochs`
         is given (`n_train`: the training split's size), else `steps` or DEFAULT_STEPS.
@@ -175,11 +180,21 @@ def _is_whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _canonical_dtype(raw: dict[str, Any]) -> dict[str, Any]:
+    """{"compute_dtype", "model_overrides"} of a config's fields (`PretrainConfig.canonical`)."""
+    overrides = dict(raw.get("model_overrides") or {})
+    compute = raw.get("compute_dtype", "float32")
+    if "dtype" in overrides and compute == "float32":
+        compute = overrides.pop("dtype")
+    return {"compute_dtype": compute, "model_overrides": overrides}
+
+
 def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.exists():
         return
     saved, current = json.loads(saved_path.read_text()), config.to_json()
+    saved.update(_canonical_dtype(saved))   # an older run's --model-arg dtype=...
     defaults = PretrainConfig().to_json()  # a field an older config.json lacks: its default
     changed = [k for k in _RESUME_FIELDS if saved.get(k, defaults.get(k)) != current.get(k)]
     if changed:
@@ -228,6 +243,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
       Preempted: SIGTERM arrived; a checkpoint of the step reached was saved.
     """
     config.validate()
+    config = config.canonical()
     out = pathlib.Path(config.out).absolute() if config.out else None
     if out is not None:
         check_out_folder(out, resume=config.resume, overwrite=config.overwrite)
@@ -309,10 +325,11 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         manager, done, _state_tree(state), input_state, force=force))
     batches = device_prefetch(data.batches(config.steps, start_step, input_state),
                               lambda local: parallel.put_batch(local, mesh))
-    last_time, last_step = time.perf_counter(), start_step
+    last_time, last_step, layout = time.perf_counter(), start_step, None
     with (pretrain_checkpoint.stop_requests(manager is not None) as stop, contextlib.closing(bar),
           contextlib.closing(batches), pretrain_checkpoint.closing_call(data.close)):
         for step, (images, input_state) in zip(range(start_step, config.steps), batches):
+            layout = layout or parallel.array_layout(images)   # the batch as the step gets it
             state, metrics = train_step(state, images)
             done = step + 1
             unchecked.append((done, metrics.pop(HEALTH)))
@@ -367,6 +384,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
                          title=f"pretrain {'+'.join(t.name for t in tasks)} on {config.data}")
             (out / "summary.json").write_text(json.dumps(
                 {"eval": eval_metrics, "trunk": str(trunk_path), **budget,
+                 "mesh": {**parallel.mesh_record(mesh), "steps": [layout] if layout else []},
                  "checkpoint_save_blocked_s": {"saves": len(blocked), "total": sum(blocked),
                                                "max": max(blocked, default=0.0)}}, indent=2))
     return PretrainResult(state, graphdef, eval_metrics, trunk_path, out, budget)

@@ -80,10 +80,21 @@ def restore(manager: ocp.CheckpointManager, step: int,
     if (step_dir / LEGACY_ITEM).is_dir() and not (step_dir / STATE).is_dir():
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(step_dir / LEGACY_ITEM, target), None
+    if not (step_dir / DATA / _input_file()).is_file():
+        # saved by another number of processes: the state alone (each process's input
+        # state was for its own slice; starting at the step is exact for the new slices)
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(target)}))
+        return restored[STATE], None
     restored = manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(target),
         DATA: grain.checkpoint.CheckpointRestore(InputState())}))
     return restored[STATE], restored[DATA].state
+
+
+def _input_file() -> str:
+    """The name grain's handler gives this process's input state."""
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
 def nonfinite_error(found: tuple[int, str | None, float], window: tuple[int, int],

@@ -88,14 +88,20 @@ def _streamed(spec: str, *, test_fraction, split_seed, batch_size, seed, image_s
               eval_examples, log) -> PretrainData:
     data = streaming.prepare_stream(spec, test_fraction=test_fraction, split_seed=split_seed,
                                     image_size=image_size, log=log)
-    normalization = streaming.normalization_sample(data, workers=0)
+    normalization = streaming.normalization_sample(data, workers=workers)
     opened: list = []
 
     def batches(steps: int, start: int = 0, state=None) -> Batches:
-        # grain's state depends on the worker count: another count starts from `start`
-        saved = state.get("grain") if state and state.get("workers") == workers else None
+        # A grain state is a position in the iterator it came from: steps `offset`.. read by
+        # `workers` processes. The same iterator is rebuilt to restore it; any other
+        # (another worker count, an older state) starts afresh at `start`: as exact, since
+        # a batch is a pure function of its step.
+        offset = start
+        saved = None
+        if state and state.get("workers") == workers and "offset" in state:
+            offset, saved = int(state["offset"]), state.get("grain")
         iterator = streaming.train_batches(
-            data, batch_size=batch_size, seed=seed, steps=steps, workers=workers, start=start,
+            data, batch_size=batch_size, seed=seed, steps=steps, workers=workers, start=offset,
             state=saved, process_index=jax.process_index(), process_count=jax.process_count())
         opened.append(iterator)
         for step in range(start, steps):
@@ -103,7 +109,7 @@ def _streamed(spec: str, *, test_fraction, split_seed, batch_size, seed, image_s
             if int(element["step"]) != step:  # the restored state must continue at `start`
                 raise RuntimeError(f"the input pipeline gave step {int(element['step'])}'s "
                                    f"batch for step {step}")
-            yield element["images"], {"workers": workers,
+            yield element["images"], {"workers": workers, "offset": offset,
                                       "grain": copy.deepcopy(iterator.get_state())}
 
     def close() -> None:

@@ -38,7 +38,13 @@ from device_check_report import check_outputs, markdown, tail   # beside this fi
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "device_check"
 REQUIRED = ("numpy", "jax", "flax", "optax", "orbax.checkpoint", "tqdm", "matplotlib",
-            "safetensors", "h5py")
+            "safetensors", "h5py", "filelock", "grain", "array_record")
+WHEELS = REPO / ".whl"   # wheels carried to an offline machine (--wheels)
+# How to fetch, on a machine with the registry, the wheels an offline GPU machine lacks
+# (its image has jax, flax, optax, orbax, h5py, safetensors, filelock; not grain).
+FETCH = ("python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 "
+         "--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 -d .whl "
+         "grain array-record")
 FLOOR_S = 20          # time kept back for each later stage
 PROBE = """
 import importlib.util, json, sys
@@ -206,18 +212,39 @@ def probe(python: str, env: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def install(python: str, env: dict[str, str], timeout_s: float, logs: pathlib.Path) -> dict:
-    """auxtl importable from this checkout, offline: as it is when the interpreter already
-    has it from here; else `pip install --no-deps --no-build-isolation --no-index
-    --target TMP .` (nothing downloaded) and TMP first on PYTHONPATH for every stage."""
+def install_wheels(python: str, wheels: pathlib.Path, env: dict[str, str], timeout_s: float,
+                   logs: pathlib.Path) -> dict | None:
+    """The carried wheels in `wheels` (if any) installed offline into a fresh folder first
+    on PYTHONPATH (`pip install --no-index --no-deps --target`); None when there are none."""
+    files = sorted(str(f) for f in wheels.glob("*.whl")) if wheels.is_dir() else []
+    if not files:
+        return None
+    site = tempfile.mkdtemp(prefix="auxtl-device-check-wheels-")
+    result = run_stage("install_wheels", [python, "-m", "pip", "install", "-q", "--no-index",
+                                          "--no-deps", "--target", site, *files],
+                       timeout_s=timeout_s, logs=logs, env=env)
+    if result["status"] == "ok":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    return {**result, "wheels": [pathlib.Path(f).name for f in files]}
+
+
+def install(python: str, env: dict[str, str], timeout_s: float, logs: pathlib.Path,
+            wheels: pathlib.Path = WHEELS) -> dict:
+    """auxtl importable from this checkout, offline: carried wheels first
+    (`install_wheels`); then as it is when the interpreter already has auxtl from here;
+    else `pip install --no-deps --no-build-isolation --no-index --target TMP .` (nothing
+    downloaded) and TMP first on PYTHONPATH for every stage."""
     start = time.monotonic()
+    carried = install_wheels(python, wheels, env, timeout_s / 2, logs)
     found = probe(python, env)
     record = {"name": "install", "command": [python, "-c", "PROBE"], "found":
-              found["found"], "log": str(logs / "install.log"), "returncode": 0}
+              found["found"], "log": str(logs / "install.log"), "returncode": 0,
+              "carried_wheels": carried}
     if found["missing"]:
         message = ("missing Python packages: " + "; ".join(found["missing"]) + ". This check "
                    "installs nothing from the network: install them into " + python +
-                   " first (or carry wheels and `pip install --no-index --no-deps`)")
+                   f" first, or carry their wheels in {wheels} (--wheels), e.g. fetched "
+                   f"elsewhere with: {FETCH}")
         print(f"[device_check] {message}", file=sys.stderr, flush=True)
         return {**record, "status": "failed", "returncode": 1, "tail": message,
                 "seconds": round(time.monotonic() - start, 2), "timeout_s": timeout_s}
@@ -294,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
                         help="run the bench lane and the pretrain/transfer lane side by side "
                              "(default: in a dry run only; never for timings you report)")
+    parser.add_argument("--wheels", default=str(WHEELS),
+                        help="folder of wheels to install offline first (default .whl/ in "
+                             "this checkout, when it holds any)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="resnet50 images per step of the throughput stages (default 64)")
     args = parser.parse_args(argv)
@@ -331,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         reserve = sum(min(FLOOR_S, sizes.caps[s]) for s in later)
         return min(sizes.caps[name], deadline - time.monotonic() - reserve)
 
-    records = {"install": install(args.python, env, limit("install", STAGES), logs)}
+    records = {"install": install(args.python, env, limit("install", STAGES), logs,
+                                  pathlib.Path(args.wheels))}
     commands = {}
     if records["install"]["status"] == "ok":
         commands = stage_commands(args.python, sizes, out, env)

@@ -17,6 +17,7 @@ import auxtl
 from auxtl.bench import BenchError, peaks, throughput, throughput_input, throughput_measure
 from auxtl.bench.throughput_cases import STEP_KINDS, layers_to_freeze
 from auxtl.bench.throughput_timing import cost_flops
+from auxtl.streaming.pipeline import LoadBatch, prepare_stream
 
 ROW_FIELDS = (
     "model", "kind", "dtype", "param_dtype", "image_shape", "batch_size", "examples_per_step",
@@ -114,6 +115,30 @@ def test_a_batch_iterator_factory_plugs_in():
     batches = throughput_input.in_memory_batches(images, 3, mesh, seed=5)(2)
     expected = images[auxtl.data.batch_indices(6, 3, seed=5, step=2)]
     np.testing.assert_array_equal(np.asarray(next(batches)), expected)   # the loop's batch 2
+
+
+def test_the_streamed_pipeline_is_measured_as_pretraining_streams(tmp_path):
+    """--data stream:SPEC: the batches are the streamed pretraining loop's (same split,
+    order and crops), on the device, and a bad spec stops before any step."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        size = (int(rng.integers(10, 20)), int(rng.integers(10, 20)))
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    mesh = auxtl.parallel.data_mesh(jax.devices()[:1])
+    factory = throughput_input.streamed_batches(f"folder:{tmp_path}", (12, 12, 1), 4, mesh,
+                                                steps=3, workers=0, seed=1)
+    batch = next(factory(1))
+    stream = prepare_stream(f"folder:{tmp_path}", test_fraction=0.1, split_seed=0,
+                            image_size=(12, 12, 1), log=lambda *_: None)
+    expected = LoadBatch(stream, batch_size=4, seed=1)(1)["images"]
+    assert isinstance(batch, jax.Array) and batch.shape == (4, 12, 12, 1)
+    np.testing.assert_array_equal(np.asarray(batch), expected)   # the loop's streamed batch 1
+    timed = throughput_input.measure_streamed(f"folder:{tmp_path}", (12, 12, 1), 4, devices=1,
+                                              warmup=1, steps=2, workers=0)
+    assert timed["input_source"] == f"stream:folder:{tmp_path}" and timed["input_images_per_s"] > 0
+    with pytest.raises(BenchError, match="--data stream:folder:/no/such"):
+        throughput_input.streamed_batches("folder:/no/such", (12, 12, 1), 4, mesh, steps=1)
 
 
 def test_freezing_and_caching_cut_flops(tiny_run):

@@ -14,6 +14,7 @@ from flax import nnx
 
 import auxtl
 from auxtl import freezing
+from auxtl import pretrain as pretrain_module
 from auxtl.cli import main
 from auxtl.data import compute_normalization
 from auxtl.errors import InputError
@@ -138,7 +139,9 @@ def test_bfloat16_transfer_trains_in_bfloat16_on_float32_weights(bf16_run, tmp_p
 
 
 def test_every_built_in_task_head_computes_in_bfloat16_and_loses_in_float32():
-    names = auxtl.list_tasks()
+    names = [n for n in auxtl.list_tasks()   # not the ones other test files register
+             if auxtl.registry.task_class(n).__module__.startswith("auxtl.tasks.")]
+    assert len(names) >= 8
     tasks = [WeightedTask(name, get_task(name)) for name in names]
     config = auxtl.make_config("small_cnn", (32, 32, 3),
                                **with_compute_dtype("small_cnn", "bfloat16", TINY_TRUNK))
@@ -182,3 +185,22 @@ def test_resume_refuses_another_compute_dtype(bf16_run):
     with pytest.raises(InputError, match="compute_dtype"):
         auxtl.run_pretraining(dataclasses.replace(config, compute_dtype="float32",
                                                   resume=True))
+
+
+def test_bfloat16_asked_for_as_a_model_arg_is_the_compute_dtype(bf16_run, tmp_path):
+    """--model-arg dtype=bfloat16 (how it was asked for before --compute-dtype) is the
+    compute dtype, and a run that recorded it so still passes the resume check."""
+    config, _, out = bf16_run
+    old_style = dataclasses.replace(config, compute_dtype="float32", model_overrides={
+        **config.model_overrides, "dtype": "bfloat16"})
+    assert old_style.canonical() == config.canonical()
+    assert config.canonical() == config
+    saved = json.loads((out / "pretrain" / "config.json").read_text())
+    del saved["compute_dtype"]
+    saved["model_overrides"]["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resolved = dataclasses.replace(config, steps=saved["steps"])
+    pretrain_module._check_resume_config(tmp_path, resolved)            # passes
+    with pytest.raises(InputError, match="compute_dtype"):
+        pretrain_module._check_resume_config(
+            tmp_path, dataclasses.replace(resolved, compute_dtype="float32"))

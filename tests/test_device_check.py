@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import zipfile
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "device_check.sh"
@@ -79,3 +80,30 @@ def test_a_missing_package_is_named(tmp_path, monkeypatch):
     record = driver.install(sys.executable, dict(os.environ), 30, tmp_path)
     assert record["status"] == "failed"
     assert "missing Python packages: no_such_package_auxtl" in record["tail"]
+
+
+def _wheel(folder, name: str) -> None:
+    """A minimal pure-Python wheel of module `name` (what `pip download` would carry)."""
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": "VALUE = 1\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+
+
+def test_carried_wheels_are_installed_offline_first(tmp_path, monkeypatch):
+    driver = _driver()
+    monkeypatch.setattr(driver, "REQUIRED", driver.REQUIRED + ("carried_pkg_auxtl",))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "carried_pkg_auxtl")
+    env = dict(os.environ)
+    record = driver.install(sys.executable, env, 60, tmp_path, wheels)
+    assert record["status"] == "ok", record
+    assert record["carried_wheels"]["wheels"] == ["carried_pkg_auxtl-1.0-py3-none-any.whl"]
+    assert "carried_pkg_auxtl" in record["found"]
+    assert record["carried_wheels"]["status"] == "ok" and env["PYTHONPATH"]

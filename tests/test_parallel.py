@@ -34,6 +34,10 @@ TRANSFER_BATCH = 32   # 10 classes x 8 labels: min(32, 80)
 TRANSFER_STEPS = 8    # head:2,all:2 epochs x 2 steps
 PRETRAIN_TOL = EPS32 * PRETRAIN_BATCH * HEIGHT * WIDTH * PRETRAIN_STEPS
 TRANSFER_TOL = EPS32 * TRANSFER_BATCH * HEIGHT * WIDTH * TRANSFER_STEPS
+# An accuracy is a count over the evaluated images: parameters within the tolerance above
+# may still flip a prediction that sat on a decision boundary, so one flip (1 / n) is
+# allowed; the smallest evaluated set is pretraining's held-out digits (10% of 1797).
+ONE_FLIP = 1 / 179
 
 TINY = ["--task", "rotation", "--model-arg", "widths=[8,8,16,16,16]", "--model-arg", "fc_dim=16",
         "--steps", str(PRETRAIN_STEPS), "--batch-size", str(PRETRAIN_BATCH), "--log-every", "3",
@@ -114,11 +118,13 @@ def batches(out, process: int = 0):
 def assert_match(out, reference):
     (pre, tr, trees), (pre1, tr1, trees1) = results(out), results(reference)
     for key in pre1:
-        assert pre[key] == pytest.approx(pre1[key], rel=PRETRAIN_TOL, abs=PRETRAIN_TOL), key
+        tol = ONE_FLIP if key.endswith("accuracy") else PRETRAIN_TOL
+        assert pre[key] == pytest.approx(pre1[key], rel=PRETRAIN_TOL, abs=tol), key
     for seed, seed1 in zip(tr["seeds"], tr1["seeds"]):
         for key, value in seed1.items():
+            tol = ONE_FLIP if key.endswith("accuracy") else TRANSFER_TOL
             assert seed[key] == (value if value is None else pytest.approx(
-                value, rel=TRANSFER_TOL, abs=TRANSFER_TOL)), key
+                value, rel=TRANSFER_TOL, abs=tol)), key
     for a, b in zip(*(jax_leaves(t) for t in (trees, trees1))):
         np.testing.assert_allclose(a, b, rtol=TRANSFER_TOL, atol=TRANSFER_TOL)
 
@@ -141,6 +147,10 @@ def test_four_devices_in_one_process_split_the_batch_and_match_one_device(single
     assert all(b == {"batch_spec": "P('data',)", "batch": PRETRAIN_BATCH, "batch_devices": 4,
                      "mesh_devices": 4, "rows_per_device": PRETRAIN_BATCH // 4,
                      "local_devices": 4} for b in seen), seen
+    summary = json.loads((out / "pretrain" / "summary.json").read_text())["mesh"]
+    assert summary["devices"] == 4 and summary["steps"] == [
+        {"batch": PRETRAIN_BATCH, "batch_spec": "P('data',)", "batch_devices": 4,
+         "mesh_devices": 4}]
     mesh = json.loads((out / "transfer" / "transfer.json").read_text())["mesh"]
     assert mesh["devices"] == 4 and mesh["processes"] == 1 and mesh["axes"] == {"data": 4}
     assert mesh["steps"] == [{"batch": TRANSFER_BATCH, "batch_spec": "P('data',)",

@@ -16,6 +16,7 @@ import pytest
 
 import auxtl
 from auxtl import pretrain_checkpoint, streaming
+from auxtl.pretrain_data import load_pretrain_data
 from auxtl.errors import InputError
 from auxtl.reporting import read_metrics
 from auxtl.streaming.pipeline import LoadBatch
@@ -102,9 +103,13 @@ def test_npz_and_arrayrecord_shards_are_read(tmp_path, folder):
     shards = [rng.integers(0, 256, (n, 12, 10, 3), dtype=np.uint8) for n in (5, 7)]
     for i, images in enumerate(shards):
         np.savez(tmp_path / f"part{i}.npz", images=images)
+    np.savez_compressed(tmp_path / "part2.npz", images=shards[0][:3])
     source = streaming.open_source(f"npz-shards:{tmp_path}/part*.npz")
-    assert len(source) == 12 and np.array_equal(source.read(6), shards[1][1])
-    assert "part1.npz" in source.describe(6)
+    assert len(source) == 15 and "part1.npz" in source.describe(6)
+    expected = np.concatenate([*shards, shards[0][:3]])
+    for index in (6, 0, 13, 11, 4, 12, 5):   # across shards, in any order
+        np.testing.assert_array_equal(source.read(index), expected[index])
+    assert isinstance(source._mapped(0), np.memmap) and source._mapped(2) is None
     from array_record.python.array_record_module import ArrayRecordWriter
     files = sorted(folder.iterdir())[:6]
     writer = ArrayRecordWriter(str(tmp_path / "images.array_record"), "group_size:1")
@@ -152,7 +157,7 @@ def test_mid_epoch_resume_is_bit_identical_and_async_checkpoints_are_complete(tm
             "rng": full.state.rng}
     restored, input_state = pretrain_checkpoint.restore(manager, 6, like)
     assert int(restored["step"]) == 6 and jax.tree.structure(restored) == jax.tree.structure(like)
-    assert input_state == {"workers": 0, "grain": {"next_index": 6}}
+    assert input_state == {"workers": 0, "offset": 0, "grain": {"next_index": 6}}
     drop_after(out, 6)
     resumed = auxtl.run_pretraining(dataclasses.replace(config, resume=True))
     assert leaves_equal(full.state.params, resumed.state.params)
@@ -180,6 +185,27 @@ def test_a_worker_process_gives_the_same_batches_and_its_state_resumes(folder):
         worker.close()
 
 
+def test_a_restored_input_state_continues_where_it_was_saved_resume_after_resume(folder):
+    """The state of an iterator started at a step (a resume that could not reuse the
+    saved state: another worker count) restores at its own position on the next resume;
+    one of another worker count starts afresh at the step. Every batch is step-exact."""
+    data = load_pretrain_data(f"folder:{folder}", stream=True, test_fraction=0.1,
+                              split_seed=0, batch_size=16, seed=0, image_size=(16, 16),
+                              workers=0, log=lambda *_: None)
+    try:
+        expected = [images for images, _ in data.batches(8)]
+        first_resume = data.batches(8, start=3, state={"workers": 2, "offset": 0,
+                                                       "grain": {"next_index": 3}})
+        seen = [next(first_resume) for _ in range(2)]          # steps 3 and 4
+        state = seen[-1][1]
+        assert state["offset"] == 3 and state["workers"] == 0
+        second_resume = list(data.batches(8, start=5, state=state))
+        for step, (images, _) in zip(range(3, 8), seen + second_resume):
+            np.testing.assert_array_equal(images, expected[step])
+    finally:
+        data.close()
+
+
 def test_an_older_single_item_checkpoint_still_restores(tmp_path):
     """Run folders from before the composite layout (the state alone, under `default/`)
     resume: the state comes back and the input state is None (the step is enough)."""
@@ -193,6 +219,11 @@ def test_an_older_single_item_checkpoint_still_restores(tmp_path):
     pretrain_checkpoint.save(manager, 5, tree, {"next_step": 5})
     manager.wait_until_finished()
     assert pretrain_checkpoint.restore(manager, 5, tree)[1] == {"next_step": 5}
+    # saved by two processes, resumed by one: the state alone (the step is enough)
+    data = tmp_path / "5" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    restored, input_state = pretrain_checkpoint.restore(manager, 5, tree)
+    assert input_state is None and leaves_equal(restored, tree)
 
 
 def test_device_prefetch_puts_the_next_batch_before_the_current_step_runs():

@@ -36,6 +36,8 @@ def environment() -> dict[str, Any]:
             "flax_version": _version("flax"), "python": platform.python_version(),
             "host": platform.node(), "cpu_count": os.cpu_count(),
             "default_matmul_precision": jax.config.jax_default_matmul_precision,
+            # compile times measured with a persistent cache may be cache loads
+            "compilation_cache": jax.config.jax_compilation_cache_dir,
             "cpu_kernels": cpu.status(), "cpu": cpu_description()}
 
 

@@ -20,7 +20,9 @@ The steps are timed on synthetic uint8 images already on the device. Beside each
 step's images/s, the input pipeline's: once per model, the pretraining loop's
 in-memory path (`auxtl.data.batch_indices`, `parallel.process_slice`, host gather,
 `parallel.put_batch`, waited for) on `--data` (default: synthetic uint8 images of the
-model's input shape), and which of the two bounds a run (`bound`).
+model's input shape), or its streamed path with `--data stream:SPEC` (grain workers
+decode and random-resized-crop SPEC's images to the model's input shape), and which of
+the two bounds a run (`bound`).
 
     auxtl bench throughput --models small_cnn,resnet18 --steps 10
     python -m auxtl.bench.throughput --tiny --batch-size 8 --steps 2 --out runs/bench
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images the input pipeline gathers from: 'synthetic' (random "
                              "uint8 of each model's input shape), a data spec as for "
                              "`auxtl pretrain --data` (digits, mnist5k, npz:PATH, folder:PATH), "
+                             "'stream:SPEC' for the streamed pipeline (stream:folder:PATH, "
+                             "stream:npz-shards:GLOB, stream:arrayrecord:GLOB), "
                              "or 'none' to skip the input measurement")
     parser.add_argument("--input-images", type=int, default=1024,
                         help="how many synthetic images the input pipeline gathers from "

@@ -5,8 +5,8 @@ which of the two bounds a run.
 The seam is `BatchIteratorFactory`: a callable `factory(start_step)` returning an
 iterator of ready-to-use global batches (a `jax.Array` or a pytree of them, sharded as
 the step wants them), batch `start_step`, `start_step + 1`, ... . `in_memory_batches`
-is the pretraining loop's own in-memory path; a streaming pipeline plugs in by passing
-its own factory to `time_input`.
+is the pretraining loop's own in-memory path; `streamed_batches` its streamed one
+(`--data stream:SPEC`: grain workers decode, crop and batch; `device_prefetch` puts).
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from auxtl import parallel
 from auxtl.bench import BenchError
 from auxtl.data import batch_indices, load_dataset
 from auxtl.errors import AuxtlError
+from auxtl.streaming.pipeline import default_workers, prepare_stream, train_batches
+from auxtl.streaming.prefetch import device_prefetch
 
 BatchIteratorFactory = Callable[[int], Iterator[Any]]
 SYNTHETIC = "synthetic"
 NO_INPUT = "none"
+STREAM = "stream:"   # --data stream:SPEC measures the streamed pipeline on SPEC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,35 @@ def in_memory_batches(images: np.ndarray, batch_size: int, mesh, *,
     return factory
 
 
+def streamed_batches(spec: str, image_shape: tuple[int, int, int], batch_size: int, mesh, *,
+                     steps: int, workers: int | None = None,
+                     seed: int = 0) -> BatchIteratorFactory:
+    """The pretraining loop's streamed input path as a factory: `spec` (folder:PATH,
+    npz-shards:GLOB, arrayrecord:GLOB) split as pretraining splits it, each step's local
+    batch decoded and random-resized-cropped to `image_shape` in `workers` grain
+    processes (default `default_workers()`), and put onto the mesh one batch ahead."""
+    try:
+        stream = prepare_stream(spec, test_fraction=0.1, split_seed=0, image_size=image_shape,
+                                log=lambda *_: None)
+    except AuxtlError as error:
+        raise BenchError(f"--data {STREAM}{spec}: {error}") from error
+    workers = default_workers() if workers is None else workers
+
+    def factory(start_step: int = 0) -> Iterator[jax.Array]:
+        local = train_batches(stream, batch_size=batch_size, seed=seed, steps=start_step + steps,
+                              workers=workers, start=start_step,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        try:
+            pairs = ((item["images"], None) for item in local)
+            for batch, _ in device_prefetch(pairs, lambda x: parallel.put_batch(x, mesh)):
+                yield batch
+        finally:
+            local.close() if hasattr(local, "close") else None
+
+    return factory
+
+
 def time_input(factory: BatchIteratorFactory, *, batch_size: int, warmup: int,
                steps: int) -> dict[str, Any]:
     """Images/s of the batches `factory(0)` yields, each waited for on the device.
@@ -88,32 +120,50 @@ def time_input(factory: BatchIteratorFactory, *, batch_size: int, warmup: int,
     if steps < 1 or warmup < 0:
         raise BenchError(f"input steps must be >= 1 and warm-up >= 0, got {steps}, {warmup}")
     batches = factory(0)
-    for _ in range(warmup):
-        jax.block_until_ready(next(batches))
-    times = []
-    span_start = time.perf_counter()
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(next(batches))
-        times.append(time.perf_counter() - start)
-    span = time.perf_counter() - span_start
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
+    try:
+        for _ in range(warmup):
+            jax.block_until_ready(next(batches))
+        times = []
+        span_start = time.perf_counter()
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(next(batches))
+            times.append(time.perf_counter() - start)
+        span = time.perf_counter() - span_start
+    finally:   # a streamed pipeline's worker processes end here, on errors too
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     return {"input_images_per_s": batch_size * steps / span,
             "input_batch_time_median_s": float(np.median(times)),
             "input_batch_time_max_s": float(max(times)),
             "input_timed_batches": steps}
 
 
+def _mesh(devices: int):
+    available = jax.devices()
+    if devices > len(available):
+        raise BenchError(f"--devices {devices}: this host has {len(available)} device(s)")
+    return parallel.data_mesh(available[:devices])
+
+
+def measure_streamed(spec: str, image_shape: tuple[int, int, int], batch_size: int, *,
+                     devices: int, warmup: int, steps: int, workers: int | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    """The streamed pipeline's rate on `spec` (`streamed_batches`), as `measure_input`."""
+    factory = streamed_batches(spec, image_shape, batch_size, _mesh(devices),
+                               steps=warmup + steps, workers=workers, seed=seed)
+    return {"input_pipeline": "streamed (grain workers, device_prefetch, put_batch)",
+            "input_source": f"{STREAM}{spec}", "input_shape": list(image_shape),
+            "input_dtype": "uint8",
+            **time_input(factory, batch_size=batch_size, warmup=warmup, steps=steps)}
+
+
 def measure_input(source: InputSource, batch_size: int, *, devices: int, warmup: int,
                   steps: int, seed: int = 0) -> dict[str, Any]:
     """The in-memory pipeline's rate on `source` for a batch over the first `devices`
     devices: `time_input` of `in_memory_batches`, plus what was measured."""
-    available = jax.devices()
-    if devices > len(available):
-        raise BenchError(f"--devices {devices}: this host has {len(available)} device(s)")
-    mesh = parallel.data_mesh(available[:devices])
+    mesh = _mesh(devices)
     factory = in_memory_batches(source.images, batch_size, mesh, seed=seed)
     return {"input_pipeline": "in-memory (batch_indices, process_slice, put_batch)",
             "input_source": source.description,

@@ -14,7 +14,8 @@ from auxtl.bench import BenchError, peaks
 from auxtl.bench.machine import environment, environment_brief
 from auxtl.bench.throughput_cases import (MODEL_INPUTS, BenchConfig, Case, batch_size_for,
                                           build_cases)
-from auxtl.bench.throughput_input import NO_INPUT, SYNTHETIC, bound, input_source, measure_input
+from auxtl.bench.throughput_input import (NO_INPUT, STREAM, SYNTHETIC, bound, input_source,
+                                          measure_input, measure_streamed)
 from auxtl.bench.throughput_timing import compile_case, time_case
 
 # Step kinds whose input is the batch of images (cached_features starts from features).
@@ -45,6 +46,14 @@ def model_input(config: BenchConfig, model: str, batch_size: int, sources: dict,
     if config.data == NO_INPUT:
         return None
     try:
+        if config.data.startswith(STREAM):
+            result = measure_streamed(config.data.removeprefix(STREAM), MODEL_INPUTS[model],
+                                      batch_size, devices=config.devices,
+                                      warmup=max(config.warmup, 4), steps=max(config.steps, 20),
+                                      seed=config.seed)
+            log(f"[bench] {model} streamed input batch {batch_size}: "
+                f"{result['input_images_per_s']:10.1f} img/s ({result['input_source']})")
+            return result
         key = config.data if config.data != SYNTHETIC else (SYNTHETIC, MODEL_INPUTS[model])
         if key not in sources:
             sources[key] = input_source(config.data, MODEL_INPUTS[model],

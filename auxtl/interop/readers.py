@@ -107,7 +107,7 @@ def read_orbax(path) -> Source:
     if not items:
         raise InputError(f"{str(path)!r} is not an orbax checkpoint: no _METADATA in it or in "
                          f"its subfolders (for a CheckpointManager folder give the step's item "
-                         f"folder, e.g. .../1000/default)")
+                         f"folder, e.g. .../1000/state)")
     tensors = {f"{item.name}/{name}": array for item in items
                for name, array in _restore_numpy(item).items()}
     info = {}

@@ -12,6 +12,7 @@ position and resuming at step k needs only k (the state is checkpointed as well)
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -167,13 +168,13 @@ def train_batches(stream: StreamData, *, batch_size: int, seed: int, steps: int,
                   workers: int, start: int = 0, state: dict | None = None,
                   process_index: int = 0, process_count: int = 1,
                   crop: bool = True) -> grain.DatasetIterator:
-    """The iterator over steps `start`..`steps - 1`'s local batches. With a checkpointed
-    grain `state` (of an iterator over all steps) it is restored; without, it starts at
-    `start`."""
+    """The iterator over steps `start`..`steps - 1`'s local batches. A checkpointed grain
+    `state` must come from an iterator built with the same `start`, `steps` and `workers`
+    (it counts positions from `start`): it is restored to where that one was."""
     load = LoadBatch(stream, batch_size=batch_size, seed=seed, crop=crop,
                      process_index=process_index, process_count=process_count)
     dataset = grain.MapDataset.range(steps).map(load)
-    if state is None and start:
+    if start:
         dataset = dataset.slice(slice(start, steps))
     iterator = iterate(dataset, workers)
     if state is not None:
@@ -189,26 +190,34 @@ def normalization_sample(stream: StreamData, *, workers: int = 0) -> Normalizati
     chunks = np.array_split(indices, max(1, len(indices) // 64))
     load = LoadImages(stream.source, stream.image_shape)
     count, mean, m2 = 0, np.zeros(stream.image_shape[2]), np.zeros(stream.image_shape[2])
-    for images in iterate(grain.MapDataset.source(chunks).map(load), workers):
-        for image in images:
-            x = image.reshape(-1, image.shape[-1]).astype(np.float64) / 255.0
-            n_b, mean_b = len(x), x.mean(axis=0)
-            m2_b = ((x - mean_b) ** 2).sum(axis=0)
-            delta, total = mean_b - mean, count + n_b
-            mean = mean + delta * (n_b / total)
-            m2 = m2 + m2_b + delta ** 2 * (count * n_b / total)
-            count = total
+    iterator = iterate(grain.MapDataset.source(chunks).map(load), workers)
+    try:
+        for images in iterator:
+            for image in images:
+                x = image.reshape(-1, image.shape[-1]).astype(np.float64) / 255.0
+                n_b, mean_b = len(x), x.mean(axis=0)
+                m2_b = ((x - mean_b) ** 2).sum(axis=0)
+                delta, total = mean_b - mean, count + n_b
+                mean = mean + delta * (n_b / total)
+                m2 = m2 + m2_b + delta ** 2 * (count * n_b / total)
+                count = total
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
     std = np.maximum(np.sqrt(m2 / count), 1e-6)
     return Normalization(mean=tuple(mean.tolist()), std=tuple(std.tolist()))
 
 
 class EvalImages:
     """The held-out images as a lazy array: `len()` and slices decode on demand (what
-    `pretrain_step.evaluate` reads), at most `limit` of them, in split order."""
+    `pretrain_step.evaluate` reads), at most `limit` of them, in split order, in
+    `threads` threads (decoding and resizing release the GIL)."""
 
-    def __init__(self, stream: StreamData, limit: int | None = EVAL_EXAMPLES):
+    def __init__(self, stream: StreamData, limit: int | None = EVAL_EXAMPLES,
+                 threads: int | None = None):
         self.indices = stream.test if limit is None else stream.test[:limit]
         self.load = LoadImages(stream.source, stream.image_shape)
+        self.threads = default_workers() if threads is None else max(1, threads)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -216,7 +225,12 @@ class EvalImages:
     def __getitem__(self, key) -> np.ndarray:
         if not isinstance(key, slice):
             raise TypeError("EvalImages is read in slices")
-        return self.load(self.indices[key])
+        indices = [int(i) for i in self.indices[key]]
+        out = np.empty((len(indices), *self.load.image_shape), np.uint8)
+        with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+            for row, image in enumerate(pool.map(self.load.one, indices)):
+                out[row] = image
+        return out
 
 
 def pipeline_images_per_s(spec: str, *, batch_size: int = 64, steps: int = 40,

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
+import collections
 import pathlib
+import struct
 import zipfile
 from typing import Any
 
@@ -93,19 +96,24 @@ class FolderSource:
             labels += [label] * len(found)
         if not files:
             raise InputError(f"{str(path)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        self.files = np.asarray(files)  # one numpy string array: compact, cheap to pickle
+        # Paths below the root as one bytes array: one allocation, pickled to each worker
+        # at about the paths' total length (a str array pads every path to the longest in
+        # 4-byte characters; a list is an object per path).
+        relative = [os.path.relpath(f, path) for f in files]
+        self.root = str(path)
+        self.files = np.asarray([os.fsencode(r) for r in relative], dtype=np.bytes_)
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.class_names = tuple(p.name for p in class_dirs) or None
-        self.listing = listing_hash(str(pathlib.Path(f).relative_to(path)) for f in files)
+        self.listing = listing_hash(relative)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, index: int) -> str:
-        return str(self.files[index])
+        return os.path.join(self.root, os.fsdecode(self.files[index]))
 
     def describe(self, index: int) -> str:
-        return repr(str(self.files[index]))
+        return repr(self.read(index))
 
 
 def _image_files(folder: pathlib.Path, *, recursive: bool) -> list[str]:
@@ -116,7 +124,13 @@ def _image_files(folder: pathlib.Path, *, recursive: bool) -> list[str]:
 
 
 class NpzShardSource:
-    """.npz shards each holding `images`; one shard's array is held at a time per process."""
+    """.npz shards each holding `images`. A shard written by `np.savez` (members stored,
+    not compressed) is memory-mapped: an image is read alone, whatever order a batch
+    asks for (up to `MAPPED` shards mapped at a time per process). A compressed shard
+    (`np.savez_compressed`) can only be read whole: one such shard's array is held at a
+    time, and a batch drawn across many shards reloads them (store shards uncompressed)."""
+
+    MAPPED = 64
 
     def __init__(self, files: list[str], spec: str):
         self.spec, self.files = spec, files
@@ -132,6 +146,7 @@ class NpzShardSource:
         self.class_names = None
         self.listing = listing_hash(f"{pathlib.Path(f).name}:{n}" for f, n in zip(files, sizes))
         self._cached: tuple[int, np.ndarray] | None = None
+        self._maps: collections.OrderedDict = collections.OrderedDict()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -140,8 +155,20 @@ class NpzShardSource:
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return shard, int(index - self.offsets[shard])
 
+    def _mapped(self, shard: int) -> np.ndarray | None:
+        """Shard `shard`'s images memory-mapped, or None when its member is compressed."""
+        if shard not in self._maps:
+            self._maps[shard] = _map_stored_images(self.files[shard])
+            while len(self._maps) > self.MAPPED:
+                self._maps.popitem(last=False)
+        self._maps.move_to_end(shard)
+        return self._maps[shard]
+
     def read(self, index: int) -> np.ndarray:
         shard, row = self._locate(index)
+        mapped = self._mapped(shard)
+        if mapped is not None:
+            return np.array(mapped[row])
         if self._cached is None or self._cached[0] != shard:
             self._cached = None  # drop the old shard before loading the next
             with np.load(self.files[shard], allow_pickle=False) as archive:
@@ -153,7 +180,30 @@ class NpzShardSource:
         return f"image {row} of shard {self.files[shard]!r}"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached": None}
+        return {**self.__dict__, "_cached": None, "_maps": collections.OrderedDict()}
+
+
+def _map_stored_images(file: str) -> np.ndarray | None:
+    """`images` of an .npz as a read-only memory map when the member is stored
+    (uncompressed, C order); None otherwise. The member's data starts after its zip local
+    header (30 bytes + name + extra field) and the .npy header."""
+    with zipfile.ZipFile(file) as archive:
+        info = archive.getinfo("images.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(file, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran or dtype != np.uint8:
+        return None
+    return np.memmap(file, dtype=np.uint8, mode="r", offset=offset, shape=shape)
 
 
 def _npz_images_shape(file: str, spec: str) -> tuple[tuple[int, ...], bool]:
