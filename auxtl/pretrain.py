@@ -189,7 +189,10 @@ def _canonical_dtype(raw: dict[str, Any]) -> dict[str, Any]:
     return {"compute_dtype": compute, "model_overrides": overrides}
 
 
-def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
+def _check_resume_config(out: pathlib.Path, config: PretrainConfig,
+                         listing: str | None = None) -> None:
+    """Refuses a resume whose settings (or streamed folder `listing`, recorded in
+    config.json as `stream_listing`: files added or removed change the split) differ."""
     saved_path = out / "config.json"
     if not saved_path.exists():
         return
@@ -197,6 +200,7 @@ def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
     saved.update(_canonical_dtype(saved))   # an older run's --model-arg dtype=...
     defaults = PretrainConfig().to_json()  # a field an older config.json lacks: its default
     changed = [k for k in _RESUME_FIELDS if saved.get(k, defaults.get(k)) != current.get(k)]
+    changed += ["the streamed data's file listing"] * (saved.get("stream_listing") != listing)
     if changed:
         raise InputError(f"cannot resume {str(out)!r}: {changed} differ from the saved "
                          f"config.json; resume needs the same run settings")
@@ -257,7 +261,7 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         log=print if jax.process_index() == 0 else (lambda *_: None))
     config = config.resolved(data.n_train)
     if out is not None and config.resume:   # the resolved steps, before anything is written
-        _check_resume_config(out, config)
+        _check_resume_config(out, config, (data.stream or {}).get("listing_sha256"))
     normalization = data.normalization
     tasks = [WeightedTask(t.name, get_task(t.name, **t.params), float(t.weight))
              for t in config.tasks]
@@ -289,7 +293,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
                 manager, manager.latest_step(), _state_tree(state))
             state = TrainState(**restored)
         if is_main:
-            (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+            (out / "config.json").write_text(json.dumps({**config.to_json(), "stream_listing": (
+                data.stream or {}).get("listing_sha256")}, indent=2))
     start_step = int(jax.device_get(state.step))
     log = None
     if out is not None and is_main:

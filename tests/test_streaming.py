@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import auxtl
+from auxtl import pretrain as pretrain_module
 from auxtl import pretrain_checkpoint, streaming
 from auxtl.pretrain_data import load_pretrain_data
 from auxtl.errors import InputError
@@ -233,3 +234,14 @@ def test_device_prefetch_puts_the_next_batch_before_the_current_step_runs():
     first = next(batches)
     assert first == (0, {"after": 0}) and put == [0, 1]  # batch 1 is on its way already
     assert list(batches) == [(10, {"after": 1}), (20, {"after": 2}), (30, {"after": 3})]
+
+
+def test_a_resume_refuses_a_folder_whose_listing_changed(tmp_path, folder):
+    """Files added or removed change the split and the batches: the run's config.json
+    records the listing's hash and --resume compares it."""
+    config = stream_config(folder, tmp_path).resolved(80)
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_json(),
+                                                      "stream_listing": "a" * 64}))
+    pretrain_module._check_resume_config(tmp_path, config, "a" * 64)     # the same listing
+    with pytest.raises(InputError, match="streamed data's file listing"):
+        pretrain_module._check_resume_config(tmp_path, config, "b" * 64)
