@@ -297,7 +297,8 @@ def _read_images(files: Sequence[pathlib.Path]) -> np.ndarray:
         if arrays and array.shape[:2] != arrays[0].shape[:2]:
             raise InputError(f"{str(file)!r} is {array.shape[1]}x{array.shape[0]} (WxH) but "
                              f"{str(files[0])!r} is {arrays[0].shape[1]}x{arrays[0].shape[0]}; "
-                             "all images must share one size")
+                             "all images must share one size (or stream the folder: "
+                             "auxtl pretrain --stream --image-size H,W resizes each image)")
         arrays.append(array)
     if any(a.shape[-1] == 3 for a in arrays):
         arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
