@@ -1,7 +1,9 @@
 """Streamed pretraining input (auxtl.streaming, grain): the stateless (seed, step) order
 kept across process counts, crops a pure function of (seed, step, index), bad files
-named, shard sources read, a mid-epoch resume bit-identical (0 and 1 worker processes),
-and an asynchronously saved checkpoint complete and restorable mid-run."""
+named, shard sources read, a mid-epoch resume through `run_pretraining` bit-identical
+(in-process decoding), a worker process's batches and iterator state equal to in-process
+ones, a resume after a resume and across process counts, and an asynchronously saved
+checkpoint complete and restorable mid-run."""
 
 from __future__ import annotations
 
