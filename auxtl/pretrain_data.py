@@ -106,11 +106,13 @@ def _streamed(spec: str, *, test_fraction, split_seed, batch_size, seed, image_s
         opened.append(iterator)
         for step in range(start, steps):
             element = next(iterator)
-            if int(element["step"]) != step:  # the restored state must continue at `start`
-                raise RuntimeError(f"the input pipeline gave step {int(element['step'])}'s "
-                                   f"batch for step {step}")
-            yield element["images"], {"workers": workers, "offset": offset,
-                                      "grain": copy.deepcopy(iterator.get_state())}
+            given, images = int(element["step"]), np.array(element["images"])
+            del element   # a worker's batch lives in shared memory, freed when it goes
+            if given != step:  # the restored state must continue at `start`
+                raise RuntimeError(f"the input pipeline gave step {given}'s batch for "
+                                   f"step {step}")
+            yield images, {"workers": workers, "offset": offset,
+                           "grain": copy.deepcopy(iterator.get_state())}
 
     def close() -> None:
         for iterator in opened:

@@ -100,7 +100,8 @@ def streamed_batches(spec: str, image_shape: tuple[int, int, int], batch_size: i
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
         try:
-            pairs = ((item["images"], None) for item in local)
+            # out of grain's shared memory at once (freed when the worker's array goes)
+            pairs = ((np.array(item["images"]), None) for item in local)
             for batch, _ in device_prefetch(pairs, lambda x: parallel.put_batch(x, mesh)):
                 yield batch
         finally:
