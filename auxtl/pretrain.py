@@ -43,7 +43,7 @@ from auxtl.data import Dataset
 from auxtl.errors import InputError, Preempted
 from auxtl.models import check_compute_dtype, config_to_json, make_config, with_compute_dtype
 from auxtl.optim import OptimizerConfig, make_optimizer
-from auxtl.pretrain_data import load_pretrain_data
+from auxtl.pretrain_data import check_record, load_pretrain_data, write_record
 from auxtl.pretrain_model import WeightedTask, build_pretrain_model, task_json
 from auxtl.registry import get_task
 from auxtl.reporting import MetricsLog, keep_metrics, plot_metrics, read_metrics
@@ -189,10 +189,7 @@ def _canonical_dtype(raw: dict[str, Any]) -> dict[str, Any]:
     return {"compute_dtype": compute, "model_overrides": overrides}
 
 
-def _check_resume_config(out: pathlib.Path, config: PretrainConfig,
-                         listing: str | None = None) -> None:
-    """Refuses a resume whose settings (or streamed folder `listing`, recorded in
-    config.json as `stream_listing`: files added or removed change the split) differ."""
+def _check_resume_config(out: pathlib.Path, config: PretrainConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.exists():
         return
@@ -200,7 +197,6 @@ def _check_resume_config(out: pathlib.Path, config: PretrainConfig,
     saved.update(_canonical_dtype(saved))   # an older run's --model-arg dtype=...
     defaults = PretrainConfig().to_json()  # a field an older config.json lacks: its default
     changed = [k for k in _RESUME_FIELDS if saved.get(k, defaults.get(k)) != current.get(k)]
-    changed += ["the streamed data's file listing"] * (saved.get("stream_listing") != listing)
     if changed:
         raise InputError(f"cannot resume {str(out)!r}: {changed} differ from the saved "
                          f"config.json; resume needs the same run settings")
@@ -261,7 +257,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
         log=print if jax.process_index() == 0 else (lambda *_: None))
     config = config.resolved(data.n_train)
     if out is not None and config.resume:   # the resolved steps, before anything is written
-        _check_resume_config(out, config, (data.stream or {}).get("listing_sha256"))
+        _check_resume_config(out, config)
+        check_record(out, data)
     normalization = data.normalization
     tasks = [WeightedTask(t.name, get_task(t.name, **t.params), float(t.weight))
              for t in config.tasks]
@@ -293,8 +290,8 @@ def run_pretraining(config: PretrainConfig, dataset: Dataset | None = None) -> P
                 manager, manager.latest_step(), _state_tree(state))
             state = TrainState(**restored)
         if is_main:
-            (out / "config.json").write_text(json.dumps({**config.to_json(), "stream_listing": (
-                data.stream or {}).get("listing_sha256")}, indent=2))
+            (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+            write_record(out, data)
     start_step = int(jax.device_get(state.step))
     log = None
     if out is not None and is_main:

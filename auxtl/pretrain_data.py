@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +33,7 @@ from auxtl.errors import InputError
 from auxtl.splits import train_test_split
 
 Batches = Iterator[tuple[np.ndarray, dict[str, Any] | None]]
+RECORD = "data.json"   # beside a streamed run's config.json: what it reads
 
 
 @dataclasses.dataclass
@@ -127,3 +130,23 @@ def _streamed(spec: str, *, test_fraction, split_seed, batch_size, seed, image_s
                                 "normalization_sample": streaming.pipeline.NORMALIZATION_SAMPLE,
                                 "eval_examples": min(limit, len(data.test))},
                         close=close)
+
+
+def write_record(out: pathlib.Path, data: PretrainData) -> None:
+    """out/data.json for a streamed run: its spec, file count, listing hash and split (for
+    people, and for `check_record` on --resume); nothing for in-memory data."""
+    if data.stream:
+        (out / RECORD).write_text(json.dumps(data.stream, indent=2))
+
+
+def check_record(out: pathlib.Path, data: PretrainData) -> None:
+    """Refuses to resume a run whose streamed files changed since it started (another
+    listing hash than its data.json's): added, removed or renamed files change the split
+    and every batch."""
+    path = out / RECORD
+    saved = json.loads(path.read_text()).get("listing_sha256") if path.is_file() else None
+    now = (data.stream or {}).get("listing_sha256")
+    if saved != now:
+        raise InputError(f"cannot resume {str(out)!r}: the streamed data's file listing "
+                         f"changed (sha256 {str(saved)[:12]} then, {str(now)[:12]} now): files "
+                         f"added, removed or renamed change the split and every batch")

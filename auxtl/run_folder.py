@@ -12,8 +12,8 @@ from typing import Any
 from auxtl.errors import InputError
 
 # What a run writes into its folder; --overwrite removes these and nothing else.
-RUN_OUTPUTS = ("checkpoints", "trunk", "config.json", "metrics.jsonl", "metrics.png",
-                "summary.json")
+RUN_OUTPUTS = ("checkpoints", "trunk", "config.json", "data.json", "metrics.jsonl",
+               "metrics.png", "summary.json")
 RUN_LEFTOVERS = (".trunk.", ".metrics.jsonl.")  # an interrupted atomic save's temporaries
 
 

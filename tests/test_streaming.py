@@ -17,9 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import auxtl
-from auxtl import pretrain as pretrain_module
 from auxtl import pretrain_checkpoint, streaming
-from auxtl.pretrain_data import load_pretrain_data
+from auxtl.pretrain_data import check_record, load_pretrain_data, write_record
 from auxtl.errors import InputError
 from auxtl.reporting import read_metrics
 from auxtl.streaming.pipeline import LoadBatch
@@ -239,11 +238,14 @@ def test_device_prefetch_puts_the_next_batch_before_the_current_step_runs():
 
 
 def test_a_resume_refuses_a_folder_whose_listing_changed(tmp_path, folder):
-    """Files added or removed change the split and the batches: the run's config.json
-    records the listing's hash and --resume compares it."""
-    config = stream_config(folder, tmp_path).resolved(80)
-    (tmp_path / "config.json").write_text(json.dumps({**config.to_json(),
-                                                      "stream_listing": "a" * 64}))
-    pretrain_module._check_resume_config(tmp_path, config, "a" * 64)     # the same listing
-    with pytest.raises(InputError, match="streamed data's file listing"):
-        pretrain_module._check_resume_config(tmp_path, config, "b" * 64)
+    """Files added or removed change the split and the batches: a streamed run records its
+    listing's hash in data.json and --resume compares it."""
+    data = load_pretrain_data(f"folder:{folder}", stream=True, test_fraction=0.1,
+                              split_seed=0, batch_size=16, seed=0, image_size=(16, 16),
+                              workers=0, log=lambda *_: None)
+    write_record(tmp_path, data)
+    assert json.loads((tmp_path / "data.json").read_text())["files"] == 96
+    check_record(tmp_path, data)                                   # the same listing
+    changed = dataclasses.replace(data, stream={**data.stream, "listing_sha256": "b" * 64})
+    with pytest.raises(InputError, match="streamed data's file listing changed"):
+        check_record(tmp_path, changed)
