@@ -252,7 +252,12 @@ def _image_files(folder: pathlib.Path, *, recursive: bool) -> list[pathlib.Path]
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _load_folder(path: pathlib.Path, spec: str) -> Dataset:
+def folder_listing(path: pathlib.Path, spec: str) -> tuple[list[pathlib.Path], np.ndarray | None,
+                                                           tuple[str, ...] | None]:
+    """(image files, int32 labels or None, class names or None) of an image folder: flat
+    (unlabeled) or one sub-folder per class (label = the sub-folder's sorted position).
+    Hidden files and folders are skipped; an empty folder or class, or a mix of files and
+    sub-folders, is an InputError naming it. Shared by the in-memory and streamed loaders."""
     if not path.is_dir():
         raise InputError(f"data spec {spec!r}: {str(path)!r} is not a directory")
     class_dirs = sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -262,21 +267,25 @@ def _load_folder(path: pathlib.Path, spec: str) -> Dataset:
         raise InputError(f"{str(path)!r} holds both image files ({flat_files[0].name}, ...) and "
                          f"sub-folders ({class_dirs[0].name}, ...); expected either one "
                          "sub-folder per class or a flat folder of images")
-    if class_dirs:
-        files, labels = [], []
-        for label, class_dir in enumerate(class_dirs):
-            class_files = _image_files(class_dir, recursive=True)
-            if not class_files:
-                raise InputError(f"class folder {str(class_dir)!r} holds no image files "
-                                 f"({', '.join(IMAGE_EXTENSIONS)})")
-            files += class_files
-            labels += [label] * len(class_files)
-        class_names = tuple(p.name for p in class_dirs)
-        return Dataset(name=spec, images=_read_images(files), labels=np.asarray(labels, np.int32),
-                       class_names=class_names)
-    if not flat_files:
-        raise InputError(f"{str(path)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return Dataset(name=spec, images=_read_images(flat_files), labels=None)
+    if not class_dirs:
+        if not flat_files:
+            raise InputError(f"{str(path)!r} holds no image files "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        return flat_files, None, None
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        class_files = _image_files(class_dir, recursive=True)
+        if not class_files:
+            raise InputError(f"class folder {str(class_dir)!r} holds no image files "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        files += class_files
+        labels += [label] * len(class_files)
+    return files, np.asarray(labels, np.int32), tuple(p.name for p in class_dirs)
+
+
+def _load_folder(path: pathlib.Path, spec: str) -> Dataset:
+    files, labels, class_names = folder_listing(path, spec)
+    return Dataset(name=spec, images=_read_images(files), labels=labels, class_names=class_names)
 
 
 def _read_images(files: Sequence[pathlib.Path]) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from auxtl.data import IMAGE_EXTENSIONS, STREAMED_KINDS
+from auxtl.data import STREAMED_KINDS, folder_listing
 from auxtl.errors import InputError, MissingFileError
 
 STREAM_KINDS = ("folder", *STREAMED_KINDS)
@@ -77,33 +77,14 @@ class FolderSource:
     def __init__(self, path: pathlib.Path, spec: str):
         if not path.exists():
             raise MissingFileError(f"data spec {spec!r}: no such path {str(path)!r}")
-        if not path.is_dir():
-            raise InputError(f"data spec {spec!r}: {str(path)!r} is not a directory")
         self.spec = spec
-        class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        flat = _image_files(path, recursive=False)
-        if class_dirs and flat:
-            raise InputError(f"{str(path)!r} holds both image files ({pathlib.Path(flat[0]).name}, "
-                             f"...) and sub-folders ({class_dirs[0].name}, ...); expected either "
-                             "one sub-folder per class or a flat folder of images")
-        files, labels = (flat, None) if not class_dirs else ([], [])
-        for label, class_dir in enumerate(class_dirs):
-            found = _image_files(class_dir, recursive=True)
-            if not found:
-                raise InputError(f"class folder {str(class_dir)!r} holds no image files "
-                                 f"({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-            labels += [label] * len(found)
-        if not files:
-            raise InputError(f"{str(path)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        files, self.labels, self.class_names = folder_listing(path, spec)
         # Paths below the root as one bytes array: one allocation, pickled to each worker
         # at about the paths' total length (a str array pads every path to the longest in
         # 4-byte characters; a list is an object per path).
         relative = [os.path.relpath(f, path) for f in files]
         self.root = str(path)
         self.files = np.asarray([os.fsencode(r) for r in relative], dtype=np.bytes_)
-        self.labels = None if labels is None else np.asarray(labels, np.int32)
-        self.class_names = tuple(p.name for p in class_dirs) or None
         self.listing = listing_hash(relative)
 
     def __len__(self) -> int:
@@ -114,13 +95,6 @@ class FolderSource:
 
     def describe(self, index: int) -> str:
         return repr(self.read(index))
-
-
-def _image_files(folder: pathlib.Path, *, recursive: bool) -> list[str]:
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(str(p) for p in candidates
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 class NpzShardSource:
